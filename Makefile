@@ -1,0 +1,35 @@
+# The whole set-up on a fresh machine is `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# torch goes first and pinned: an unpinned torch pulls the newest CUDA build and several GB of
+# nvidia packages. With 2.13.0 present, the constraints keep everything else from replacing it.
+TORCH := torch==2.13.0
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(INSTALLED)
+	$(BIN)/ituning demo
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest
+
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(INSTALLED)
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/beam_decoding.py
+
+clean:
+	rm -rf $(VENV) workspace

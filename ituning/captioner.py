@@ -1,0 +1,101 @@
+"""Images in, captions out: the frozen vision encoder, the I-Tuning model and the tokenizer."""
+
+from pathlib import Path
+
+import torch
+
+from ituning.backbones import (
+    BackboneSpec,
+    VisionEncoder,
+    language_model_dimensions,
+    load_language_model,
+    load_vision_encoder,
+    vision_width,
+)
+from ituning.checkpoint import backbones_of, ituning_config_of, load_weights_into, read_config, save_checkpoint
+from ituning.compat import ensure_torchvision_importable
+from ituning.decoding import DecodingConfig, generate
+from ituning.images import load_images
+from ituning.model import ITuningCaptioner, ITuningConfig, count_trainable
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Captioner:
+    def __init__(self, vision: VisionEncoder, model: ITuningCaptioner, tokenizer, backbones: BackboneSpec):
+        self.vision = vision
+        self.model = model
+        self.tokenizer = tokenizer
+        self.backbones = backbones
+
+    @classmethod
+    def from_backbones(cls, backbones=BackboneSpec(), config=ITuningConfig(), device="auto"):
+        """Fresh, untrained modules on the given backbones."""
+        device = resolve_device(device)
+        vision = load_vision_encoder(backbones, device)
+        language_model, tokenizer = load_language_model(backbones.language_model, device)
+        model = ITuningCaptioner(language_model, vision.width, config).to(device)
+        return cls(vision, model, tokenizer, backbones)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, device="auto"):
+        config = read_config(directory)
+        captioner = cls.from_backbones(backbones_of(config), ituning_config_of(config), device)
+        load_weights_into(captioner.model, directory, captioner.backbones)
+        captioner.model.eval()
+        return captioner
+
+    def save(self, directory: str | Path) -> Path:
+        return save_checkpoint(directory, self.model, self.backbones)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def prompt_ids(self) -> torch.Tensor:
+        bos = self.tokenizer.bos_token_id
+        return torch.tensor([[self.eos_id if bos is None else bos]], device=self.device)  # (1, 1)
+
+    def caption_features(self, visual: torch.Tensor, decoding=DecodingConfig()) -> list[str]:
+        """Captions for visual tokens (B, N, d_v), e.g. read from the feature cache."""
+        visual = visual.to(self.device, dtype=next(self.model.parameters()).dtype)
+        token_ids = generate(self.model, visual, self.prompt_ids(), self.eos_id, decoding)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+
+    @torch.inference_mode()
+    def caption_images(self, images, decoding=DecodingConfig(), batch_size: int = 16) -> list[str]:
+        captions = []
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([self.vision.preprocess(image) for image in images[start : start + batch_size]])
+            captions += self.caption_features(self.vision(pixels.to(self.device)), decoding)
+        return captions
+
+    def caption_files(self, paths, decoding=DecodingConfig(), batch_size: int = 16):
+        """(path, caption, error) per file; an unreadable file gets its error, the rest a caption."""
+        loaded = load_images(paths)
+        readable = [item for item in loaded if item.error is None]
+        captions = dict(zip((item.path for item in readable),
+                            self.caption_images([item.image for item in readable], decoding, batch_size)))
+        return [(item.path, captions.get(item.path), item.error) for item in loaded]
+
+
+def trainable_count(language_model="gpt2", vision_model="ViT-B-16", drop_first=0, bottleneck=None) -> int:
+    """Trainable parameters of I-Tuning on these backbones, from their configurations alone
+    (built on the meta device: nothing is downloaded or allocated)."""
+    ensure_torchvision_importable()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_embd, n_layer, n_head = language_model_dimensions(language_model)
+    config = ITuningConfig(drop_first=drop_first, bottleneck=bottleneck)
+    with torch.device("meta"):
+        language = GPT2LMHeadModel(GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head))
+        model = ITuningCaptioner(language, vision_width(vision_model), config)
+    return count_trainable(model)

@@ -1,0 +1,98 @@
+"""Self-describing checkpoints: the trainable weights in safetensors plus a JSON config.
+
+    adapter_model.safetensors   the I-Tuning module weights only, keyed layers.<i>.<parameter>
+    adapter_config.json         backbones, r, λ, dropped layers, shapes, code version
+
+Loading checks the config against the model it is loaded into and refuses a different backbone.
+Nothing is unpickled.
+"""
+
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from ituning.backbones import BackboneSpec
+from ituning.model import ITuningCaptioner, ITuningConfig
+from ituning.version import code_version
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+FORMAT = "ituning-adapter/1"
+
+
+class IncompatibleCheckpoint(ValueError):
+    """A checkpoint made for other backbones or another module layout."""
+
+
+def describe(model: ITuningCaptioner, backbones: BackboneSpec) -> dict:
+    """The checkpoint config, also logged as run parameters."""
+    lm_config = model.language_model.config
+    return {
+        "format": FORMAT,
+        "backbones": backbones.to_dict(),
+        "ituning": {**asdict(model.config), "bottleneck": model.bottleneck},
+        "architecture": {
+            "language_model_layers": lm_config.n_layer,
+            "language_model_width": lm_config.n_embd,
+            "vocab_size": lm_config.vocab_size,
+            "visual_width": model.visual_width,
+            "module_layers": sorted(model.wrapped_layers),
+        },
+        "code_version": code_version(),
+    }
+
+
+def save_checkpoint(directory: str | Path, model: ITuningCaptioner, backbones: BackboneSpec) -> Path:
+    """Write weights and config; each file appears only once completely written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {key: tensor.detach().cpu().contiguous() for key, tensor in model.ituning_state_dict().items()}
+    _write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(weights, path, metadata={"format": FORMAT}))
+    config_text = json.dumps(describe(model, backbones), indent=2)
+    _write_atomically(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text))
+    return directory
+
+
+def read_config(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"not an I-Tuning checkpoint: {path} is missing")
+    config = json.loads(path.read_text())
+    if config.get("format") != FORMAT:
+        raise IncompatibleCheckpoint(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def backbones_of(config: dict) -> BackboneSpec:
+    return BackboneSpec(**config["backbones"])
+
+
+def ituning_config_of(config: dict) -> ITuningConfig:
+    names = {field.name for field in fields(ITuningConfig)}
+    return ITuningConfig(**{key: value for key, value in config["ituning"].items() if key in names})
+
+
+def load_weights_into(model: ITuningCaptioner, directory: str | Path, backbones: BackboneSpec) -> None:
+    """Load a checkpoint's module weights, refusing one made for different backbones."""
+    saved = read_config(directory)
+    current = describe(model, backbones)
+    mismatches = [
+        f"{section}.{key}: checkpoint {saved[section].get(key)!r}, model {value!r}"
+        for section in ("backbones", "architecture")
+        for key, value in current[section].items()
+        if saved[section].get(key) != value
+    ]
+    if mismatches:
+        raise IncompatibleCheckpoint(
+            f"checkpoint {directory} was made for other backbones: " + "; ".join(mismatches)
+        )
+    model.load_ituning_state_dict(load_file(Path(directory) / WEIGHTS_FILE))
+
+
+def _write_atomically(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(str(temporary))
+    os.replace(temporary, path)

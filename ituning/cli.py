@@ -1,0 +1,77 @@
+"""The `ituning` command line."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="I-Tuning: lightweight image captioning on frozen CLIP-ViT and GPT-2.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.command()
+def params(
+    lm: Annotated[str, typer.Option(help="GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or local folder")] = "gpt2",
+    drop_first: Annotated[int, typer.Option(min=0, help="I-Tuning Dropping: no modules in the first K layers")] = 0,
+    vision: Annotated[str, typer.Option(help="open_clip model name or local-dir:PATH")] = "ViT-B-16",
+    bottleneck: Annotated[int | None, typer.Option(min=1, help="r; default d_model / 2")] = None,
+):
+    """Print the number of trainable parameters (nothing is downloaded)."""
+    from ituning.backbones import BackboneUnavailable
+    from ituning.captioner import trainable_count
+
+    try:
+        count = trainable_count(lm, vision, drop_first, bottleneck)
+    except (BackboneUnavailable, ValueError) as error:
+        _fail(error)
+    typer.echo(f"{count:,}")
+
+
+@app.command()
+def caption(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    checkpoint: Annotated[Path, typer.Option(help="I-Tuning checkpoint folder")],
+    beams: Annotated[int, typer.Option(min=1, help="beam size; 1 is greedy")] = 5,
+    max_length: Annotated[int, typer.Option(min=1, help="maximum new tokens")] = 20,
+    min_length: Annotated[int, typer.Option(min=0)] = 0,
+    length_penalty: Annotated[float, typer.Option()] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+):
+    """Print one caption per image: `PATH<TAB>caption`. Unreadable files get an error on stderr."""
+    from ituning.captioner import Captioner
+    from ituning.decoding import DecodingConfig
+
+    try:
+        decoding = DecodingConfig(beams, max_length, min_length, length_penalty)
+        captioner = Captioner.from_checkpoint(checkpoint, device)
+    except (OSError, ValueError, RuntimeError) as error:
+        _fail(error)
+    results = captioner.caption_files(images, decoding, batch_size)
+    for path, text, error in results:
+        if error is None:
+            typer.echo(f"{path}\t{text}")
+        else:
+            typer.echo(f"error: {error}", err=True)
+    if any(error for _, _, error in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(workspace: Annotated[Path, typer.Option()] = Path("workspace/demo")):
+    """Run the offline captioning path end to end on stand-in backbones."""
+    from ituning.demo import run_offline_demo
+
+    typer.echo(f"Building stand-in backbones and a checkpoint under {workspace} ...")
+    for path, text, error in run_offline_demo(workspace):
+        typer.echo(f"{path}\t{text if error is None else 'error: ' + error}")
+    typer.echo(f"Checkpoint: {workspace / 'checkpoint'} (untrained modules; see README for training)")
+
+
+def _fail(error: Exception):
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+def main():
+    app()

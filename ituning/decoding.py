@@ -1,0 +1,184 @@
+"""Caption decoding: greedy and beam search, batched over images.
+
+The fast path computes every module's visual keys and values once per image (beams share them,
+see `ITuningModule.forward`) and reuses GPT-2's key/value cache across steps. `RecomputingStep`
+is the plain reference that recomputes the whole prefix and the visual keys/values per beam at
+every step, as ClipCap's beam search does; tests check both give the same tokens.
+
+Beam search follows the usual rules: a hypothesis that ends in EOS among the top `num_beams`
+candidates is finished, an image is done once it has `num_beams` finished hypotheses, and
+hypotheses are ranked by sum of log-probabilities / (generated tokens ** length_penalty).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ituning.model import ITuningCaptioner
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    num_beams: int = 5  # the paper's beam size; 1 is greedy
+    max_length: int = 20  # new tokens, EOS included
+    min_length: int = 0  # EOS is forbidden before this many new tokens
+    length_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.num_beams < 1 or self.max_length < 1 or not 0 <= self.min_length < self.max_length:
+            raise ValueError(f"invalid decoding settings: {self}")
+
+
+class CachedStep:
+    """Next-token log-probabilities using precomputed visual memory and GPT-2's KV cache."""
+
+    def __init__(self, model: ITuningCaptioner, visual: torch.Tensor):
+        self.model = model
+        self.memory = model.visual_memory(visual)
+        self.past = None
+
+    def __call__(self, sequences: torch.Tensor, beam_sources: torch.Tensor | None) -> torch.Tensor:
+        if self.past is None:
+            new_tokens = sequences
+        else:
+            if beam_sources is not None:
+                self.past.reorder_cache(beam_sources)
+            new_tokens = sequences[:, -1:]
+        output = self.model(new_tokens, memory=self.memory, past_key_values=self.past, use_cache=True)
+        self.past = output.past_key_values
+        return output.logits[:, -1].float().log_softmax(dim=-1)
+
+
+class RecomputingStep:
+    """The reference: the whole prefix and every beam's visual keys/values, every step."""
+
+    def __init__(self, model: ITuningCaptioner, visual: torch.Tensor):
+        self.model = model
+        self.visual = visual
+
+    def __call__(self, sequences: torch.Tensor, beam_sources: torch.Tensor | None) -> torch.Tensor:
+        beams = sequences.shape[0] // self.visual.shape[0]
+        visual = self.visual.repeat_interleave(beams, dim=0)  # (B·K, N, d_v)
+        output = self.model(sequences, visual=visual, use_cache=False)
+        return output.logits[:, -1].float().log_softmax(dim=-1)
+
+
+def forbid_early_eos(log_probs: torch.Tensor, generated: int, eos_id: int, config: DecodingConfig):
+    if generated < config.min_length:
+        log_probs[:, eos_id] = float("-inf")
+    return log_probs
+
+
+@torch.inference_mode()
+def greedy_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(num_beams=1), step=CachedStep):
+    """Token ids (without prompt and EOS) of the most likely next token at every step."""
+    images = visual.shape[0]
+    next_log_probs = step(model, visual)
+    sequences = prompt_ids.expand(images, -1)  # (B, P)
+    finished = torch.zeros(images, dtype=torch.bool)
+    outputs: list[list[int]] = [[] for _ in range(images)]
+    for generated in range(config.max_length):
+        log_probs = forbid_early_eos(next_log_probs(sequences, None), generated, eos_id, config)
+        tokens = log_probs.argmax(dim=-1).cpu()  # (B,)
+        for image, token in enumerate(tokens.tolist()):
+            if not finished[image]:
+                finished[image] = token == eos_id
+                if token != eos_id:
+                    outputs[image].append(token)
+        if finished.all():
+            break
+        sequences = torch.cat([sequences, tokens.to(sequences.device)[:, None]], dim=1)
+    return outputs
+
+
+@dataclass
+class _Hypotheses:
+    """The finished hypotheses of one image, best kept."""
+
+    size: int
+    length_penalty: float
+
+    def __post_init__(self):
+        self.entries: list[tuple[float, list[int]]] = []
+
+    def add(self, score_sum: float, tokens: list[int], generated: int) -> None:
+        self.entries.append((score_sum / generated**self.length_penalty, tokens))
+        self.entries.sort(key=lambda entry: entry[0], reverse=True)
+        del self.entries[self.size :]
+
+    @property
+    def full(self) -> bool:
+        return len(self.entries) >= self.size
+
+    def best(self) -> list[int]:
+        return self.entries[0][1]
+
+
+@torch.inference_mode()
+def beam_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=CachedStep):
+    """Token ids (without prompt and EOS) of the best beam for each image."""
+    images, beams = visual.shape[0], config.num_beams
+    next_log_probs = step(model, visual)
+    sequences = prompt_ids.expand(images * beams, -1)  # (B·K, P), beams of an image adjacent
+    beam_scores = torch.zeros(images, beams)
+    beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    hypotheses = [_Hypotheses(beams, config.length_penalty) for _ in range(images)]
+    sources = None
+    prompt_length = prompt_ids.shape[1]
+    for generated in range(1, config.max_length + 1):
+        log_probs = forbid_early_eos(next_log_probs(sequences, sources), generated - 1, eos_id, config)
+        vocab = log_probs.shape[-1]
+        candidates = beam_scores[:, :, None] + log_probs.cpu().view(images, beams, vocab)
+        top_scores, top_ids = candidates.view(images, -1).topk(2 * beams, dim=1)  # (B, 2K)
+        sources, tokens, beam_scores = _select_beams(
+            sequences, top_scores, top_ids, vocab, hypotheses, eos_id, generated, prompt_length
+        )
+        sources = sources.to(sequences.device)
+        sequences = torch.cat([sequences[sources], tokens.to(sequences.device)[:, None]], dim=1)
+        if all(h.full for h in hypotheses):
+            break
+    else:
+        _finish_live_beams(sequences, beam_scores, hypotheses, prompt_length, config.max_length)
+    return [h.best() for h in hypotheses]
+
+
+def _select_beams(sequences, top_scores, top_ids, vocab, hypotheses, eos_id, generated, prompt_length):
+    """Move EOS candidates to the finished hypotheses and keep the best K others alive."""
+    images, beams = len(hypotheses), hypotheses[0].size
+    sources = torch.zeros(images * beams, dtype=torch.long)
+    tokens = torch.full((images * beams,), eos_id, dtype=torch.long)
+    scores = torch.full((images, beams), float("-inf"))
+    for image, hyps in enumerate(hypotheses):
+        kept = 0
+        sources[image * beams : (image + 1) * beams] = image * beams  # done images idle on beam 0
+        if hyps.full:
+            continue
+        for rank, (score, flat_id) in enumerate(zip(top_scores[image].tolist(), top_ids[image].tolist())):
+            source, token = image * beams + flat_id // vocab, flat_id % vocab
+            if token == eos_id:
+                if rank < beams:
+                    hyps.add(score, sequences[source, prompt_length:].tolist(), generated)
+                continue
+            slot = image * beams + kept
+            sources[slot], tokens[slot], scores[image, kept] = source, token, score
+            kept += 1
+            if kept == beams:
+                break
+    return sources, tokens, scores
+
+
+def _finish_live_beams(sequences, beam_scores, hypotheses, prompt_length, generated):
+    """At max_length, live beams compete with the finished hypotheses as they are."""
+    for image, hyps in enumerate(hypotheses):
+        if hyps.full:
+            continue
+        for beam, score in enumerate(beam_scores[image].tolist()):
+            if score > float("-inf"):
+                row = image * hyps.size + beam
+                hyps.add(score, sequences[row, prompt_length:].tolist(), generated)
+
+
+def generate(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=CachedStep):
+    """Greedy when num_beams is 1, beam search otherwise."""
+    search = greedy_search if config.num_beams == 1 else beam_search
+    return search(model, visual, prompt_ids, eos_id, config, step)

@@ -1,0 +1,54 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import ituning  # noqa: E402,F401  (makes torchvision importable before transformers is)
+from ituning.model import ITuningCaptioner, ITuningConfig  # noqa: E402
+
+VISUAL_WIDTH = 24
+VISUAL_TOKENS = 5
+VOCAB = 120
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+    return 0
+
+
+def tiny_language_model(n_layer: int = 3, vocab_size: int = VOCAB):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_captioner(config: ITuningConfig = ITuningConfig(zero_init_output=False), n_layer: int = 3):
+    return ITuningCaptioner(tiny_language_model(n_layer), VISUAL_WIDTH, config).eval()
+
+
+def random_visual(images: int = 2) -> torch.Tensor:
+    return torch.randn(images, VISUAL_TOKENS, VISUAL_WIDTH)
+
+
+@pytest.fixture(scope="session")
+def standin_backbones(tmp_path_factory):
+    from ituning.demo import shape_captions
+    from ituning.standins import build_random_standins
+
+    return build_random_standins(tmp_path_factory.mktemp("backbones"), shape_captions() * 10, seed=0)
+
+
+@pytest.fixture(scope="session")
+def standin_checkpoint(standin_backbones, tmp_path_factory):
+    from ituning.captioner import Captioner
+
+    torch.manual_seed(0)
+    captioner = Captioner.from_backbones(standin_backbones, ITuningConfig(zero_init_output=False), device="cpu")
+    return captioner.save(tmp_path_factory.mktemp("checkpoint"))

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from ituning.backbones import BackboneSpec
+from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE, IncompatibleCheckpoint, load_weights_into, save_checkpoint
+from ituning.model import ITuningCaptioner, ITuningConfig
+from tests.conftest import VISUAL_WIDTH, random_visual, tiny_captioner, tiny_language_model
+
+SPEC = BackboneSpec(vision_model="tiny-vit", vision_pretrained=None, language_model="tiny-gpt2")
+
+
+def same_backbone_fresh_modules(model, config=ITuningConfig(zero_init_output=False)):
+    language_model = tiny_language_model(model.language_model.config.n_layer)
+    plain_state = {k.replace(".mlp.mlp.", ".mlp."): v for k, v in model.language_model.state_dict().items()
+                   if ".ituning." not in k}
+    language_model.load_state_dict(plain_state)
+    return ITuningCaptioner(language_model, VISUAL_WIDTH, config).eval()
+
+
+def test_save_then_load_gives_identical_outputs(tmp_path):
+    model = tiny_captioner(ITuningConfig(zero_init_output=False, drop_first=1))
+    save_checkpoint(tmp_path, model, SPEC)
+    restored = same_backbone_fresh_modules(model, ITuningConfig(zero_init_output=False, drop_first=1))
+    tokens, visual = torch.randint(0, 100, (2, 5)), random_visual()
+    assert not torch.allclose(restored(tokens, visual=visual).logits, model(tokens, visual=visual).logits)
+    load_weights_into(restored, tmp_path, SPEC)
+    assert_close(restored(tokens, visual=visual).logits, model(tokens, visual=visual).logits, rtol=0, atol=0)
+
+
+def test_checkpoint_holds_only_module_weights_and_describes_itself(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_captioner(ITuningConfig(drop_first=1, scale=3.0))
+    save_checkpoint(tmp_path, model, SPEC)
+    weights = load_file(tmp_path / WEIGHTS_FILE)
+    assert sum(t.numel() for t in weights.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert all(key.startswith(("layers.1.", "layers.2.")) for key in weights)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["backbones"] == SPEC.to_dict()
+    assert config["ituning"] == {"bottleneck": 16, "scale": 3.0, "scale_attention": True,
+                                 "zero_init_output": True, "drop_first": 1}
+    assert config["architecture"]["module_layers"] == [1, 2] and config["code_version"]
+
+
+@pytest.mark.parametrize("change", ["other_lm_name", "other_depth", "other_dropping"])
+def test_loading_onto_a_different_backbone_is_refused(tmp_path, change):
+    model = tiny_captioner()
+    save_checkpoint(tmp_path, model, SPEC)
+    target, spec = model, SPEC
+    if change == "other_lm_name":
+        spec = BackboneSpec(SPEC.vision_model, None, "gpt2-medium")
+    elif change == "other_depth":
+        target = tiny_captioner(n_layer=2)
+    else:
+        target = tiny_captioner(ITuningConfig(drop_first=1))
+    with pytest.raises(IncompatibleCheckpoint, match="other backbones"):
+        load_weights_into(target, tmp_path, spec)
+
+
+def test_a_folder_without_a_checkpoint_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an I-Tuning checkpoint"):
+        load_weights_into(tiny_captioner(), tmp_path, SPEC)

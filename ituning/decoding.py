@@ -128,8 +128,9 @@ def beam_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step
     for generated in range(1, config.max_length + 1):
         log_probs = forbid_early_eos(next_log_probs(sequences, sources), generated - 1, eos_id, config)
         vocab = log_probs.shape[-1]
-        candidates = beam_scores[:, :, None] + log_probs.cpu().view(images, beams, vocab)
+        candidates = beam_scores.to(log_probs.device)[:, :, None] + log_probs.view(images, beams, vocab)
         top_scores, top_ids = candidates.view(images, -1).topk(2 * beams, dim=1)  # (B, 2K)
+        top_scores, top_ids = top_scores.cpu(), top_ids.cpu()  # only the 2K candidates leave the device
         sources, tokens, beam_scores = _select_beams(
             sequences, top_scores, top_ids, vocab, hypotheses, eos_id, generated, prompt_length
         )

@@ -116,6 +116,8 @@ class Catalog:
 
     def record_downloads(self, dataset: str, records) -> None:
         """Upsert verified files (objects with name, url, bytes, checksum, verified_at)."""
+        if not records:
+            return
         self.connection.executemany(
             "INSERT OR REPLACE INTO downloads VALUES (?, ?, ?, ?, ?, ?)",
             [[dataset, r.name, r.url, r.bytes, r.checksum, r.verified_at] for r in records])

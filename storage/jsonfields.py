@@ -1,7 +1,8 @@
 """Reading fields of raw JSON with errors that name the file and the field."""
 
-import json
 from pathlib import Path
+
+import orjson  # several times faster than json on the 100+ MiB annotation files
 
 
 class MalformedInput(ValueError):
@@ -10,9 +11,8 @@ class MalformedInput(ValueError):
 
 def load_json(path: Path):
     try:
-        with open(path, "rb") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
+        return orjson.loads(Path(path).read_bytes())
+    except orjson.JSONDecodeError as error:
         raise MalformedInput(f"{path}: not valid JSON ({error})") from error
 
 

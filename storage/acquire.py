@@ -1,6 +1,5 @@
 """From nothing on disk to a dataset's files, verified and unpacked, in the workspace layout."""
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +8,8 @@ import httpx
 from tqdm import tqdm
 
 from storage.downloads import DownloadError, Ledger, RetryPolicy, check_free_space, fetch_verified
-from storage.extract import unpack
+from storage.extract import check_entry_name, unpack
+from storage.jsonfields import load_json, required
 from storage.manifests import ImageList, Manifest, RemoteFile
 from storage.workspace import data_dir, downloads_dir
 
@@ -49,13 +49,13 @@ def download_dataset(manifest: Manifest, root: Path, policy: RetryPolicy = Retry
 
 def image_list_files(info_path: Path, into: str) -> list[RemoteFile]:
     """One RemoteFile per image of a COCO-style image-info JSON (`images[].file_name`, `coco_url`)."""
-    try:
-        images = json.loads(info_path.read_text())["images"]
-        return [RemoteFile(f"{into}/{image['file_name']}", image["coco_url"]) for image in images]
-    except json.JSONDecodeError as error:
-        raise DownloadError(f"{info_path}: not valid JSON ({error})") from error
-    except (KeyError, TypeError) as error:
-        raise DownloadError(f"{info_path}: image entries need fields file_name and coco_url (missing {error})") from error
+    check_entry_name(info_path, into)
+    remotes = []
+    for index, image in enumerate(required(load_json(info_path), "images", list, info_path)):
+        file_name = required(image, "file_name", str, info_path, f"images[{index}]")
+        check_entry_name(info_path, file_name)  # the name becomes a path under data/<dataset>/
+        remotes.append(RemoteFile(f"{into}/{file_name}", required(image, "coco_url", str, info_path, f"images[{index}]")))
+    return remotes
 
 
 def _fetch_image_list(client, image_list: ImageList, folder: Path, target: Path, policy: RetryPolicy,

@@ -95,23 +95,38 @@ def fetch_verified(client: httpx.Client, remote: RemoteFile, target: Path, ledge
     """Download `remote` to `target` unless already verified there; return its verified record."""
     if ledger.is_current(remote, target):
         return ledger.records[remote.name]
+    if remote.expected_checksum and target.is_file():  # put in place by hand (a mirror, an earlier copy)
+        size, checksum = _measure(remote, target)
+        if _matches(remote, size, checksum):
+            return _record(remote, target, checksum, ledger)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    expected = remote.expected_checksum
-    algorithm = expected.split(":")[0] if expected else "sha256"
-    for full_attempt in range(2):  # a wrong checksum earns one full re-download
+    for _ in range(2):  # a wrong checksum earns one full re-download
         _fetch_part(client, remote, part, policy, progress)
-        size, checksum = part.stat().st_size, file_checksum(part, algorithm)
-        size_ok = remote.bytes is None or size == remote.bytes
-        if size_ok and (expected is None or checksum == expected):
+        size, checksum = _measure(remote, part)
+        if _matches(remote, size, checksum):
             part.replace(target)
-            record = VerifiedFile(remote.name, remote.url, size, checksum,
-                                  datetime.now(timezone.utc).isoformat(timespec="seconds"), target.stat().st_mtime_ns)
-            ledger.add(record)
-            return record
+            return _record(remote, target, checksum, ledger)
         part.unlink()
     raise DownloadError(f"{remote.name}: still wrong after a full re-download "
-                        f"(expected {remote.bytes} bytes, {expected}; got {size} bytes, {checksum})")
+                        f"(expected {remote.bytes} bytes, {remote.expected_checksum}; got {size} bytes, {checksum})")
+
+
+def _measure(remote: RemoteFile, path: Path) -> tuple[int, str]:
+    algorithm = remote.expected_checksum.split(":")[0] if remote.expected_checksum else "sha256"
+    return path.stat().st_size, file_checksum(path, algorithm)
+
+
+def _matches(remote: RemoteFile, size: int, checksum: str) -> bool:
+    return remote.bytes in (None, size) and remote.expected_checksum in (None, checksum)
+
+
+def _record(remote: RemoteFile, target: Path, checksum: str, ledger: Ledger) -> VerifiedFile:
+    stat = target.stat()
+    record = VerifiedFile(remote.name, remote.url, stat.st_size, checksum,
+                          datetime.now(timezone.utc).isoformat(timespec="seconds"), stat.st_mtime_ns)
+    ledger.add(record)
+    return record
 
 
 def _fetch_part(client, remote: RemoteFile, part: Path, policy: RetryPolicy, progress: bool) -> None:

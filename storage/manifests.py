@@ -133,7 +133,10 @@ def _remote_file(entry, where: str, path: Path) -> RemoteFile:
     size = entry.get("bytes")
     if size is not None and not isinstance(size, int):
         raise ManifestError(f"{path}: {where}.bytes must be an integer")
-    return RemoteFile(_field(entry, "name", str, path, where), _field(entry, "url", str, path, where), size,
+    name = _field(entry, "name", str, path, where)
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ManifestError(f"{path}: field {where}.name must be a plain file name, not {name!r}")
+    return RemoteFile(name, _field(entry, "url", str, path, where), size,
                       entry.get("md5"), entry.get("sha256"), entry.get("unpack"))
 
 

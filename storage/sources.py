@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from storage.extract import check_entry_name
 from storage.jsonfields import MalformedInput, load_json, one_of, required
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -31,6 +32,13 @@ class SourceRecords:
     images: list[ImageRow] = field(default_factory=list)
     captions: list[tuple[str, str, int, str]] = field(default_factory=list)  # image_id, split, caption_id, text
     excluded: int = 0
+    _seen: set = field(default_factory=set, repr=False)
+
+    def add_image(self, row: ImageRow, source: Path, where: str) -> None:
+        if (row.split, row.image_id) in self._seen:
+            raise MalformedInput(f"{source}: {where} repeats image id {row.image_id} in split {row.split}")
+        self._seen.add((row.split, row.image_id))
+        self.images.append(row)
 
 
 def read_karpathy(path: Path, dataset: str) -> SourceRecords:
@@ -46,7 +54,7 @@ def read_karpathy(path: Path, dataset: str) -> SourceRecords:
         else:
             image_id, relative = PurePosixPath(filename).stem, filename
         split = KARPATHY_SPLITS[split]
-        records.images.append(ImageRow(image_id, split, relative))
+        records.add_image(ImageRow(image_id, split, relative), path, where)
         for number, sentence in enumerate(required(entry, "sentences", list, path, where)):
             text = required(sentence, "raw", str, path, f"{where}.sentences[{number}]")
             records.captions.append((image_id, split, sentence.get("sentid", number), text.strip()))
@@ -69,7 +77,7 @@ def read_visual_genome(image_data: Path, regions: Path, held_out: dict[str, str]
             records.excluded += 1
         else:
             kept.add(image_id)
-        records.images.append(row)
+        records.add_image(row, image_data, where)
     for index, entry in enumerate(_as_list(load_json(regions), regions)):
         image_id = str(required(entry, "id", int, regions, f"[{index}]"))
         if image_id not in kept:
@@ -88,9 +96,10 @@ def read_nocaps(info: Path, split: str, captions: Path | None = None) -> SourceR
     for index, entry in enumerate(required(load_json(info), "images", list, info)):
         where = f"images[{index}]"
         domain = one_of(entry, "domain", NOCAPS_DOMAINS, info, where)
-        records.images.append(ImageRow(str(required(entry, "id", int, info, where)), split,
-                                       f"{split}/{required(entry, 'file_name', str, info, where)}",
-                                       entry.get("width"), entry.get("height"), domain))
+        file_name = required(entry, "file_name", str, info, where)
+        check_entry_name(info, file_name)
+        records.add_image(ImageRow(str(required(entry, "id", int, info, where)), split, f"{split}/{file_name}",
+                                   entry.get("width"), entry.get("height"), domain), info, where)
     if captions is not None:
         for index, entry in enumerate(required(load_json(captions), "annotations", list, captions)):
             where = f"annotations[{index}]"

@@ -176,3 +176,30 @@ def test_cli_runs_synthetic_download_and_build(tmp_path):
     assert "vg: 15 images (11 usable: pretrain 11), 33 captions, 4 excluded" in build.output
     assert duckdb.connect(str(tmp_path / "ws" / "catalog.duckdb"), read_only=True).execute(
         "SELECT count(*) FROM images").fetchone() == (75,)
+
+
+def test_flickr30k_images_from_a_local_archive(tmp_path):
+    corpus = write_corpus(tmp_path / "served", 15, seed=2)
+    captions_only = tmp_path / "flickr30k.json"
+    manifest = json.loads(corpus.manifests["flickr30k"].read_text())
+    manifest["files"] = [entry for entry in manifest["files"] if entry["name"] == "caption_datasets.zip"]
+    captions_only.write_text(json.dumps(manifest))
+    workspace = ["--workspace", str(tmp_path / "ws")]
+    runner = CliRunner()
+    result = runner.invoke(app, ["download", "flickr30k", "--manifest", str(captions_only), "--no-progress",
+                                 "--images", str(corpus.root / "flickr30k" / "flickr30k-images.zip"), *workspace])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["catalog", "build", "flickr30k", *workspace])
+    assert "flickr30k: 15 images (15 usable: train 10, val 3, test 2)" in result.output, result.output
+
+
+def test_image_list_names_cannot_leave_the_data_folder(tmp_path):
+    corpus = write_corpus(tmp_path / "served", 15, seed=1)
+    info = corpus.root / "nocaps" / "nocaps_val_image_info.json"
+    content = json.loads(info.read_text())
+    content["images"][3]["file_name"] = "../../escape.jpg"
+    info.write_text(json.dumps(content))
+    manifest = load_manifest(corpus.manifests["nocaps"])
+    manifest = Manifest("nocaps", tuple(RemoteFile(f.name, f.url) for f in manifest.files), manifest.image_lists)
+    with pytest.raises(UnsafeArchive, match="entry '../../escape.jpg' would be written outside"):
+        download_dataset(manifest, tmp_path / "ws", QUICK)

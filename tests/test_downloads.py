@@ -27,8 +27,8 @@ def remote_for(server, payload, name="big.bin"):
     return RemoteFile(name, f"{server.url}/{name}", len(payload), hashlib.md5(payload).hexdigest())
 
 
-def fetch(server, remote, target, ledger=None):
-    with httpx.Client(timeout=5) as client:
+def fetch(server, remote, target, ledger=None, timeout=5.0):
+    with httpx.Client(timeout=timeout) as client:
         return fetch_verified(client, remote, target, ledger or Ledger(target.parent), QUICK)
 
 
@@ -79,6 +79,27 @@ def test_persistent_server_errors_give_up_after_the_retry_budget(served, tmp_pat
     with pytest.raises(DownloadError, match="gave up after 4 attempts"):
         fetch(server, remote_for(server, payload), tmp_path / "big.bin")
     assert len(server.requests) == 4
+
+
+def test_timeout_is_retried(served, tmp_path):
+    server, payload = served
+    server.faults["big.bin"] = ["stall:1.0"]
+    fetch(server, remote_for(server, payload), tmp_path / "big.bin", timeout=0.3)
+    assert (tmp_path / "big.bin").read_bytes() == payload and len(server.requests) == 2
+
+
+def test_server_ignoring_range_restarts_from_zero(served, tmp_path):
+    server, payload = served
+    server.faults["big.bin"] = ["cut:1000000", "ignore-range"]
+    fetch(server, remote_for(server, payload), tmp_path / "big.bin")
+    assert (tmp_path / "big.bin").read_bytes() == payload
+
+
+def test_file_already_in_place_with_the_right_checksum_is_not_fetched(served, tmp_path):
+    server, payload = served
+    (tmp_path / "big.bin").write_bytes(payload)
+    record = fetch(server, remote_for(server, payload), tmp_path / "big.bin")
+    assert server.requests == [] and record.bytes == SIZE
 
 
 def test_verified_file_is_skipped_on_the_next_run(served, tmp_path):

@@ -32,7 +32,8 @@ def test_karpathy_restval_joins_train_and_ids_are_text(tmp_path):
 @pytest.mark.parametrize("image, message", [
     (karpathy_image(split="dev"), r"images\[1\].split is 'dev'"),
     ({k: v for k, v in karpathy_image().items() if k != "cocoid"}, r"missing field images\[1\].cocoid"),
-    (karpathy_image(sentences=[{"tokens": []}]), r"missing field images\[1\].sentences\[0\].raw"),
+    (karpathy_image(cocoid=43, sentences=[{"tokens": []}]), r"missing field images\[1\].sentences\[0\].raw"),
+    (karpathy_image(), r"images\[1\] repeats image id 42 in split train"),
     (karpathy_image(cocoid="42"), r"field images\[1\].cocoid must be int, not str"),
 ])
 def test_malformed_karpathy_json_names_file_and_field(tmp_path, image, message):

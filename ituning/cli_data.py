@@ -58,12 +58,20 @@ def catalog_build(
     from storage.workspace import catalog_path, workspace_root
 
     root = workspace_root(workspace)
+    unknown = set(datasets or ()) - set(BUILD_ORDER)
+    if unknown:
+        _fail(ValueError(f"unknown dataset(s) {', '.join(sorted(unknown))}; choose from {', '.join(BUILD_ORDER)}"))
     chosen = [name for name in BUILD_ORDER if name in (datasets or BUILD_ORDER)]
     with Catalog(catalog_path(root)) as catalog:
         for dataset in chosen:
             try:
                 summary = build_dataset(root, dataset, catalog, check_images, workers)
-            except (MissingInput, MalformedInput) as error:
+            except MissingInput as error:
+                if datasets:  # asked for by name: its files must be there
+                    _fail(error)
+                typer.echo(f"{dataset}: skipped ({error})")
+                continue
+            except MalformedInput as error:
                 _fail(error)
             splits = ", ".join(f"{split} {count:,}" for split, count in summary.by_split.items())
             typer.echo(f"{dataset}: {summary.images:,} images ({summary.usable:,} usable: {splits}), "

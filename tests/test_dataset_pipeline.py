@@ -116,6 +116,25 @@ def test_catalog_records_verified_downloads_and_fingerprints_image_lists(pipelin
     assert all(checksum.startswith("md5:") for _, _, checksum in rows)
 
 
+def test_readme_queries_run_on_the_catalog(pipeline):
+    _, root, _, _, _ = pipeline
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```sql\n", 1)[1].split("```", 1)[0]
+    statements = [s.strip() for s in block.split(";") if s.strip()]
+    assert len(statements) >= 3
+    with Catalog(root / "catalog.duckdb", read_only=True) as catalog:
+        results = [catalog.query(statement)[1] for statement in statements]
+    assert all(results)  # every query finds rows in the synthetic catalog
+
+
+def test_catalog_build_skips_what_was_not_downloaded_unless_named(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["catalog", "build", "--workspace", str(tmp_path)])
+    assert result.exit_code == 0 and "coco: skipped (coco: no dataset_coco.json" in result.output
+    result = runner.invoke(app, ["catalog", "build", "nocaps", "--workspace", str(tmp_path)])
+    assert result.exit_code == 2 and "run `ituning download nocaps` first" in result.output
+
+
 def test_catalog_query_command_is_read_only(pipeline):
     _, root, _, _, _ = pipeline
     runner = CliRunner()

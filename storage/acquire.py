@@ -74,10 +74,14 @@ def _fetch_image_list(client, image_list: ImageList, folder: Path, target: Path,
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool, \
             tqdm(total=len(remotes), unit="image", desc=image_list.into, disable=not progress) as bar:
-        for error in pool.map(fetch_one, remotes):
-            bar.update(1)
-            if error:
-                report.failures.append(error)
-            else:
-                report.images += 1
-    ledger.save()
+        try:
+            for done, error in enumerate(pool.map(fetch_one, remotes), 1):
+                bar.update(1)
+                if error:
+                    report.failures.append(error)
+                else:
+                    report.images += 1
+                if done % 500 == 0:  # an interrupted run keeps what it verified
+                    ledger.save()
+        finally:
+            ledger.save()

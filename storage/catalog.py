@@ -1,9 +1,9 @@
 """The DuckDB catalog: which images and captions make up each dataset split, and what was downloaded.
 
 Tables
-  images    (dataset, split, image_id, path, width, height, domain, status, reason)
-  captions  (dataset, split, image_id, caption_id, text)
-  downloads (dataset, name, url, bytes, checksum, verified_at)
+  images    (dataset, image_id, split, path, width, height, domain, status, reason)
+  captions  (dataset, image_id, caption_id, text, split)   -- NoCaps val and test reuse image ids
+  downloads (name, url, bytes, checksum, verified_at, dataset)
   builds    (dataset, built_at, images, usable, captions, excluded)
 status is "ok" for usable images; see storage/image_check.py for the others.
 """
@@ -17,18 +17,18 @@ import duckdb
 import pyarrow as pa
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (dataset TEXT NOT NULL, split TEXT NOT NULL, image_id TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS images (dataset TEXT NOT NULL, image_id TEXT NOT NULL, split TEXT NOT NULL,
     path TEXT NOT NULL, width INTEGER, height INTEGER, domain TEXT, status TEXT NOT NULL, reason TEXT,
     PRIMARY KEY (dataset, split, image_id));
-CREATE TABLE IF NOT EXISTS captions (dataset TEXT NOT NULL, split TEXT NOT NULL, image_id TEXT NOT NULL,
-    caption_id BIGINT NOT NULL, text TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS downloads (dataset TEXT NOT NULL, name TEXT NOT NULL, url TEXT NOT NULL,
-    bytes BIGINT, checksum TEXT, verified_at TIMESTAMPTZ, PRIMARY KEY (dataset, name));
+CREATE TABLE IF NOT EXISTS captions (dataset TEXT NOT NULL, image_id TEXT NOT NULL, caption_id BIGINT NOT NULL,
+    text TEXT NOT NULL, split TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS downloads (name TEXT NOT NULL, url TEXT NOT NULL, bytes BIGINT, checksum TEXT,
+    verified_at TIMESTAMPTZ, dataset TEXT NOT NULL, PRIMARY KEY (dataset, name));
 CREATE TABLE IF NOT EXISTS builds (dataset TEXT PRIMARY KEY, built_at TIMESTAMPTZ, images BIGINT,
     usable BIGINT, captions BIGINT, excluded BIGINT);
 """
-IMAGE_COLUMNS = ("dataset", "split", "image_id", "path", "width", "height", "domain", "status", "reason")
-CAPTION_COLUMNS = ("dataset", "split", "image_id", "caption_id", "text")
+IMAGE_COLUMNS = ("dataset", "image_id", "split", "path", "width", "height", "domain", "status", "reason")
+CAPTION_COLUMNS = ("dataset", "image_id", "caption_id", "text", "split")
 
 
 @dataclass(frozen=True)
@@ -120,4 +120,4 @@ class Catalog:
             return
         self.connection.executemany(
             "INSERT OR REPLACE INTO downloads VALUES (?, ?, ?, ?, ?, ?)",
-            [[dataset, r.name, r.url, r.bytes, r.checksum, r.verified_at] for r in records])
+            [[r.name, r.url, r.bytes, r.checksum, r.verified_at, dataset] for r in records])

@@ -34,9 +34,10 @@ def inspect_image(path: Path) -> tuple[str, str | None, int | None, int | None]:
     return "ok", "; ".join(notes) or None, image.width, image.height
 
 
-def inspect_images(paths: list[Path], workers: int = 2) -> list[tuple[str, str | None, int | None, int | None]]:
-    """inspect_image over many files, in `workers` processes when there are enough of them."""
-    if workers <= 1 or len(paths) < 256:
+def inspect_images(paths: list[Path], workers: int = 2,
+                   parallel_from: int = 256) -> list[tuple[str, str | None, int | None, int | None]]:
+    """inspect_image over many files, in `workers` processes when there are `parallel_from` or more."""
+    if workers <= 1 or len(paths) < parallel_from:
         return [inspect_image(path) for path in paths]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(inspect_image, paths, chunksize=64))

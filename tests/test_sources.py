@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ituning.images import open_rgb
-from storage.image_check import inspect_image
+from storage.image_check import inspect_image, inspect_images
 from storage.jsonfields import MalformedInput
 from storage.scenes import random_scene, render_scene
 from storage.sources import read_karpathy, read_nocaps, read_visual_genome
@@ -65,3 +65,14 @@ def test_cmyk_and_grayscale_jpegs_convert_to_the_right_colours(tmp_path):
         assert np.abs(np.asarray(open_rgb(path), dtype=float) - reference).mean() < 4
     cmyk = np.asarray(open_rgb(tmp_path / "CMYK.jpg"), dtype=float)
     assert np.abs(cmyk - np.asarray(image, dtype=float)).mean() < 12  # colours survive, not inverted
+
+
+def test_parallel_image_check_equals_the_serial_one(tmp_path):
+    image = render_scene(random_scene(random.Random(2)), 40)
+    image.save(tmp_path / "ok.jpg")
+    image.save(tmp_path / "named.jpg", format="PNG")
+    (tmp_path / "text.jpg").write_text("not an image")
+    paths = [tmp_path / name for name in ("ok.jpg", "named.jpg", "text.jpg", "absent.jpg")] * 3
+    serial = inspect_images(paths, workers=1)
+    assert inspect_images(paths, workers=2, parallel_from=1) == serial
+    assert [status for status, *_ in serial[:4]] == ["ok", "ok", "unreadable", "missing"]

@@ -5,6 +5,8 @@ from typing import Annotated
 
 import typer
 
+from ituning.cli_data import register as register_dataset_commands
+
 app = typer.Typer(help="I-Tuning: lightweight image captioning on frozen CLIP-ViT and GPT-2.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -66,6 +68,9 @@ def demo(workspace: Annotated[Path, typer.Option()] = Path("workspace/demo")):
     for path, text, error in run_offline_demo(workspace):
         typer.echo(f"{path}\t{text if error is None else 'error: ' + error}")
     typer.echo(f"Checkpoint: {workspace / 'checkpoint'} (untrained modules; see README for training)")
+
+
+register_dataset_commands(app)
 
 
 def _fail(error: Exception):

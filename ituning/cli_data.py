@@ -1,0 +1,131 @@
+"""Dataset commands: `ituning download`, `ituning catalog build|query`, `ituning synthetic`."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+catalog_app = typer.Typer(help="Build and query the DuckDB catalog of images and captions.", no_args_is_help=True)
+WorkspaceOption = Annotated[Path | None, typer.Option(help="workspace folder (default $ITUNING_WORKSPACE or ./workspace)")]
+
+
+def download(
+    dataset: Annotated[str, typer.Argument(help="coco, flickr30k, vg or nocaps")],
+    manifest: Annotated[Path | None, typer.Option(help="manifest JSON replacing the built-in one")] = None,
+    images: Annotated[str | None, typer.Option(help="flickr30k: URL or local path of the image archive")] = None,
+    workspace: WorkspaceOption = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="parallel per-image downloads (NoCaps)")] = 8,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+):
+    """Download, verify and unpack a dataset into the workspace (resumes; skips verified files)."""
+    from storage.acquire import download_dataset
+    from storage.downloads import DownloadError
+    from storage.extract import UnsafeArchive
+    from storage.jsonfields import MalformedInput
+    from storage.manifests import ManifestError, RemoteFile, built_in_manifest, load_manifest
+    from storage.workspace import workspace_root
+
+    try:
+        chosen = load_manifest(manifest) if manifest else built_in_manifest(dataset)
+        if chosen.dataset != dataset:
+            raise ManifestError(f"{manifest}: describes {chosen.dataset!r}, not {dataset!r}")
+        if images:
+            chosen = chosen.with_file(RemoteFile(_file_name(images), images))
+        elif dataset == "flickr30k" and manifest is None:
+            typer.echo("note: Flickr30k images are access-gated; pass --images URL_OR_ARCHIVE to fetch them", err=True)
+        report = download_dataset(chosen, workspace_root(workspace), concurrency=concurrency, progress=progress)
+    except (DownloadError, MalformedInput, UnsafeArchive, OSError) as error:
+        _fail(error)
+    typer.echo(f"{dataset}: {len(report.fetched)} files verified, {len(report.unpacked)} unpacked, "
+               f"{report.images} images fetched")
+    for failure in report.failures:
+        typer.echo(f"error: {failure}", err=True)
+    if report.failures:
+        raise typer.Exit(1)
+
+
+@catalog_app.command("build")
+def catalog_build(
+    datasets: Annotated[list[str] | None, typer.Argument(help="datasets to (re)build; default all four")] = None,
+    workspace: WorkspaceOption = None,
+    check_images: Annotated[bool, typer.Option(help="open every image file to record its status")] = True,
+    workers: Annotated[int, typer.Option(min=1, help="processes checking image files")] = 2,
+):
+    """Read the downloaded annotations, check the images and write workspace/catalog.duckdb."""
+    from storage.catalog import Catalog
+    from storage.catalog_build import BUILD_ORDER, MissingInput, build_dataset
+    from storage.jsonfields import MalformedInput
+    from storage.workspace import catalog_path, workspace_root
+
+    root = workspace_root(workspace)
+    unknown = set(datasets or ()) - set(BUILD_ORDER)
+    if unknown:
+        _fail(ValueError(f"unknown dataset(s) {', '.join(sorted(unknown))}; choose from {', '.join(BUILD_ORDER)}"))
+    chosen = [name for name in BUILD_ORDER if name in (datasets or BUILD_ORDER)]
+    with Catalog(catalog_path(root)) as catalog:
+        for dataset in chosen:
+            try:
+                summary = build_dataset(root, dataset, catalog, check_images, workers)
+            except MissingInput as error:
+                if datasets:  # asked for by name: its files must be there
+                    _fail(error)
+                typer.echo(f"{dataset}: skipped ({error})")
+                continue
+            except MalformedInput as error:
+                _fail(error)
+            splits = ", ".join(f"{split} {count:,}" for split, count in summary.by_split.items())
+            typer.echo(f"{dataset}: {summary.images:,} images ({summary.usable:,} usable: {splits}), "
+                       f"{summary.captions:,} captions" + (f", {summary.excluded:,} excluded" if summary.excluded else ""))
+
+
+@catalog_app.command("query")
+def catalog_query(sql: Annotated[str, typer.Argument(help="SQL (read-only)")], workspace: WorkspaceOption = None):
+    """Answer a read-only SQL query on the catalog as tab-separated lines with a header."""
+    import duckdb
+
+    from storage.catalog import Catalog
+    from storage.workspace import catalog_path, workspace_root
+
+    path = catalog_path(workspace_root(workspace))
+    if not path.is_file():
+        _fail(FileNotFoundError(f"no catalog at {path}; run `ituning catalog build` first"))
+    try:
+        with Catalog(path, read_only=True) as catalog:
+            columns, rows = catalog.query(sql)
+    except duckdb.Error as error:
+        _fail(error)
+    typer.echo("\t".join(columns))
+    for row in rows:
+        typer.echo("\t".join("" if value is None else str(value) for value in row))
+
+
+def synthetic(
+    out: Annotated[Path, typer.Option(help="folder to write the corpus into")],
+    images: Annotated[int, typer.Option(min=15, help="images per dataset")] = 40,
+    base_url: Annotated[str | None, typer.Option(help="URL the folder will be served from; default local paths")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    size: Annotated[int, typer.Option(min=16, help="image side in pixels")] = 64,
+):
+    """Write the synthetic corpus (COCO/Karpathy, Flickr30k, VG, NoCaps formats) and its manifests."""
+    from storage.synthetic import write_corpus
+
+    corpus = write_corpus(out, images, base_url, seed, size)
+    for name, manifest in corpus.manifests.items():
+        typer.echo(f"ituning download {name} --manifest {manifest}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(download)
+    app.command()(synthetic)
+    app.add_typer(catalog_app, name="catalog")
+
+
+def _file_name(url_or_path: str) -> str:
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(url_or_path).path).rstrip("/")).name
+
+
+def _fail(error: Exception):
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)

@@ -1,0 +1,87 @@
+"""From nothing on disk to a dataset's files, verified and unpacked, in the workspace layout."""
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from storage.downloads import DownloadError, Ledger, RetryPolicy, check_free_space, fetch_verified
+from storage.extract import check_entry_name, unpack
+from storage.jsonfields import load_json, required
+from storage.manifests import ImageList, Manifest, RemoteFile
+from storage.workspace import data_dir, downloads_dir
+
+
+@dataclass
+class DownloadReport:
+    dataset: str
+    fetched: list[str] = field(default_factory=list)
+    unpacked: list[str] = field(default_factory=list)
+    images: int = 0
+    failures: list[str] = field(default_factory=list)  # per-image failures; the rest went on
+
+
+def download_dataset(manifest: Manifest, root: Path, policy: RetryPolicy = RetryPolicy(),
+                     concurrency: int = 8, progress: bool = False, timeout_s: float = 30.0) -> DownloadReport:
+    """Fetch, verify and unpack every file of `manifest`, then the images of its image lists."""
+    folder, target = downloads_dir(root, manifest.dataset), data_dir(root, manifest.dataset)
+    folder.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(folder)
+    check_free_space(folder, list(manifest.files), ledger)
+    report = DownloadReport(manifest.dataset)
+    with httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=True) as client:
+        try:
+            for remote in manifest.files:
+                fetch_verified(client, remote, folder / remote.name, ledger, policy, progress)
+                report.fetched.append(remote.name)
+                ledger.save()
+            for image_list in manifest.image_lists:
+                _fetch_image_list(client, image_list, folder, target, policy, concurrency, progress, report)
+        finally:
+            ledger.save()
+    for remote in manifest.files:
+        if remote.should_unpack and unpack(folder / remote.name, target):
+            report.unpacked.append(remote.name)
+    return report
+
+
+def image_list_files(info_path: Path, into: str) -> list[RemoteFile]:
+    """One RemoteFile per image of a COCO-style image-info JSON (`images[].file_name`, `coco_url`)."""
+    check_entry_name(info_path, into)
+    remotes = []
+    for index, image in enumerate(required(load_json(info_path), "images", list, info_path)):
+        file_name = required(image, "file_name", str, info_path, f"images[{index}]")
+        check_entry_name(info_path, file_name)  # the name becomes a path under data/<dataset>/
+        remotes.append(RemoteFile(f"{into}/{file_name}", required(image, "coco_url", str, info_path, f"images[{index}]")))
+    return remotes
+
+
+def _fetch_image_list(client, image_list: ImageList, folder: Path, target: Path, policy: RetryPolicy,
+                      concurrency: int, progress: bool, report: DownloadReport) -> None:
+    remotes = image_list_files(folder / image_list.info, image_list.into)
+    image_folder = target / image_list.into
+    image_folder.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(image_folder)
+
+    def fetch_one(remote: RemoteFile) -> str | None:
+        try:
+            fetch_verified(client, remote, target / remote.name, ledger, policy)
+            return None
+        except (DownloadError, OSError) as error:
+            return str(error)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool, \
+            tqdm(total=len(remotes), unit="image", desc=image_list.into, disable=not progress) as bar:
+        try:
+            for done, error in enumerate(pool.map(fetch_one, remotes), 1):
+                bar.update(1)
+                if error:
+                    report.failures.append(error)
+                else:
+                    report.images += 1
+                if done % 500 == 0:  # an interrupted run keeps what it verified
+                    ledger.save()
+        finally:
+            ledger.save()

@@ -1,0 +1,123 @@
+"""The DuckDB catalog: which images and captions make up each dataset split, and what was downloaded.
+
+Tables
+  images    (dataset, image_id, split, path, width, height, domain, status, reason)
+  captions  (dataset, image_id, caption_id, text, split)   -- NoCaps val and test reuse image ids
+  downloads (name, url, bytes, checksum, verified_at, dataset)
+  builds    (dataset, built_at, images, usable, captions, excluded)
+status is "ok" for usable images; see storage/image_check.py for the others.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (dataset TEXT NOT NULL, image_id TEXT NOT NULL, split TEXT NOT NULL,
+    path TEXT NOT NULL, width INTEGER, height INTEGER, domain TEXT, status TEXT NOT NULL, reason TEXT,
+    PRIMARY KEY (dataset, split, image_id));
+CREATE TABLE IF NOT EXISTS captions (dataset TEXT NOT NULL, image_id TEXT NOT NULL, caption_id BIGINT NOT NULL,
+    text TEXT NOT NULL, split TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS downloads (name TEXT NOT NULL, url TEXT NOT NULL, bytes BIGINT, checksum TEXT,
+    verified_at TIMESTAMPTZ, dataset TEXT NOT NULL, PRIMARY KEY (dataset, name));
+CREATE TABLE IF NOT EXISTS builds (dataset TEXT PRIMARY KEY, built_at TIMESTAMPTZ, images BIGINT,
+    usable BIGINT, captions BIGINT, excluded BIGINT);
+"""
+IMAGE_COLUMNS = ("dataset", "image_id", "split", "path", "width", "height", "domain", "status", "reason")
+CAPTION_COLUMNS = ("dataset", "image_id", "caption_id", "text", "split")
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    dataset: str
+    image_id: str
+    split: str
+    path: Path
+    width: int | None
+    height: int | None
+    domain: str | None
+
+
+class Catalog:
+    """One catalog file; open read_only=True to query while nothing writes."""
+
+    def __init__(self, path: Path, read_only: bool = False):
+        self.path = Path(path)
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.connection = duckdb.connect(str(self.path), read_only=read_only)
+        if not read_only:
+            self.connection.execute(SCHEMA)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def usable_images(self, dataset: str, split: str) -> list[CatalogImage]:
+        rows = self.connection.execute(
+            "SELECT dataset, image_id, split, path, width, height, domain FROM images "
+            "WHERE dataset = ? AND split = ? AND status = 'ok' ORDER BY image_id", [dataset, split]).fetchall()
+        return [CatalogImage(d, i, s, Path(p), w, h, dom) for d, i, s, p, w, h, dom in rows]
+
+    def captions(self, dataset: str, split: str) -> dict[str, list[str]]:
+        """Captions of the split's usable images (for VG, its region phrases), in caption_id order."""
+        rows = self.connection.execute(
+            "SELECT c.image_id, c.text FROM captions c JOIN images i USING (dataset, split, image_id) "
+            "WHERE c.dataset = ? AND c.split = ? AND i.status = 'ok' ORDER BY c.image_id, c.caption_id",
+            [dataset, split]).fetchall()
+        result: dict[str, list[str]] = {}
+        for image_id, text in rows:
+            result.setdefault(image_id, []).append(text)
+        return result
+
+    def image_list_fingerprint(self, dataset: str, split: str) -> str:
+        digest = hashlib.sha256()
+        for image in self.usable_images(dataset, split):
+            digest.update(f"{image.image_id}\t{image.path}\n".encode())
+        return digest.hexdigest()
+
+    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        result = self.connection.execute(sql)
+        columns = [column[0] for column in result.description or []]
+        return columns, result.fetchall()
+
+    def replace_dataset(self, dataset: str, images: dict[str, list], captions: dict[str, list], excluded: int) -> None:
+        """Swap in a dataset's rows (columns given as lists) in one transaction."""
+        image_table = pa.table({"dataset": [dataset] * len(images["image_id"]), **images}).select(IMAGE_COLUMNS)
+        caption_table = pa.table({"dataset": [dataset] * len(captions["image_id"]), **captions}).select(CAPTION_COLUMNS)
+        con = self.connection
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for table in ("images", "captions", "builds"):
+                con.execute(f"DELETE FROM {table} WHERE dataset = ?", [dataset])
+            con.register("new_images", image_table)
+            con.register("new_captions", caption_table)
+            con.execute(f"INSERT INTO images ({', '.join(IMAGE_COLUMNS)}) SELECT * FROM new_images")
+            con.execute(f"INSERT INTO captions ({', '.join(CAPTION_COLUMNS)}) SELECT * FROM new_captions")
+            con.execute("INSERT INTO builds SELECT ?, ?, count(*), count(*) FILTER (status = 'ok'), ?, ? "
+                        "FROM images WHERE dataset = ?",
+                        [dataset, datetime.now(timezone.utc), len(caption_table), excluded, dataset])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            con.unregister("new_images")
+            con.unregister("new_captions")
+
+    def record_downloads(self, dataset: str, records) -> None:
+        """Upsert verified files (objects with name, url, bytes, checksum, verified_at)."""
+        if not records:
+            return
+        self.connection.executemany(
+            "INSERT OR REPLACE INTO downloads VALUES (?, ?, ?, ?, ?, ?)",
+            [[r.name, r.url, r.bytes, r.checksum, r.verified_at, dataset] for r in records])

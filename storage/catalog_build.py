@@ -1,0 +1,106 @@
+"""Building the catalog from a workspace's downloaded and unpacked files."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.catalog import Catalog
+from storage.downloads import LEDGER, Ledger
+from storage.image_check import inspect_images
+from storage.sources import SourceRecords, read_karpathy, read_nocaps, read_visual_genome
+from storage.workspace import data_dir, downloads_dir
+
+BUILD_ORDER = ("coco", "flickr30k", "vg", "nocaps")  # vg needs coco's val/test ids
+
+
+class MissingInput(FileNotFoundError):
+    """A dataset whose annotation files are not in the workspace yet."""
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    dataset: str
+    images: int
+    usable: int
+    captions: int
+    excluded: int
+    by_split: dict[str, int]
+
+
+def find_input(root: Path, dataset: str, pattern: str) -> Path:
+    """The annotation file matching `pattern` under data/<dataset>/ or downloads/<dataset>/."""
+    for folder in (data_dir(root, dataset), downloads_dir(root, dataset)):
+        found = sorted(folder.rglob(pattern)) if folder.is_dir() else []
+        found = [path for path in found if not path.name.endswith(".part")]
+        if found:
+            return found[0]
+    raise MissingInput(f"{dataset}: no {pattern} in {data_dir(root, dataset)} or {downloads_dir(root, dataset)}; "
+                       f"run `ituning download {dataset}` first")
+
+
+def read_sources(root: Path, dataset: str, catalog: Catalog) -> SourceRecords:
+    if dataset in ("coco", "flickr30k"):
+        return read_karpathy(find_input(root, dataset, f"dataset_{dataset}.json"), dataset)
+    if dataset == "vg":
+        _, rows = catalog.query("SELECT image_id, split FROM images WHERE dataset = 'coco' AND split IN ('val', 'test')")
+        if not rows:
+            raise MissingInput("vg: build the coco catalog first (VG pre-training excludes COCO Karpathy val and test)")
+        return read_visual_genome(find_input(root, "vg", "image_data.json"),
+                                  find_input(root, "vg", "region_descriptions.json"), dict(rows))
+    if dataset == "nocaps":
+        records = read_nocaps(find_input(root, dataset, "nocaps_val_image_info.json"), "val",
+                              find_input(root, dataset, "nocaps_val_*captions.json"))
+        test = read_nocaps(find_input(root, dataset, "nocaps_test_image_info.json"), "test")
+        records.images += test.images
+        return records
+    raise ValueError(f"unknown dataset {dataset!r}")
+
+
+def build_dataset(root: Path, dataset: str, catalog: Catalog, check_images: bool = True,
+                  workers: int = 2) -> BuildSummary:
+    """Read a dataset's annotations, check its image files and replace its rows in the catalog."""
+    records = read_sources(root, dataset, catalog)
+    base = data_dir(root, dataset).absolute()
+    paths = _resolve_paths(base, [row.path for row in records.images], locate=check_images)
+    to_check = [index for index, row in enumerate(records.images) if row.status is None]
+    if check_images:
+        results = inspect_images([Path(paths[index]) for index in to_check], workers)
+    else:
+        results = [("unchecked", "file not opened when the catalog was built", None, None)] * len(to_check)
+    for index, (status, reason, width, height) in zip(to_check, results):
+        row = records.images[index]
+        row.status, row.reason = status, reason
+        row.width, row.height = width or row.width, height or row.height
+    rows = records.images
+    images = {"split": [r.split for r in rows], "image_id": [r.image_id for r in rows],
+              "path": paths, "width": [r.width for r in rows], "height": [r.height for r in rows],
+              "domain": [r.domain for r in rows], "status": [r.status for r in rows], "reason": [r.reason for r in rows]}
+    captions = dict(zip(("image_id", "split", "caption_id", "text"), map(list, zip(*records.captions)))) \
+        if records.captions else {"image_id": [], "split": [], "caption_id": [], "text": []}
+    catalog.replace_dataset(dataset, images, captions, records.excluded)
+    catalog.record_downloads(dataset, _verified_files(root, dataset))
+    by_split: dict[str, int] = {}
+    for row in rows:
+        by_split[row.split] = by_split.get(row.split, 0) + (row.status == "ok")
+    return BuildSummary(dataset, len(rows), sum(by_split.values()), len(records.captions), records.excluded, by_split)
+
+
+def _resolve_paths(base: Path, relative: list[str], locate: bool) -> list[str]:
+    """base/relative where that file exists; otherwise the file of that name anywhere under base."""
+    prefix = f"{base}{os.sep}"
+    paths = [prefix + item for item in relative]  # plain strings: Path objects cost seconds at COCO size
+    if not locate:
+        return paths
+    index: dict[str, str] | None = None
+    for position, path in enumerate(paths):
+        if os.path.isfile(path):
+            continue
+        if index is None:
+            index = {name: os.path.join(folder, name) for folder, _, names in os.walk(base) for name in names}
+        paths[position] = index.get(os.path.basename(path), path)
+    return paths
+
+
+def _verified_files(root: Path, dataset: str):
+    ledgers = [downloads_dir(root, dataset) / LEDGER, *sorted(data_dir(root, dataset).glob(f"*/{LEDGER}"))]
+    return [record for ledger in ledgers if ledger.is_file() for record in Ledger(ledger.parent).records.values()]

@@ -1,0 +1,150 @@
+"""What to download for each dataset: the real files, or a manifest file that replaces them.
+
+A manifest file is JSON:
+    {"dataset": "coco",
+     "files": [{"name": "val2014.zip", "url": "http://...", "bytes": 6645013297, "md5": "a3d7...",
+                "unpack": true}],
+     "image_lists": [{"info": "nocaps_val_image_info.json", "into": "val"}]}
+`bytes`, `md5`/`sha256` and `unpack` are optional (archives unpack by default). An image list names
+a downloaded COCO-style image-info JSON whose entries carry one URL each (`coco_url`); every image
+is fetched into data/<dataset>/<into>/<file_name>.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.jsonfields import MalformedInput, required
+
+DATASETS = ("coco", "flickr30k", "vg", "nocaps")
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+KARPATHY_URL = "http://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+
+
+class ManifestError(MalformedInput):
+    """A manifest file that cannot be used (the message names the file and field)."""
+
+
+def is_archive(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    url: str
+    bytes: int | None = None
+    md5: str | None = None
+    sha256: str | None = None
+    unpack: bool | None = None  # None: unpack archives, keep other files as they are
+
+    @property
+    def should_unpack(self) -> bool:
+        return is_archive(self.name) if self.unpack is None else self.unpack
+
+    @property
+    def expected_checksum(self) -> str | None:
+        """'md5:<hex>' or 'sha256:<hex>', or None when nothing is published."""
+        if self.sha256:
+            return f"sha256:{self.sha256.lower()}"
+        return f"md5:{self.md5.lower()}" if self.md5 else None
+
+
+@dataclass(frozen=True)
+class ImageList:
+    info: str
+    into: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    dataset: str
+    files: tuple[RemoteFile, ...]
+    image_lists: tuple[ImageList, ...] = field(default=())
+
+    def with_file(self, extra: RemoteFile) -> "Manifest":
+        return Manifest(self.dataset, self.files + (extra,), self.image_lists)
+
+
+def _coco() -> Manifest:
+    return Manifest("coco", (
+        RemoteFile("train2014.zip", "http://images.cocodataset.org/zips/train2014.zip",
+                   13_510_573_713, "0da8c0bd3d6becc4dcb32757491aca88"),
+        RemoteFile("val2014.zip", "http://images.cocodataset.org/zips/val2014.zip",
+                   6_645_013_297, "a3d79f5ed8d289b7a7554ce06a5782b3"),
+        RemoteFile("annotations_trainval2014.zip",
+                   "http://images.cocodataset.org/annotations/annotations_trainval2014.zip",
+                   252_872_794, "0a379cfc70b0e71301e0f377548639bd"),
+        RemoteFile("caption_datasets.zip", KARPATHY_URL),
+    ))
+
+
+def _flickr30k() -> Manifest:
+    # The images are access-gated: `ituning download flickr30k --images URL_OR_PATH` adds them.
+    return Manifest("flickr30k", (RemoteFile("caption_datasets.zip", KARPATHY_URL),))
+
+
+def _visual_genome() -> Manifest:
+    base = "https://homes.cs.washington.edu/~ranjay/visualgenome/data/dataset/"
+    return Manifest("vg", (
+        RemoteFile("images.zip", "https://cs.stanford.edu/people/rak248/VG_100K_2/images.zip", 9_731_705_982),
+        RemoteFile("images2.zip", "https://cs.stanford.edu/people/rak248/VG_100K_2/images2.zip", 5_471_658_058),
+        RemoteFile("image_data.json.zip", base + "image_data.json.zip", 1_780_854),
+        RemoteFile("region_descriptions.json.zip", base + "region_descriptions.json.zip", 127_377_968),
+    ))
+
+
+def _nocaps() -> Manifest:
+    return Manifest("nocaps", (
+        RemoteFile("nocaps_val_image_info.json", "https://s3.amazonaws.com/nocaps/nocaps_val_image_info.json"),
+        RemoteFile("nocaps_test_image_info.json", "https://s3.amazonaws.com/nocaps/nocaps_test_image_info.json"),
+        RemoteFile("nocaps_val_4500_captions.json", "https://nocaps.s3.amazonaws.com/nocaps_val_4500_captions.json"),
+    ), (ImageList("nocaps_val_image_info.json", "val"), ImageList("nocaps_test_image_info.json", "test")))
+
+
+BUILT_IN = {"coco": _coco, "flickr30k": _flickr30k, "vg": _visual_genome, "nocaps": _nocaps}
+
+
+def built_in_manifest(dataset: str) -> Manifest:
+    if dataset not in BUILT_IN:
+        raise ManifestError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return BUILT_IN[dataset]()
+
+
+def load_manifest(path: Path) -> Manifest:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ManifestError(f"{path}: cannot read manifest ({error})") from error
+    dataset = _field(raw, "dataset", str, path)
+    if not isinstance(raw.get("image_lists", []), list):
+        raise ManifestError(f"{path}: field image_lists must be list")
+    files = tuple(_remote_file(entry, f"files[{index}]", path)
+                  for index, entry in enumerate(_field(raw, "files", list, path)))
+    lists = tuple(ImageList(_field(entry, "info", str, path, f"image_lists[{index}]"),
+                            _field(entry, "into", str, path, f"image_lists[{index}]"))
+                  for index, entry in enumerate(raw.get("image_lists", [])))
+    return Manifest(dataset, files, lists)
+
+
+def _remote_file(entry, where: str, path: Path) -> RemoteFile:
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{path}: {where} must be an object")
+    size = entry.get("bytes")
+    if size is not None and not isinstance(size, int):
+        raise ManifestError(f"{path}: {where}.bytes must be an integer")
+    name = _field(entry, "name", str, path, where)
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ManifestError(f"{path}: field {where}.name must be a plain file name, not {name!r}")
+    return RemoteFile(name, _field(entry, "url", str, path, where), size,
+                      entry.get("md5"), entry.get("sha256"), entry.get("unpack"))
+
+
+def _field(entry, key: str, kind: type, path: Path, where: str = ""):
+    return required(entry, key, kind, path, where, error=ManifestError)
+
+
+def manifest_to_json(manifest: Manifest) -> dict:
+    files = [{key: value for key, value in vars(item).items() if value is not None} for item in manifest.files]
+    return {"dataset": manifest.dataset, "files": files,
+            "image_lists": [vars(item) for item in manifest.image_lists]}

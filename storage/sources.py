@@ -1,0 +1,115 @@
+"""Readers of the raw annotation formats: Karpathy splits, Visual Genome and NoCaps.
+
+Each returns image rows (with a path relative to the dataset's data folder) and caption rows;
+a file that lacks a needed field raises MalformedInput naming the file and the field.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from storage.extract import check_entry_name
+from storage.jsonfields import MalformedInput, load_json, one_of, required
+
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
+
+
+@dataclass
+class ImageRow:
+    image_id: str
+    split: str
+    path: str  # relative to data/<dataset>/
+    width: int | None = None
+    height: int | None = None
+    domain: str | None = None
+    status: str | None = None  # None until the file is checked
+    reason: str | None = None
+
+
+@dataclass
+class SourceRecords:
+    images: list[ImageRow] = field(default_factory=list)
+    captions: list[tuple[str, str, int, str]] = field(default_factory=list)  # image_id, split, caption_id, text
+    excluded: int = 0
+    _seen: set = field(default_factory=set, repr=False)
+
+    def add_image(self, row: ImageRow, source: Path, where: str) -> None:
+        if (row.split, row.image_id) in self._seen:
+            raise MalformedInput(f"{source}: {where} repeats image id {row.image_id} in split {row.split}")
+        self._seen.add((row.split, row.image_id))
+        self.images.append(row)
+
+
+def read_karpathy(path: Path, dataset: str) -> SourceRecords:
+    """dataset_coco.json or dataset_flickr30k.json: train (+ restval), val and test."""
+    records = SourceRecords()
+    for index, entry in enumerate(required(load_json(path), "images", list, path)):
+        where = f"images[{index}]"
+        split = one_of(entry, "split", KARPATHY_SPLITS, path, where)
+        filename = required(entry, "filename", str, path, where)
+        if dataset == "coco":
+            image_id = str(required(entry, "cocoid", int, path, where))
+            relative = f"{required(entry, 'filepath', str, path, where)}/{filename}"
+        else:
+            image_id, relative = PurePosixPath(filename).stem, filename
+        split = KARPATHY_SPLITS[split]
+        records.add_image(ImageRow(image_id, split, relative), path, where)
+        for number, sentence in enumerate(required(entry, "sentences", list, path, where)):
+            text = required(sentence, "raw", str, path, f"{where}.sentences[{number}]")
+            records.captions.append((image_id, split, sentence.get("sentid", number), text.strip()))
+    return records
+
+
+def read_visual_genome(image_data: Path, regions: Path, held_out: dict[str, str]) -> SourceRecords:
+    """VG images for pre-training; those whose coco_id is in `held_out` (coco_id -> split) are excluded."""
+    records = SourceRecords()
+    kept = set()
+    for index, entry in enumerate(_as_list(load_json(image_data), image_data)):
+        where = f"[{index}]"
+        image_id = str(required(entry, "image_id", int, image_data, where))
+        url = required(entry, "url", str, image_data, where)
+        row = ImageRow(image_id, "pretrain", "/".join(PurePosixPath(urlparse(url).path).parts[-2:]),
+                       entry.get("width"), entry.get("height"))
+        coco_id = entry.get("coco_id")
+        if coco_id is not None and str(coco_id) in held_out:
+            row.status, row.reason = "excluded", f"coco_id {coco_id} is in COCO Karpathy {held_out[str(coco_id)]}"
+            records.excluded += 1
+        else:
+            kept.add(image_id)
+        records.add_image(row, image_data, where)
+    for index, entry in enumerate(_as_list(load_json(regions), regions)):
+        image_id = str(required(entry, "id", int, regions, f"[{index}]"))
+        if image_id not in kept:
+            continue
+        for number, region in enumerate(required(entry, "regions", list, regions, f"[{index}]")):
+            where = f"[{index}].regions[{number}]"
+            phrase = required(region, "phrase", str, regions, where)
+            records.captions.append((image_id, "pretrain", required(region, "region_id", int, regions, where),
+                                     phrase.strip()))
+    return records
+
+
+def read_nocaps(info: Path, split: str, captions: Path | None = None) -> SourceRecords:
+    """NoCaps image info (with domains) and, for val, the reference captions."""
+    records = SourceRecords()
+    for index, entry in enumerate(required(load_json(info), "images", list, info)):
+        where = f"images[{index}]"
+        domain = one_of(entry, "domain", NOCAPS_DOMAINS, info, where)
+        file_name = required(entry, "file_name", str, info, where)
+        check_entry_name(info, file_name)
+        records.add_image(ImageRow(str(required(entry, "id", int, info, where)), split, f"{split}/{file_name}",
+                                   entry.get("width"), entry.get("height"), domain), info, where)
+    if captions is not None:
+        for index, entry in enumerate(required(load_json(captions), "annotations", list, captions)):
+            where = f"annotations[{index}]"
+            records.captions.append((str(required(entry, "image_id", int, captions, where)), split,
+                                     required(entry, "id", int, captions, where),
+                                     required(entry, "caption", str, captions, where).strip()))
+    return records
+
+
+def _as_list(raw, path: Path) -> list:
+    if not isinstance(raw, list):
+        raise MalformedInput(f"{path}: expected a JSON list at the top level, found {type(raw).__name__}")
+    return raw

@@ -9,7 +9,9 @@ another thread or process logs to the right run. The store is SQLite in the work
 import json
 import math
 import os
+import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -253,8 +255,6 @@ def flatten_decoding(decoding) -> dict:
 
 def bundled_artifacts(checkpoint: Path, staging: Path) -> dict[str, str]:
     """The checkpoint's adapter files plus every backbone it names by local path."""
-    import shutil
-
     from ituning.backbones import LOCAL_DIR
     from ituning.checkpoint import read_config
 
@@ -267,13 +267,30 @@ def bundled_artifacts(checkpoint: Path, staging: Path) -> dict[str, str]:
         shutil.copyfile(checkpoint / file_name, adapter / file_name)
     artifacts = {names.CHECKPOINT: str(adapter)}
     vision, weights, language = backbones["vision_model"], backbones["vision_pretrained"], backbones["language_model"]
-    if vision.startswith(LOCAL_DIR):
-        artifacts[names.VISION_FOLDER] = vision[len(LOCAL_DIR) :]
-    if weights and Path(weights).is_file():
-        artifacts[names.VISION_WEIGHTS] = weights
-    if Path(language).is_dir():
-        artifacts[names.LANGUAGE_FOLDER] = language
+    local = {
+        names.VISION_FOLDER: vision[len(LOCAL_DIR) :] if vision.startswith(LOCAL_DIR) else None,
+        names.VISION_WEIGHTS: weights if weights and Path(weights).is_file() else None,
+        names.LANGUAGE_FOLDER: language if Path(language).is_dir() else None,
+    }
+    for key, path in local.items():
+        if path is not None:  # staged under its role's name: MLflow names artifacts by base name
+            artifacts[key] = str(_stage(Path(path), staging / (key + Path(path).suffix * Path(path).is_file())))
     return artifacts
+
+
+def _stage(source: Path, target: Path) -> Path:
+    """Hard links where possible (backbones can be gigabytes), copies across file systems."""
+    def link_or_copy(from_path, to_path):
+        try:
+            os.link(from_path, to_path)
+        except OSError:
+            shutil.copy2(from_path, to_path)
+
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=link_or_copy)
+    else:
+        link_or_copy(source, target)
+    return target
 
 
 def pinned_requirements() -> list[str]:
@@ -296,6 +313,4 @@ def _status_kept(client: MlflowClient, run_id: str):
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)

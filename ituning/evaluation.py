@@ -200,3 +200,30 @@ def write_nocaps_submission(captions: Mapping[str, str], path: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([{"image_id": image_id, "caption": caption} for image_id, caption in entries]))
     return path
+
+
+def generate_captions(captioner, visual_tokens: Mapping, image_ids: Iterable[str], decoding=None,
+                      batch_size: int = 32) -> dict[str, str]:
+    """Captions for images by id, from cached visual tokens (any mapping image_id -> (N, d) array,
+    e.g. a FeatureReader), in batches."""
+    import numpy as np
+    import torch
+
+    from ituning.decoding import DecodingConfig
+
+    decoding = decoding or DecodingConfig()
+    image_ids = list(image_ids)
+    captions = {}
+    for start in range(0, len(image_ids), batch_size):
+        batch = image_ids[start : start + batch_size]
+        visual = torch.from_numpy(np.stack([np.asarray(visual_tokens[key]) for key in batch]))  # (B, N, d)
+        captions.update(zip(batch, captioner.caption_features(visual, decoding)))
+    return captions
+
+
+def save_json(value, path: str | Path) -> Path:
+    """Captions or scores as readable JSON (keys sorted)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
+    return path

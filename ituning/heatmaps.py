@@ -88,3 +88,18 @@ def save_heatmaps(image: Image.Image, attention: TokenAttention, path: str | Pat
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return path
+
+
+def render_heatmaps(captioner, image_paths: dict[str, Path], captions: dict[str, str], out_dir: str | Path,
+                    limit: int | None = 8) -> dict[str, Path]:
+    """One heatmap PNG per captioned image (the first `limit` by image_id): out_dir/<image_id>.png."""
+    from ituning.images import open_rgb
+
+    out_dir = Path(out_dir)
+    written = {}
+    for image_id in sorted(key for key in captions if key in image_paths)[:limit]:
+        image = open_rgb(image_paths[image_id])
+        attention = caption_attention(captioner, image, captions[image_id])
+        safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)
+        written[image_id] = save_heatmaps(image, attention, out_dir / f"{safe_name}.png")
+    return written

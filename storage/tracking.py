@@ -215,9 +215,8 @@ class ExperimentTracker:
         signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
         with tempfile.TemporaryDirectory() as staging:
             artifacts = bundled_artifacts(Path(checkpoint), Path(staging))
-            mlflow.set_tracking_uri(self.uri)
-            mlflow.set_registry_uri(self.uri)
-            with _status_kept(self.client, run_id), mlflow.start_run(run_id=run_id, nested=True):
+            with _fluent_store(self.uri), _status_kept(self.client, run_id), \
+                    mlflow.start_run(run_id=run_id, nested=True):
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=str(MODEL_CODE), artifacts=artifacts, model_config=settings,
                     code_paths=[str(Path(__file__).parents[1] / "ituning")], signature=signature,
@@ -302,6 +301,21 @@ def pinned_requirements() -> list[str]:
         except PackageNotFoundError:
             pins.append(package)
     return pins
+
+
+@contextmanager
+def _fluent_store(uri: str):
+    """Point MLflow's module-level API at this store for the block only."""
+    import mlflow
+
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
 
 
 @contextmanager

@@ -153,3 +153,24 @@ def test_nocaps_submission_refuses_incomplete_or_non_numeric_ids(tmp_path):
     with pytest.raises(ValueError, match="integers"):
         write_nocaps_submission({"abc": "a"}, tmp_path / "b.json")
     assert not (tmp_path / "a.json").exists()
+
+
+def test_captions_from_cached_features_match_captions_from_images(standin_checkpoint):
+    import numpy as np
+    import torch
+
+    from ituning.captioner import Captioner
+    from ituning.decoding import DecodingConfig
+    from ituning.demo import render_shape_image
+
+    captioner = Captioner.from_checkpoint(standin_checkpoint, device="cpu")
+    images = {"5": render_shape_image("red", "circle"), "6": render_shape_image("blue", "square"),
+              "7": render_shape_image("green", "circle")}
+    with torch.inference_mode():
+        cache = {key: captioner.vision(captioner.vision.preprocess(image)[None])[0].numpy().astype(np.float16)
+                 for key, image in images.items()}  # (N, d) per image, as the feature cache stores them
+    decoding = DecodingConfig(num_beams=2, max_length=6)
+    one_by_one = evaluation.generate_captions(captioner, cache, ["7", "5", "6"], decoding, batch_size=1)
+    batched = evaluation.generate_captions(captioner, cache, ["5", "6", "7"], decoding, batch_size=3)
+    assert one_by_one == batched and list(batched) == ["5", "6", "7"]
+    assert all(isinstance(caption, str) for caption in batched.values())

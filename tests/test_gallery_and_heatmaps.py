@@ -95,3 +95,12 @@ def test_embedded_gallery_is_one_file(shape_files, tmp_path):
     assert [p.name for p in page.parent.iterdir()] == ["index.html"]
     sources = re.findall(r'src="data:image/png;base64,([^"]+)"', page.read_text())
     assert [base64.b64decode(s) for s in sources] == [shape_files["7"].read_bytes(), shape_files["12"].read_bytes()]
+
+
+def test_heatmaps_for_a_split_are_written_per_image(captioner, shape_files, tmp_path):
+    from ituning.heatmaps import render_heatmaps
+
+    captions = {"7": "a red circle", "12": "a blue square", "404": "an image without a file"}
+    written = render_heatmaps(captioner, shape_files, captions, tmp_path / "heatmaps", limit=1)
+    assert list(written) == ["12"] and written["12"] == tmp_path / "heatmaps" / "12.png"
+    assert written["12"].is_file()

@@ -60,7 +60,16 @@ def expected_caption(standin_checkpoint):
     return captioner.caption_images([render_shape_image("red", "circle")], DECODING)[0]
 
 
-def test_logged_model_is_registered_and_bundles_its_backbones(logged_model, tmp_path):
+@pytest.fixture
+def model_store(logged_model):
+    """MLflow's module-level API pointed at the test store, for loading by runs:/ URI."""
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(logged_model[0].uri)
+    yield
+    mlflow.set_tracking_uri(saved)
+
+
+def test_logged_model_is_registered_and_bundles_its_backbones(logged_model, model_store, tmp_path):
     tracker, run_id, model_uri = logged_model
     assert model_uri == f"runs:/{run_id}/model"
     versions = tracker.client.search_model_versions(f"name='{REGISTERED}'")
@@ -74,9 +83,8 @@ def test_logged_model_is_registered_and_bundles_its_backbones(logged_model, tmp_
     assert not any(name.endswith((".pkl", ".pickle")) for name in files)
 
 
-def test_loaded_model_captions_like_the_captioner(logged_model, expected_caption):
-    tracker, _, model_uri = logged_model
-    mlflow.set_tracking_uri(tracker.uri)
+def test_loaded_model_captions_like_the_captioner(logged_model, model_store, expected_caption):
+    _, _, model_uri = logged_model
     model = mlflow.pyfunc.load_model(model_uri)
     image = png_base64(render_shape_image("red", "circle"))
     assert model.predict([image, image]) == [expected_caption, expected_caption]

@@ -68,6 +68,11 @@ def demo(workspace: Annotated[Path, typer.Option()] = Path("workspace/demo")):
     typer.echo(f"Checkpoint: {workspace / 'checkpoint'} (untrained modules; see README for training)")
 
 
+from ituning.cli_evaluation import score  # noqa: E402
+
+app.command()(score)
+
+
 def _fail(error: Exception):
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)

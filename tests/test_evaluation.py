@@ -174,3 +174,24 @@ def test_captions_from_cached_features_match_captions_from_images(standin_checkp
     batched = evaluation.generate_captions(captioner, cache, ["5", "6", "7"], decoding, batch_size=3)
     assert one_by_one == batched and list(batched) == ["5", "6", "7"]
     assert all(isinstance(caption, str) for caption in batched.values())
+
+
+def test_score_command_reads_either_caption_format(tmp_path):
+    from typer.testing import CliRunner
+
+    from ituning.cli import app
+
+    submission = [{"image_id": int(key), "caption": text} for key, text in CANDIDATES.items()]
+    (tmp_path / "captions.json").write_text(json.dumps(submission))
+    (tmp_path / "references.json").write_text(json.dumps(REFERENCES))
+    (tmp_path / "domains.json").write_text(json.dumps(DOMAINS))
+    files = [str(tmp_path / name) for name in ("captions.json", "references.json")]
+    result = CliRunner().invoke(app, ["score", *files, "--domains", str(tmp_path / "domains.json"),
+                                      "--metrics", "CIDEr,BLEU-4", "--out", str(tmp_path / "scores.json")])
+    assert result.exit_code == 0, result.output
+    expected = score_by_domain(CANDIDATES, REFERENCES, DOMAINS, metrics=["CIDEr", "BLEU-4"])
+    assert json.loads((tmp_path / "scores.json").read_text()) == expected
+    assert f"| CIDEr | {100 * expected['in-domain']['CIDEr']:.1f} |" in result.output
+    (tmp_path / "captions.json").write_text(json.dumps({**CANDIDATES, "555": "no references"}))
+    failed = CliRunner().invoke(app, ["score", *files, "--metrics", "CIDEr"])
+    assert failed.exit_code == 2 and "no references" in failed.output

@@ -227,3 +227,14 @@ def save_json(value, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
     return path
+
+
+def evaluate_split(captioner, visual_tokens: Mapping, references: Mapping[str, list[str]],
+                   domains: Mapping[str, str] | None = None, decoding=None, metrics: Iterable[str] | None = None,
+                   batch_size: int = 32) -> tuple[dict[str, str], dict]:
+    """Caption every referenced image from its cached visual tokens and score the captions:
+    (captions, scores), the scores by NoCaps domain when `domains` is given."""
+    captions = generate_captions(captioner, visual_tokens, sorted(references), decoding, batch_size)
+    if domains is None:
+        return captions, score_captions(captions, references, metrics)
+    return captions, score_by_domain(captions, references, domains, metrics)

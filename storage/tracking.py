@@ -85,8 +85,8 @@ class ExperimentTracker:
             self.experiment_id = found.experiment_id
         else:
             location = None
-            if self.uri.startswith("sqlite:///"):
-                location = (workspace_root(workspace) / "mlartifacts").as_uri()
+            if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current folder
+                location = (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
 
     # ---- runs --------------------------------------------------------------------------------

@@ -106,7 +106,8 @@ def _run_scorers(scorers, gts: dict, res: dict) -> dict[str, float]:
     scores = {}
     for name, scorer in scorers:
         try:
-            value, _ = scorer.compute_score(gts, res, verbose=0) if name == "BLEU" else scorer.compute_score(gts, res)
+            quiet = {"verbose": 0} if name == "BLEU" else {}  # BLEU prints its counts otherwise
+            value, _ = scorer.compute_score(gts, res, **quiet)
         except subprocess.CalledProcessError as error:
             if name != "SPICE":
                 raise

@@ -78,7 +78,8 @@ def test_training_callbacks_log_steps_epochs_and_module_weights(tracker, standin
         callbacks.on_checkpoint(checkpoint)
     history = tracker.client.get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 5.0), (2, 3.0), (4, 1.0)]
-    assert [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, "epoch/val_CIDEr")] == [(0, 0.25), (1, 0.5)]
+    epochs = tracker.client.get_metric_history(run_id, "epoch/val_CIDEr")
+    assert [(m.step, m.value) for m in epochs] == [(0, 0.25), (1, 0.5)]
     files = {item.path for item in tracker.client.list_artifacts(run_id, "checkpoints/last")}
     assert files == {f"checkpoints/last/{WEIGHTS_FILE}", f"checkpoints/last/{CONFIG_FILE}"}
     params = tracker.client.get_run(run_id).data.params

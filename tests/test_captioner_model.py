@@ -150,3 +150,45 @@ def test_served_model_returns_captions_over_rest(served_model, expected_caption)
     with pytest.raises(urllib.error.HTTPError) as error:
         post(f"{served_model}/invocations", {"inputs": ["not an image"]})
     assert error.value.code == 400
+
+
+def test_images_arrive_as_base64_and_paths_only_when_allowed(tmp_path):
+    from storage.captioner_model import decode_image
+
+    image = render_shape_image("blue", "square")
+    image.save(tmp_path / "shape.png")
+    assert decode_image(png_base64(image), accept_file_paths=False).tobytes() == image.convert("RGB").tobytes()
+    assert decode_image(str(tmp_path / "shape.png"), accept_file_paths=True).tobytes() == image.tobytes()
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        decode_image(str(tmp_path / "shape.png"), accept_file_paths=False)
+
+
+def test_only_bundled_backbones_are_relocated():
+    from storage.captioner_model import LANGUAGE_FOLDER, relocate_backbones
+
+    hub = {"vision_model": "ViT-B-16", "vision_pretrained": "openai", "language_model": "gpt2"}
+    assert relocate_backbones(hub, {"checkpoint": "/m/checkpoint"}) == hub
+    assert relocate_backbones(hub, {LANGUAGE_FOLDER: "/m/language_backbone"}) == {**hub,
+                                                                                  "language_model": "/m/language_backbone"}
+
+
+def test_bundle_holds_the_adapter_and_each_local_backbone_under_its_role(standin_checkpoint, tmp_path):
+    from ituning.checkpoint import CONFIG_FILE
+    from storage.captioner_model import CHECKPOINT, VISION_WEIGHTS
+    from storage.tracking import bundled_artifacts
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(standin_checkpoint, checkpoint)
+    (checkpoint / "optimizer.pt").write_bytes(b"not bundled")
+    (tmp_path / "weights.safetensors").write_bytes(b"vision weights")
+    config = json.loads((checkpoint / CONFIG_FILE).read_text())
+    config["backbones"] = {"vision_model": "ViT-B-16", "vision_pretrained": str(tmp_path / "weights.safetensors"),
+                           "language_model": "gpt2"}
+    (checkpoint / CONFIG_FILE).write_text(json.dumps(config))
+    (tmp_path / "staging").mkdir()
+    artifacts = bundled_artifacts(checkpoint, tmp_path / "staging")
+    assert set(artifacts) == {CHECKPOINT, VISION_WEIGHTS}
+    assert Path(artifacts[VISION_WEIGHTS]).name == "vision_weights.safetensors"
+    assert Path(artifacts[VISION_WEIGHTS]).read_bytes() == b"vision weights"
+    assert sorted(p.name for p in Path(artifacts[CHECKPOINT]).iterdir()) == ["adapter_config.json",
+                                                                            "adapter_model.safetensors"]

@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from ituning.cli_data import register as register_dataset_commands
+from ituning.cli_evaluation import score
 
 app = typer.Typer(help="I-Tuning: lightweight image captioning on frozen CLIP-ViT and GPT-2.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -71,6 +72,7 @@ def demo(workspace: Annotated[Path, typer.Option()] = Path("workspace/demo")):
 
 
 register_dataset_commands(app)
+app.command()(score)
 
 
 def _fail(error: Exception):

@@ -1,0 +1,85 @@
+"""An HTML caption gallery: each image with its generated caption and its reference captions.
+
+The page stands alone: images are either copied into an images/ folder beside it or embedded
+as data URIs (one file, convenient as a tracking artifact).
+"""
+
+import base64
+import html
+import mimetypes
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAGE_STYLE = (
+    "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:.5em;vertical-align:top;text-align:left}"
+    "img{max-width:240px;max-height:240px}.generated{font-weight:bold}"
+)
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    image_id: str
+    image_path: Path
+    caption: str
+    references: list[str] = field(default_factory=list)
+    heatmap_path: Path | None = None
+
+
+def gallery_items(captions: dict[str, str], references: dict[str, list[str]], image_paths: dict[str, Path],
+                  heatmaps: dict[str, Path] | None = None, limit: int | None = None) -> list[GalleryItem]:
+    """Items for the captioned images that have an image file, in image_id order."""
+    heatmaps = heatmaps or {}
+    items = [
+        GalleryItem(key, Path(image_paths[key]), captions[key], list(references.get(key, [])), heatmaps.get(key))
+        for key in sorted(captions)
+        if key in image_paths
+    ]
+    return items[:limit]
+
+
+def _file_name(image_id: str, source: Path, kind: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", image_id)
+    return f"{safe}.{kind}{source.suffix.lower()}"
+
+
+def _image_source(path: Path, out_dir: Path, name: str, embed: bool) -> str:
+    if embed:
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, out_dir / "images" / name)
+    return f"images/{html.escape(name, quote=True)}"
+
+
+def _row(item: GalleryItem, out_dir: Path, embed: bool) -> str:
+    image = _image_source(item.image_path, out_dir, _file_name(item.image_id, item.image_path, "image"), embed)
+    references = "".join(f"<li>{html.escape(text)}</li>" for text in item.references)
+    heatmap = ""
+    if item.heatmap_path is not None:
+        source = _image_source(item.heatmap_path, out_dir, _file_name(item.image_id, item.heatmap_path, "heatmap"),
+                               embed)
+        heatmap = f'<br><img class="heatmap" src="{source}" alt="attention">'
+    return (
+        f"<tr><td>{html.escape(item.image_id)}<br><img src=\"{image}\" alt=\"{html.escape(item.image_id)}\"></td>"
+        f"<td class=\"generated\">{html.escape(item.caption)}{heatmap}</td><td><ul>{references}</ul></td></tr>"
+    )
+
+
+def write_gallery(items: list[GalleryItem], out_dir: str | Path, title: str = "Generated captions",
+                  embed_images: bool = False) -> Path:
+    """Write out_dir/index.html (and out_dir/images/ unless embedding); returns the page's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = "\n".join(_row(item, out_dir, embed_images) for item in items)
+    page = (
+        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f"<style>{PAGE_STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
+        "<table><tr><th>image</th><th>generated</th><th>references</th></tr>\n"
+        f"{rows}\n</table></body></html>\n"
+    )
+    path = out_dir / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path

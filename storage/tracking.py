@@ -1,0 +1,330 @@
+"""MLflow tracking of pipeline runs: a parent run per pipeline run, a child run per stage.
+
+Runs are addressed by id through one MlflowClient (no global "active run"), so a stage running in
+another thread or process logs to the right run. The store is SQLite in the workspace
+(workspace/mlflow.db, artifacts in workspace/mlartifacts) unless MLFLOW_TRACKING_URI or the
+`uri` argument names another (a server, PostgreSQL, ...).
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ituning.version import code_version
+
+EXPERIMENT = "ituning"
+PARENT_TAG = "mlflow.parentRunId"
+STAGE_TAG = "ituning.stage"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
+BATCH = 100  # MLflow's limit on parameters per log_batch call
+MODEL_CODE = Path(__file__).with_name("captioner_model.py")
+MODEL_REQUIREMENTS = ("torch", "transformers", "open_clip_torch", "safetensors", "pillow", "mlflow", "numpy")
+
+
+def workspace_root(override: str | Path | None = None) -> Path:
+    """The workspace folder: the override, else $ITUNING_WORKSPACE, else ./workspace."""
+    try:
+        from storage.workspace import workspace_root as shared_root
+    except ImportError:
+        return Path(override or os.environ.get("ITUNING_WORKSPACE") or "workspace").resolve()
+    return Path(shared_root(override)).resolve()
+
+
+def tracking_uri(workspace: str | Path | None = None) -> str:
+    """$MLFLOW_TRACKING_URI when set, else SQLite in the workspace."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = workspace_root(workspace)
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def flatten(config, prefix: str = "") -> dict[str, str]:
+    """Nested dicts/dataclasses as {"a.b.c": "value"}; lists and other values as JSON text."""
+    if is_dataclass(config) and not isinstance(config, type):
+        config = asdict(config)
+    if not isinstance(config, Mapping):
+        text = config if isinstance(config, str) else json.dumps(config, default=str)
+        return {prefix: text}
+    flat = {}
+    for key, value in config.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def flatten_metrics(scores: Mapping, prefix: str = "") -> dict[str, float]:
+    """{"overall": {"CIDEr": 1.1}} -> {"<prefix>/overall/CIDEr": 1.1}."""
+    flat = {}
+    for key, value in scores.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        flat.update(flatten_metrics(value, name) if isinstance(value, Mapping) else {name: float(value)})
+    return flat
+
+
+class ExperimentTracker:
+    """Pipeline and stage runs of one experiment in one tracking store."""
+
+    def __init__(self, uri: str | None = None, experiment: str = EXPERIMENT, workspace: str | Path | None = None):
+        self.uri = uri or tracking_uri(workspace)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = None
+            if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current folder
+                location = (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+
+    # ---- runs --------------------------------------------------------------------------------
+
+    def start_pipeline(self, name: str, config=None, seed: int | None = None) -> str:
+        """A parent run with the whole resolved config, the code version and the seed as params."""
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"ituning.code_version": code_version()})
+        params = {**flatten(config or {}), "code_version": code_version()}
+        if seed is not None:
+            params["seed"] = str(seed)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_stage(self, parent_run_id: str, stage: str, config=None) -> str:
+        """A child run of the pipeline run, for one stage (pre-training, fine-tuning, evaluation ...)."""
+        run = self.client.create_run(self.experiment_id, run_name=stage,
+                                     tags={PARENT_TAG: parent_run_id, STAGE_TAG: stage})
+        self.log_params(run.info.run_id, {**flatten(config or {}), "code_version": code_version()})
+        return run.info.run_id
+
+    def finish(self, run_id: str, failed: bool = False) -> None:
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+
+    @contextmanager
+    def pipeline_run(self, name: str, config=None, seed: int | None = None):
+        run_id = self.start_pipeline(name, config, seed)
+        with self._finishing(run_id):
+            yield run_id
+
+    @contextmanager
+    def stage_run(self, parent_run_id: str, stage: str, config=None):
+        run_id = self.start_stage(parent_run_id, stage, config)
+        with self._finishing(run_id):
+            yield run_id
+
+    @contextmanager
+    def _finishing(self, run_id: str):
+        try:
+            yield
+        except BaseException:
+            self.finish(run_id, failed=True)
+            raise
+        self.finish(run_id)
+
+    # ---- values ------------------------------------------------------------------------------
+
+    def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        entries = [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]
+        for start in range(0, len(entries), BATCH):
+            self.client.log_batch(run_id, params=entries[start : start + BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        timestamp = _now_ms()
+        entries = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()
+                   if value is not None and not (isinstance(value, float) and math.isnan(value))]
+        for start in range(0, len(entries), 1000):
+            self.client.log_batch(run_id, metrics=entries[start : start + 1000])
+
+    def log_dataset(self, run_id: str, name: str, fingerprint: str, source: str | Path,
+                    context: str = "training", images: int | None = None) -> None:
+        """Record what a run read: name (e.g. "coco/train"), the image-list fingerprint and its source."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():  # two registered local sources claim a plain path; both are the same
+            warnings.simplefilter("ignore", UserWarning)
+            data_source = resolve_dataset_source(str(source))
+        profile = json.dumps({"images": images}) if images is not None else None
+        dataset = Dataset(name=name, digest=fingerprint[:16], source_type=data_source._get_source_type(),
+                          source=data_source.to_json(), profile=profile)
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(run_id, [DatasetInput(dataset, tags)])
+        self.log_params(run_id, {f"data.{context}.{name}.fingerprint": fingerprint})
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+    # ---- artifacts ---------------------------------------------------------------------------
+
+    def log_checkpoint(self, run_id: str, checkpoint: str | Path, artifact_path: str = "checkpoint") -> None:
+        """The module weights and adapter_config.json (other files of a resume checkpoint stay out);
+        the config also becomes params under "adapter."."""
+        checkpoint = Path(checkpoint)
+        adapter_files = [checkpoint / WEIGHTS_FILE, checkpoint / CONFIG_FILE]
+        if checkpoint.is_file():
+            self.client.log_artifact(run_id, str(checkpoint), artifact_path)
+            return
+        if not all(path.is_file() for path in adapter_files):
+            self.client.log_artifacts(run_id, str(checkpoint), artifact_path)
+            return
+        for path in adapter_files:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+        self.log_params(run_id, flatten(json.loads(adapter_files[1].read_text()), "adapter"))
+
+    def log_json(self, run_id: str, value, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(artifact_file).name
+            path.write_text(json.dumps(value, indent=2, ensure_ascii=False))
+            self.client.log_artifact(run_id, str(path), str(Path(artifact_file).parent).strip("."))
+
+    def log_evaluation(self, run_id: str, split: str, captions: Mapping[str, str], scores: Mapping,
+                       gallery: str | Path | None = None, heatmaps: str | Path | None = None) -> None:
+        """Scores as metrics "<split>/<metric>" (or "<split>/<domain>/<metric>") and as
+        metrics/<split>.json, captions as captions/<split>.json, the gallery and heatmap folders."""
+        self.log_metrics(run_id, flatten_metrics(scores, split))
+        self.log_json(run_id, dict(scores), f"metrics/{split}.json")
+        self.log_json(run_id, dict(sorted(captions.items())), f"captions/{split}.json")
+        if gallery is not None:
+            self.client.log_artifacts(run_id, str(gallery), f"gallery/{split}")
+        if heatmaps is not None:
+            self.client.log_artifacts(run_id, str(heatmaps), f"heatmaps/{split}")
+
+    def callbacks(self, run_id: str, log_every: int = 1) -> "MLflowTrainingCallbacks":
+        return MLflowTrainingCallbacks(self, run_id, log_every)
+
+    # ---- the servable model ------------------------------------------------------------------
+
+    def log_captioner_model(self, run_id: str, checkpoint: str | Path, registered_name: str | None = None,
+                            decoding=None, accept_file_paths: bool = False) -> str:
+        """Log the captioner as a pyfunc model (models from code) with the checkpoint and its local
+        backbones as artifacts; register it under `registered_name`. Returns the model URI."""
+        import mlflow
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        settings = {"decoding": flatten_decoding(decoding), "accept_file_paths": accept_file_paths, "device": "auto"}
+        signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
+        with tempfile.TemporaryDirectory() as staging:
+            artifacts = bundled_artifacts(Path(checkpoint), Path(staging))
+            with _fluent_store(self.uri), _status_kept(self.client, run_id), \
+                    mlflow.start_run(run_id=run_id, nested=True):
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(MODEL_CODE), artifacts=artifacts, model_config=settings,
+                    code_paths=[str(Path(__file__).parents[1] / "ituning")], signature=signature,
+                    pip_requirements=pinned_requirements(), registered_model_name=registered_name,
+                )
+        return f"runs:/{run_id}/model" if info.run_id == run_id else info.model_uri
+
+
+class MLflowTrainingCallbacks:
+    """The training loop's callbacks (on_step, on_epoch, on_checkpoint) writing to one run."""
+
+    def __init__(self, tracker: ExperimentTracker, run_id: str, log_every: int = 1):
+        self.tracker = tracker
+        self.run_id = run_id
+        self.log_every = max(1, log_every)
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        """Per-step values (loss, learning rate, throughput) under their own names."""
+        if step % self.log_every == 0:
+            self.tracker.log_metrics(self.run_id, metrics, step)
+
+    def on_epoch(self, epoch: int, metrics: dict) -> None:
+        """Per-epoch values (e.g. validation CIDEr) as "epoch/<name>", stepped by epoch."""
+        self.tracker.log_metrics(self.run_id, {f"epoch/{key}": value for key, value in metrics.items()}, epoch)
+
+    def on_checkpoint(self, path) -> None:
+        self.tracker.log_checkpoint(self.run_id, path, f"checkpoints/{Path(path).name}")
+
+
+def flatten_decoding(decoding) -> dict:
+    if decoding is None:
+        return {}
+    return asdict(decoding) if is_dataclass(decoding) else dict(decoding)
+
+
+def bundled_artifacts(checkpoint: Path, staging: Path) -> dict[str, str]:
+    """The checkpoint's adapter files plus every backbone it names by local path."""
+    from ituning.backbones import LOCAL_DIR
+    from ituning.checkpoint import read_config
+
+    from storage import captioner_model as names
+
+    backbones = read_config(checkpoint)["backbones"]
+    adapter = staging / "checkpoint"
+    adapter.mkdir()
+    for file_name in (WEIGHTS_FILE, CONFIG_FILE):
+        shutil.copyfile(checkpoint / file_name, adapter / file_name)
+    artifacts = {names.CHECKPOINT: str(adapter)}
+    vision, weights, language = backbones["vision_model"], backbones["vision_pretrained"], backbones["language_model"]
+    local = {
+        names.VISION_FOLDER: vision[len(LOCAL_DIR) :] if vision.startswith(LOCAL_DIR) else None,
+        names.VISION_WEIGHTS: weights if weights and Path(weights).is_file() else None,
+        names.LANGUAGE_FOLDER: language if Path(language).is_dir() else None,
+    }
+    for key, path in local.items():
+        if path is not None:  # staged under its role's name: MLflow names artifacts by base name
+            artifacts[key] = str(_stage(Path(path), staging / (key + Path(path).suffix * Path(path).is_file())))
+    return artifacts
+
+
+def _stage(source: Path, target: Path) -> Path:
+    """Hard links where possible (backbones can be gigabytes), copies across file systems."""
+    def link_or_copy(from_path, to_path):
+        try:
+            os.link(from_path, to_path)
+        except OSError:
+            shutil.copy2(from_path, to_path)
+
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=link_or_copy)
+    else:
+        link_or_copy(source, target)
+    return target
+
+
+def pinned_requirements() -> list[str]:
+    """The serving environment's packages at the versions installed here (no inference run)."""
+    pins = []
+    for package in MODEL_REQUIREMENTS:
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+@contextmanager
+def _fluent_store(uri: str):
+    """Point MLflow's module-level API at this store for the block only."""
+    import mlflow
+
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+
+
+@contextmanager
+def _status_kept(client: MlflowClient, run_id: str):
+    """mlflow.start_run(run_id=...) ends the run on exit; give it back the status it had."""
+    status = client.get_run(run_id).info.status
+    yield
+    client.update_run(run_id, status=status)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,194 @@
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from ituning.captioner import Captioner
+from ituning.decoding import DecodingConfig
+from ituning.demo import render_shape_image
+from storage.tracking import ExperimentTracker
+
+DECODING = DecodingConfig(num_beams=2, max_length=8)
+REGISTERED = "ituning-captioner"
+
+
+def png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def logged_model(standin_backbones, standin_checkpoint, tmp_path_factory):
+    """The model logged from copies of the backbones and checkpoint that are deleted afterwards,
+    so loading can only succeed from what the run holds."""
+    from ituning.checkpoint import CONFIG_FILE
+
+    scratch = tmp_path_factory.mktemp("scratch")
+    shutil.copytree(Path(standin_backbones.language_model).parent, scratch / "backbones")
+    shutil.copytree(standin_checkpoint, scratch / "checkpoint")
+    config = json.loads((scratch / "checkpoint" / CONFIG_FILE).read_text())
+    config["backbones"] = {"vision_model": f"local-dir:{scratch / 'backbones' / 'vision'}", "vision_pretrained": None,
+                           "language_model": str(scratch / "backbones" / "language")}
+    (scratch / "checkpoint" / CONFIG_FILE).write_text(json.dumps(config))
+    workspace = tmp_path_factory.mktemp("workspace")
+    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    tracker = ExperimentTracker(workspace=workspace)
+    with tracker.pipeline_run("serve") as parent, tracker.stage_run(parent, "finetune") as run_id:
+        model_uri = tracker.log_captioner_model(run_id, scratch / "checkpoint", REGISTERED, DECODING)
+    shutil.rmtree(scratch)
+    yield tracker, run_id, model_uri
+    if saved_uri is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+
+
+@pytest.fixture(scope="module")
+def expected_caption(standin_checkpoint):
+    captioner = Captioner.from_checkpoint(standin_checkpoint, device="cpu")
+    return captioner.caption_images([render_shape_image("red", "circle")], DECODING)[0]
+
+
+@pytest.fixture
+def model_store(logged_model):
+    """MLflow's module-level API pointed at the test store, for loading by runs:/ URI."""
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(logged_model[0].uri)
+    yield
+    mlflow.set_tracking_uri(saved)
+
+
+def test_logged_model_is_registered_and_bundles_its_backbones(logged_model, model_store, tmp_path):
+    tracker, run_id, model_uri = logged_model
+    assert model_uri == f"runs:/{run_id}/model"
+    versions = tracker.client.search_model_versions(f"name='{REGISTERED}'")
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", run_id)]
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path), tracking_uri=tracker.uri))
+    files = {str(path.relative_to(local)) for path in local.rglob("*") if path.is_file()}
+    assert {"artifacts/checkpoint/adapter_model.safetensors", "artifacts/checkpoint/adapter_config.json",
+            "artifacts/vision_backbone/open_clip_config.json", "artifacts/language_backbone/config.json",
+            "code/ituning/captioner.py", "captioner_model.py"} <= files
+    assert not any(name.endswith((".pkl", ".pickle")) for name in files)
+
+
+def test_loaded_model_captions_like_the_captioner(logged_model, model_store, expected_caption):
+    _, _, model_uri = logged_model
+    model = mlflow.pyfunc.load_model(model_uri)
+    image = png_base64(render_shape_image("red", "circle"))
+    assert model.predict([image, image]) == [expected_caption, expected_caption]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="base64"):
+        model.predict(["/etc/hostname"])  # paths are refused unless logged with accept_file_paths
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: dict):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture
+def served_model(logged_model, tmp_path):
+    tracker, run_id, _ = logged_model
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_TRACKING_URI": tracker.uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager",
+         "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}/ping", server, tmp_path / "server.log")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"model server exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"model server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_served_model_returns_captions_over_rest(served_model, expected_caption):
+    image = png_base64(render_shape_image("red", "circle"))
+    assert post(f"{served_model}/invocations", {"inputs": [image]}) == {"predictions": [expected_caption]}
+    with pytest.raises(urllib.error.HTTPError) as error:
+        post(f"{served_model}/invocations", {"inputs": ["not an image"]})
+    assert error.value.code == 400
+
+
+def test_images_arrive_as_base64_and_paths_only_when_allowed(tmp_path):
+    from storage.captioner_model import decode_image
+
+    image = render_shape_image("blue", "square")
+    image.save(tmp_path / "shape.png")
+    assert decode_image(png_base64(image), accept_file_paths=False).tobytes() == image.convert("RGB").tobytes()
+    assert decode_image(str(tmp_path / "shape.png"), accept_file_paths=True).tobytes() == image.tobytes()
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        decode_image(str(tmp_path / "shape.png"), accept_file_paths=False)
+
+
+def test_only_bundled_backbones_are_relocated():
+    from storage.captioner_model import LANGUAGE_FOLDER, relocate_backbones
+
+    hub = {"vision_model": "ViT-B-16", "vision_pretrained": "openai", "language_model": "gpt2"}
+    assert relocate_backbones(hub, {"checkpoint": "/m/checkpoint"}) == hub
+    assert relocate_backbones(hub, {LANGUAGE_FOLDER: "/m/language_backbone"}) == {**hub,
+                                                                                  "language_model": "/m/language_backbone"}
+
+
+def test_bundle_holds_the_adapter_and_each_local_backbone_under_its_role(standin_checkpoint, tmp_path):
+    from ituning.checkpoint import CONFIG_FILE
+    from storage.captioner_model import CHECKPOINT, VISION_WEIGHTS
+    from storage.tracking import bundled_artifacts
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(standin_checkpoint, checkpoint)
+    (checkpoint / "optimizer.pt").write_bytes(b"not bundled")
+    (tmp_path / "weights.safetensors").write_bytes(b"vision weights")
+    config = json.loads((checkpoint / CONFIG_FILE).read_text())
+    config["backbones"] = {"vision_model": "ViT-B-16", "vision_pretrained": str(tmp_path / "weights.safetensors"),
+                           "language_model": "gpt2"}
+    (checkpoint / CONFIG_FILE).write_text(json.dumps(config))
+    (tmp_path / "staging").mkdir()
+    artifacts = bundled_artifacts(checkpoint, tmp_path / "staging")
+    assert set(artifacts) == {CHECKPOINT, VISION_WEIGHTS}
+    assert Path(artifacts[VISION_WEIGHTS]).name == "vision_weights.safetensors"
+    assert Path(artifacts[VISION_WEIGHTS]).read_bytes() == b"vision weights"
+    assert sorted(p.name for p in Path(artifacts[CHECKPOINT]).iterdir()) == ["adapter_config.json",
+                                                                            "adapter_model.safetensors"]

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ituning.version import code_version
+from storage.workspace import workspace_root
 
 EXPERIMENT = "ituning"
 PARENT_TAG = "mlflow.parentRunId"
@@ -34,20 +35,11 @@ MODEL_CODE = Path(__file__).with_name("captioner_model.py")
 MODEL_REQUIREMENTS = ("torch", "transformers", "open_clip_torch", "safetensors", "pillow", "mlflow", "numpy")
 
 
-def workspace_root(override: str | Path | None = None) -> Path:
-    """The workspace folder: the override, else $ITUNING_WORKSPACE, else ./workspace."""
-    try:
-        from storage.workspace import workspace_root as shared_root
-    except ImportError:
-        return Path(override or os.environ.get("ITUNING_WORKSPACE") or "workspace").resolve()
-    return Path(shared_root(override)).resolve()
-
-
 def tracking_uri(workspace: str | Path | None = None) -> str:
     """$MLFLOW_TRACKING_URI when set, else SQLite in the workspace."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = workspace_root(workspace)
+    root = workspace_root(workspace).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 

@@ -61,6 +61,10 @@ def encoder_slug(spec: BackboneSpec) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}-{pretrained}")
 
 
+def split_cache_dir(workspace: Path, dataset: str, split: str, spec: BackboneSpec) -> Path:
+    return Path(workspace) / "features" / dataset / split / encoder_slug(spec)
+
+
 def image_list_fingerprint(images) -> str:
     """sha256 over the sorted (image_id, path) pairs."""
     digest = hashlib.sha256()

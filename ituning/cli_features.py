@@ -5,6 +5,7 @@
     ituning features verify --dataset coco --split train
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -32,7 +33,7 @@ def features(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     workers: Annotated[int | None, typer.Option(min=0, help="decoding processes; default from the CPU count")] = None,
-    shard_size: Annotated[int, typer.Option(min=1, help="images per HDF5 shard")] = 4096,
+    shard_size: Annotated[int, typer.Option(min=1, help="images per HDF5 shard")] = 1024,
     dtype: Annotated[str, typer.Option(help="float16 or float32 storage")] = "float16",
     precision: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16 (autocast on CUDA)")] = "auto",
     part: Annotated[str, typer.Option(help="I/N: build only shards k with k % N == I")] = "0/1",
@@ -51,7 +52,8 @@ def features(
     device = resolve_device(device)
     encode = EncodeSettings(batch_size, _default_workers(device) if workers is None else workers, device, dtype,
                             precision)
-    shards = _part_shards(part, len(images), shard_size)
+    shards = _part_shards(part, images, shard_size)
+    _show_progress()
     try:
         report = extract_features(images, spec, out_dir, FeatureSettings(shard_size, encode), shards=shards)
     except (OSError, ValueError, RuntimeError) as error:
@@ -101,13 +103,25 @@ def _split_images(workspace, dataset, split, vision, vision_pretrained):
     return images, split_cache_dir(root, dataset, split, spec), spec
 
 
-def _part_shards(part: str, images: int, shard_size: int) -> list[int]:
+def _part_shards(part: str, images: list, shard_size: int) -> list[int]:
+    from storage.feature_shards import ShardPlan
+
     try:
         index, count = (int(number) for number in part.split("/"))
         assert 0 <= index < count
     except (ValueError, AssertionError):
         _fail(ValueError(f"--part must be I/N with 0 <= I < N, not {part!r}"))
-    return [shard for shard in range(-(-images // shard_size)) if shard % count == index]
+    return [shard for shard in range(ShardPlan(tuple(images), shard_size).count) if shard % count == index]
+
+
+def _show_progress() -> None:
+    """Shard-by-shard progress of storage/ on stderr (open_clip's own INFO lines stay quiet)."""
+    logger = logging.getLogger("storage")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _default_workers(device: str) -> int:

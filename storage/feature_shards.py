@@ -18,6 +18,7 @@ a writer thread with a bounded queue writes to disk, so the encoder does not wai
 """
 
 import json
+import logging
 import os
 import queue
 import threading
@@ -35,6 +36,7 @@ from ituning.images import UnreadableImage, open_rgb
 SHARD_NAME = "shard-{:05d}.h5"
 STRING = h5py.string_dtype()
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,7 @@ class ShardWriter(threading.Thread):
         os.replace(shard.temp_path, self.plan.path(self.out_dir, shard.index))
         _fsync(self.out_dir)
         self.finished.append(shard.index)
+        log.info("shard %d: %d rows, %d unreadable", shard.index, shard.rows, len(shard.unreadable))
 
 
 def shard_attrs(identity: dict, index: int, assigned: int) -> dict:
@@ -261,7 +264,7 @@ def _image_loader(encoder, plan: ShardPlan, shards: list[int], items, settings: 
     workers = settings.num_workers
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                       pin_memory=torch.device(settings.device).type == "cuda",
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      persistent_workers=False)
 
 
 def autocast(device: torch.device, precision: str):

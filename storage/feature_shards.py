@@ -110,11 +110,9 @@ class NonFiniteFeatures(RuntimeError):
 class ShardWriter(threading.Thread):
     """Consumes encoded batches in order and finishes each shard once all its images arrived."""
 
-    def __init__(self, out_dir: Path, plan: ShardPlan, identity: dict, token_shape: tuple[int, int],
-                 dtype: str, queue_batches: int):
+    def __init__(self, out_dir: Path, plan: ShardPlan, identity: dict, dtype: str, queue_batches: int):
         super().__init__(name="feature-shard-writer", daemon=True)
-        self.out_dir, self.plan, self.identity = out_dir, plan, identity
-        self.token_shape, self.dtype = token_shape, np.dtype(dtype)
+        self.out_dir, self.plan, self.identity, self.dtype = out_dir, plan, identity, np.dtype(dtype)
         self.queue: queue.Queue = queue.Queue(maxsize=queue_batches)
         self.error: BaseException | None = None
         self.finished: list[int] = []
@@ -157,7 +155,7 @@ class ShardWriter(threading.Thread):
         if batch.ready is not None:
             batch.ready.synchronize()
         tokens = batch.tokens.numpy()
-        shard = self.open if self.open is not None else self._start(batch.shard)
+        shard = self.open if self.open is not None else self._start(batch.shard, tokens.shape[1:])
         good = [row for row, error in enumerate(batch.errors) if not error]
         for row, error in enumerate(batch.errors):
             if error:
@@ -172,13 +170,13 @@ class ShardWriter(threading.Thread):
         if shard.rows + len(shard.unreadable) == shard.assigned:
             self._finish(shard)
 
-    def _start(self, index: int) -> OpenShard:
+    def _start(self, index: int, token_shape: tuple[int, int]) -> OpenShard:
         final = self.plan.path(self.out_dir, index)
         temp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         handle = h5py.File(temp, "w")
         assigned = len(self.plan.items(index))
-        handle.create_dataset("tokens", shape=(assigned, *self.token_shape), maxshape=(None, *self.token_shape),
-                              chunks=(1, *self.token_shape), dtype=self.dtype)
+        handle.create_dataset("tokens", shape=(assigned, *token_shape), maxshape=(None, *token_shape),
+                              chunks=(1, *token_shape), dtype=self.dtype)
         self.open = OpenShard(index, temp, handle, assigned)
         return self.open
 
@@ -237,8 +235,7 @@ def encode_shards(encoder, plan: ShardPlan, shards: list[int], out_dir: Path, id
     if not items:
         return []
     loader = _image_loader(encoder, plan, shards, items, settings)
-    writer = ShardWriter(out_dir, plan, identity, tuple(identity["token_shape"]), settings.dtype,
-                         settings.queue_batches)
+    writer = ShardWriter(out_dir, plan, identity, settings.dtype, settings.queue_batches)
     writer.start()
     device, storage_dtype = torch.device(settings.device), STORAGE_DTYPES[settings.dtype]
     try:

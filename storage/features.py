@@ -83,16 +83,12 @@ def encoder_weights_digest(encoder) -> str:
 
 
 def cache_identity(encoder, images, settings: FeatureSettings) -> dict:
-    probe = torch.zeros(1, 3, *image_size(encoder), device=next(encoder.parameters()).device)
-    with torch.inference_mode():
-        token_shape = list(encoder(probe).shape[1:])  # [1 + P, width]
     return {
         "format_version": FORMAT_VERSION,
         "encoder_name": encoder.spec.vision_model,
         "encoder_pretrained": encoder.spec.vision_pretrained or "",
         "encoder_weights_sha256": encoder_weights_digest(encoder),
         "image_size": list(image_size(encoder)),
-        "token_shape": token_shape,
         "image_list_fingerprint": image_list_fingerprint(images),
         "image_count": len(images),
         "shard_size": settings.shard_size,

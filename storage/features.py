@@ -258,13 +258,13 @@ class FeatureReader(Mapping):
         if self._pid != os.getpid():  # inherited through fork: the parent's handles are not ours
             self._handles, self._pid = {}, os.getpid()
         if shard not in self._handles:
-            self._handles[shard] = h5py.File(self.shard_files[shard], "r")
-        return self._handles[shard]["tokens"]
+            self._handles[shard] = h5py.File(self.shard_files[shard], "r")["tokens"]
+        return self._handles[shard]
 
     def close(self) -> None:
         if self._pid == os.getpid():
-            for handle in self._handles.values():
-                handle.close()
+            for tokens in self._handles.values():
+                tokens.file.close()
         self._handles = {}
 
     def __getstate__(self) -> dict:

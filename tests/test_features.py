@@ -151,6 +151,31 @@ def test_failure_mid_shard_leaves_no_partial_shard(images, spec, encoder, refere
     assert_same_cache(tmp_path, reference)
 
 
+def test_non_finite_tokens_stop_the_shard_and_are_never_written(images, spec, encoder, tmp_path, monkeypatch):
+    forward, calls = type(encoder).forward, []
+
+    def overflowing_forward(self, pixels):
+        calls.append(1)
+        tokens = forward(self, pixels)
+        return torch.full_like(tokens, float("inf")) if len(calls) == 5 else tokens  # shard 1's second batch
+
+    monkeypatch.setattr(type(encoder), "forward", overflowing_forward)
+    with pytest.raises(RuntimeError, match="shard writer failed") as failure:
+        extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
+    assert "non-finite tokens for ['0007', '0008']" in str(failure.value.__cause__)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["shard-00000.h5"]
+
+
+def test_float32_storage_keeps_the_encoder_output_exactly(images, spec, encoder, tmp_path):
+    settings = FeatureSettings(shard_size=4, encode=EncodeSettings(batch_size=4, num_workers=0, dtype="float32"))
+    reader = FeatureReader(build_feature_cache(images[:4], spec, tmp_path, settings, encoder=encoder))
+    with torch.inference_mode():
+        direct = encoder(torch.stack([encoder.preprocess(open_rgb(path)) for _, path in images[:4]]))
+    assert reader.attrs["dtype"] == "float32"
+    torch.testing.assert_close(torch.from_numpy(np.stack([reader[i] for i, _ in images[:4]])), direct,
+                               rtol=0, atol=0)
+
+
 def test_shards_built_separately_equal_one_build_and_are_then_reused(images, spec, encoder, reference, tmp_path):
     for shard in (2, 0):
         build_shard(shard, images, spec, tmp_path, SETTINGS, encoder=encoder)

@@ -13,7 +13,8 @@ A split's image list (sorted by image id) is cut into fixed-size shards; shard k
 A shard is written as shard-KKKKK.h5.tmp-PID and renamed only once it is complete and re-read, so a
 crash leaves either a finished shard or a temporary file that the next run discards.
 
-Decoding and preprocessing run in DataLoader worker processes; the encoder runs in the main thread;
+Decoding and preprocessing run in DataLoader worker processes, which send uint8 images (scaling
+and normalisation, the same arithmetic, happen on the device); the encoder runs in the main thread;
 a writer thread with a bounded queue writes to disk, so the encoder does not wait on the disk.
 """
 
@@ -69,8 +70,8 @@ class ImageFiles(Dataset):
     """(shard, image_id, path) -> (pixels, shard, image_id, error); an unreadable file gives zeros
     and its reason instead of stopping the run."""
 
-    def __init__(self, items, preprocess, image_size: tuple[int, int]):
-        self.items, self.preprocess, self.image_size = items, preprocess, image_size
+    def __init__(self, items, transform, blank: torch.Tensor):
+        self.items, self.transform, self.blank = items, transform, blank
 
     def __len__(self) -> int:
         return len(self.items)
@@ -78,9 +79,50 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         shard, image_id, path = self.items[index]
         try:
-            return self.preprocess(open_rgb(path)), shard, image_id, ""
+            return self.transform(open_rgb(path)), shard, image_id, ""
         except UnreadableImage as error:
-            return torch.zeros(3, *self.image_size), shard, image_id, str(error)
+            return self.blank, shard, image_id, str(error)
+
+
+TO_TENSOR_STEPS = {"ToTensor", "MaybeToTensor"}
+
+
+class BytePixels:
+    """The PIL steps of a preprocessing transform, then the image as uint8 (3, H, W)."""
+
+    def __init__(self, pil_steps):
+        self.pil_steps = pil_steps
+
+    def __call__(self, image) -> torch.Tensor:
+        array = np.array(self.pil_steps(image), dtype=np.uint8, copy=True)  # (H, W, 3)
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+@dataclass(frozen=True)
+class ScaleAndNormalize:
+    """ToTensor's scaling and Normalize, on a uint8 batch already on the device: the same
+    arithmetic, so the same pixels as the whole transform run on the CPU."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.functional import normalize
+
+        return normalize(pixels.to(torch.float32).div(255), self.mean, self.std)
+
+
+def split_preprocess(preprocess, size: tuple[int, int]):
+    """(worker transform, blank image, device step). Where the transform ends in ToTensor and
+    Normalize, workers send uint8 images (a quarter of the bytes between processes and to the
+    GPU) and the device step finishes them; otherwise workers run all of it and the step is None."""
+    from torchvision.transforms import Compose
+
+    steps = list(getattr(preprocess, "transforms", ()))
+    if len(steps) >= 2 and type(steps[-2]).__name__ in TO_TENSOR_STEPS and hasattr(steps[-1], "std"):
+        finish = ScaleAndNormalize(tuple(steps[-1].mean), tuple(steps[-1].std))
+        return BytePixels(Compose(steps[:-2])), torch.zeros(3, *size, dtype=torch.uint8), finish
+    return preprocess, torch.zeros(3, *size), None
 
 
 @dataclass
@@ -234,14 +276,16 @@ def encode_shards(encoder, plan: ShardPlan, shards: list[int], out_dir: Path, id
     items = [(shard, image_id, path) for shard in shards for image_id, path in plan.items(shard)]
     if not items:
         return []
-    loader = _image_loader(encoder, plan, shards, items, settings)
+    loader, finish = _image_loader(encoder, plan, shards, items, settings)
     writer = ShardWriter(out_dir, plan, identity, settings.dtype, settings.queue_batches)
     writer.start()
     device, storage_dtype = torch.device(settings.device), STORAGE_DTYPES[settings.dtype]
     try:
         with torch.inference_mode(), autocast(device, settings.precision):
             for pixels, shard, image_ids, errors in loader:
-                tokens = encoder(pixels.to(device, non_blocking=True)).to(storage_dtype)  # (B, 1 + P, width)
+                pixels = pixels.to(device, non_blocking=True)
+                pixels = finish(pixels) if finish is not None else pixels  # (B, 3, H, W) float
+                tokens = encoder(pixels).to(storage_dtype)  # (B, 1 + P, width)
                 host, ready = _to_host(tokens)
                 writer.submit(EncodedBatch(int(shard[0]), list(image_ids), list(errors), host, ready))
     except BaseException:
@@ -250,18 +294,17 @@ def encode_shards(encoder, plan: ShardPlan, shards: list[int], out_dir: Path, id
     return writer.close()
 
 
-def _image_loader(encoder, plan: ShardPlan, shards: list[int], items, settings: EncodeSettings) -> DataLoader:
+def _image_loader(encoder, plan: ShardPlan, shards: list[int], items, settings: EncodeSettings):
     batches, start = [], 0
     for shard in shards:  # batches never cross a shard boundary
         size = len(plan.items(shard))
         batches += [list(range(i, min(i + settings.batch_size, start + size)))
                     for i in range(start, start + size, settings.batch_size)]
         start += size
-    dataset = ImageFiles(items, encoder.preprocess, image_size(encoder))
-    workers = settings.num_workers
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                      pin_memory=torch.device(settings.device).type == "cuda",
-                      persistent_workers=False)
+    transform, blank, finish = split_preprocess(encoder.preprocess, image_size(encoder))
+    loader = DataLoader(ImageFiles(items, transform, blank), batch_sampler=batches, num_workers=settings.num_workers,
+                        pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False)
+    return loader, finish
 
 
 def autocast(device: torch.device, precision: str):

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ituning.backbones import BackboneSpec, load_vision_encoder
 from ituning.images import open_rgb
 from ituning.standins import save_vision_standin
-from storage.feature_shards import EncodeSettings
+from storage.feature_shards import EncodeSettings, split_preprocess
 from storage.features import (
     ENTRY_NAME, FeatureReader, FeatureSettings, build_feature_cache, build_shard, encoder_slug,
     extract_features, image_list_fingerprint, verify_feature_cache,
@@ -66,26 +66,57 @@ def assert_same_cache(built: Path, reference: Path):
         assert filecmp.cmp(built / name, reference / name, shallow=False), name
 
 
+def direct_tokens(encoder, images, device="cpu") -> dict[str, torch.Tensor]:
+    """The encoder run directly, float16, in the cache's batches (2 images, never across a shard of 5)."""
+    tokens = {}
+    with torch.inference_mode():
+        for shard_start in range(0, len(images), 5):
+            shard = images[shard_start : shard_start + 5]
+            for start in range(0, len(shard), 2):
+                batch = shard[start : start + 2]
+                pixels = torch.stack([encoder.preprocess(open_rgb(path)) for _, path in batch]).to(device)
+                tokens.update(zip([image_id for image_id, _ in batch], encoder(pixels).half().cpu()))
+    return tokens
+
+
 def test_tokens_round_trip_bit_exactly(images, spec, encoder, tmp_path):
     settings = FeatureSettings(shard_size=5, encode=EncodeSettings(batch_size=2, num_workers=2))
     reader = FeatureReader(build_feature_cache(images, spec, tmp_path, settings, encoder=encoder))
     assert reader.image_ids == [image_id for image_id, _ in images] and len(reader) == IMAGES
-    with torch.inference_mode():
-        for shard_start in range(0, IMAGES, 5):  # the same batches as the cache: 2 images, within a shard
-            shard = images[shard_start : shard_start + 5]
-            for start in range(0, len(shard), 2):
-                batch = shard[start : start + 2]
-                pixels = torch.stack([encoder.preprocess(open_rgb(path)) for _, path in batch])
-                direct = encoder(pixels).half()  # (B, 1 + P, width)
-                for (image_id, _), expected in zip(batch, direct):
-                    assert reader[image_id].dtype == np.float16
-                    assert np.array_equal(reader[image_id], expected.numpy())
+    for image_id, expected in direct_tokens(encoder, images).items():
+        assert reader[image_id].dtype == np.float16
+        assert np.array_equal(reader[image_id], expected.numpy())
     assert reader.attrs["encoder_name"] == spec.vision_model
     assert reader.attrs["image_size"] == [64, 64] and reader.attrs["encoder_pretrained"] == ""
     assert reader.attrs["image_list_fingerprint"] == image_list_fingerprint(images)
     with h5py.File(tmp_path / "shard-00000.h5", "r") as handle:
         assert handle["tokens"].chunks == (1, 65, 128)
         assert handle.attrs["encoder_name"] == spec.vision_model and handle.attrs["assigned_images"] == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_pipeline_matches_the_encoder_under_bf16_autocast(images, spec, tmp_path):
+    encoder = load_vision_encoder(spec, "cuda")
+    encode = EncodeSettings(batch_size=2, num_workers=2, device="cuda", precision="bfloat16")
+    reader = FeatureReader(build_feature_cache(images, spec, tmp_path, FeatureSettings(5, encode), encoder=encoder))
+    assert reader.attrs["compute_precision"] == "bfloat16"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = direct_tokens(encoder, images, "cuda")
+    for image_id, tokens in expected.items():
+        torch.testing.assert_close(torch.from_numpy(reader[image_id]), tokens, rtol=1e-2, atol=1e-2)
+
+
+def test_workers_send_bytes_and_the_device_step_gives_the_same_pixels(images, encoder):
+    transform, blank, finish = split_preprocess(encoder.preprocess, (64, 64))
+    assert finish is not None and blank.dtype == torch.uint8
+    decoded = [open_rgb(path) for _, path in images[:3]]
+    sent = torch.stack([transform(image) for image in decoded])  # (3, 3, 64, 64) uint8
+    assert sent.dtype == torch.uint8
+    expected = torch.stack([encoder.preprocess(image) for image in decoded])
+    torch.testing.assert_close(finish(sent), expected, rtol=0, atol=0)
+    whole, _, no_step = split_preprocess(lambda image: torch.zeros(3, 64, 64), (64, 64))
+    assert no_step is None and whole(decoded[0]).dtype == torch.float32
 
 
 def test_unreadable_files_are_counted_and_the_run_goes_on(images, spec, encoder, tmp_path):
@@ -109,7 +140,7 @@ def test_run_killed_mid_shard_resumes_to_identical_files(images, spec, encoder, 
         from pathlib import Path
         import ituning
         from ituning.backbones import BackboneSpec, VisionEncoder
-        from storage.feature_shards import EncodeSettings
+        from storage.feature_shards import EncodeSettings, split_preprocess
         from storage.features import FeatureSettings, build_feature_cache
 
         forward, calls = VisionEncoder.forward, []

@@ -89,13 +89,13 @@ def verify(
 
 def _split_images(workspace, dataset, split, vision, vision_pretrained):
     """The split's usable images as (image_id, path), its cache folder and the encoder spec."""
+    if not dataset or not split:
+        _fail(ValueError("--dataset and --split are required"))
     from ituning.backbones import BackboneSpec
     from storage.catalog import Catalog
     from storage.features import split_cache_dir
     from storage.workspace import workspace_root
 
-    if not dataset or not split:
-        _fail(ValueError("--dataset and --split are required"))
     root = workspace_root(workspace)
     spec = BackboneSpec(vision, None if vision_pretrained.lower() in {"", "none"} else vision_pretrained)
     usable = Catalog(root / "catalog.duckdb", read_only=True).usable_images(dataset, split)

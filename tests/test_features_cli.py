@@ -73,7 +73,9 @@ def test_features_command_builds_by_parts_then_verifies(workspace):
     assert damaged.exit_code == 1 and "NaN or Inf in 1 row(s): ['0']" in damaged.output
 
 
-def test_features_command_rejects_a_bad_part(workspace):
+def test_features_command_rejects_a_bad_part_or_a_missing_split(workspace):
     result = CliRunner().invoke(app, ["features", "--dataset", "coco", "--split", "val", "--workspace",
                                       str(workspace), "--part", "2/2"])
     assert result.exit_code == 2 and "--part must be I/N" in result.output
+    result = CliRunner().invoke(app, ["features", "verify", "--dataset", "coco"])
+    assert result.exit_code == 2 and "--dataset and --split are required" in result.output

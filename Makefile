@@ -30,6 +30,7 @@ test-fast: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/beam_decoding.py
+	$(BIN)/python benchmarks/feature_cache.py
 
 clean:
 	rm -rf $(VENV) workspace

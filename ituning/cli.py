@@ -7,9 +7,12 @@ import typer
 
 from ituning.cli_data import register as register_dataset_commands
 from ituning.cli_evaluation import score
+from ituning.cli_features import features_app
 
 app = typer.Typer(help="I-Tuning: lightweight image captioning on frozen CLIP-ViT and GPT-2.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+
+app.add_typer(features_app, name="features")
 
 
 @app.command()

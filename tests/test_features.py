@@ -1,0 +1,309 @@
+"""The HDF5 feature cache: exact, resumable, rebuilt on change, verifiable, readable from workers."""
+
+import filecmp
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ituning.backbones import BackboneSpec, load_vision_encoder
+from ituning.images import open_rgb
+from ituning.standins import save_vision_standin
+from storage.feature_shards import EncodeSettings, split_preprocess
+from storage.features import (
+    ENTRY_NAME, FeatureReader, FeatureSettings, build_feature_cache, build_shard, encoder_slug,
+    extract_features, image_list_fingerprint, verify_feature_cache,
+)
+from storage.scenes import random_scene, render_scene
+
+IMAGES = 13
+SETTINGS = FeatureSettings(shard_size=5, encode=EncodeSettings(batch_size=2, num_workers=0))
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> BackboneSpec:
+    return BackboneSpec(vision_model=save_vision_standin(tmp_path_factory.mktemp("vision"), seed=0),
+                        vision_pretrained=None)
+
+
+@pytest.fixture(scope="module")
+def encoder(spec):
+    return load_vision_encoder(spec)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[tuple[str, Path]]:
+    folder, rng = tmp_path_factory.mktemp("images"), random.Random(0)
+    listed = []
+    for index in range(IMAGES):
+        path = folder / f"{index:04d}.jpg"
+        render_scene(random_scene(rng), size=rng.choice((64, 80, 96))).save(path, quality=90)
+        listed.append((f"{index:04d}", path))
+    return listed
+
+
+@pytest.fixture(scope="module")
+def reference(images, spec, encoder, tmp_path_factory) -> Path:
+    """An uninterrupted build: what every other way of building must reproduce byte for byte."""
+    return build_feature_cache(images, spec, tmp_path_factory.mktemp("reference"), SETTINGS, encoder=encoder).parent
+
+
+def assert_same_cache(built: Path, reference: Path):
+    names = sorted(path.name for path in reference.iterdir())
+    assert sorted(path.name for path in built.iterdir()) == names
+    for name in names:
+        assert filecmp.cmp(built / name, reference / name, shallow=False), name
+
+
+def direct_tokens(encoder, images, device="cpu") -> dict[str, torch.Tensor]:
+    """The encoder run directly, float16, in the cache's batches (2 images, never across a shard of 5)."""
+    tokens = {}
+    with torch.inference_mode():
+        for shard_start in range(0, len(images), 5):
+            shard = images[shard_start : shard_start + 5]
+            for start in range(0, len(shard), 2):
+                batch = shard[start : start + 2]
+                pixels = torch.stack([encoder.preprocess(open_rgb(path)) for _, path in batch]).to(device)
+                tokens.update(zip([image_id for image_id, _ in batch], encoder(pixels).half().cpu()))
+    return tokens
+
+
+def test_tokens_round_trip_bit_exactly(images, spec, encoder, tmp_path):
+    settings = FeatureSettings(shard_size=5, encode=EncodeSettings(batch_size=2, num_workers=2))
+    reader = FeatureReader(build_feature_cache(images, spec, tmp_path, settings, encoder=encoder))
+    assert reader.image_ids == [image_id for image_id, _ in images] and len(reader) == IMAGES
+    for image_id, expected in direct_tokens(encoder, images).items():
+        assert reader[image_id].dtype == np.float16
+        assert np.array_equal(reader[image_id], expected.numpy())
+    assert reader.attrs["encoder_name"] == spec.vision_model
+    assert reader.attrs["image_size"] == [64, 64] and reader.attrs["encoder_pretrained"] == ""
+    assert reader.attrs["image_list_fingerprint"] == image_list_fingerprint(images)
+    with h5py.File(tmp_path / "shard-00000.h5", "r") as handle:
+        assert handle["tokens"].chunks == (1, 65, 128)
+        assert handle.attrs["encoder_name"] == spec.vision_model and handle.attrs["assigned_images"] == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_pipeline_matches_the_encoder_under_bf16_autocast(images, spec, tmp_path):
+    encoder = load_vision_encoder(spec, "cuda")
+    encode = EncodeSettings(batch_size=2, num_workers=2, device="cuda", precision="bfloat16")
+    reader = FeatureReader(build_feature_cache(images, spec, tmp_path, FeatureSettings(5, encode), encoder=encoder))
+    assert reader.attrs["compute_precision"] == "bfloat16"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = direct_tokens(encoder, images, "cuda")
+    for image_id, tokens in expected.items():
+        torch.testing.assert_close(torch.from_numpy(reader[image_id]), tokens, rtol=1e-2, atol=1e-2)
+
+
+def test_workers_send_bytes_and_the_device_step_gives_the_same_pixels(images, encoder):
+    transform, blank, finish = split_preprocess(encoder.preprocess, (64, 64))
+    assert finish is not None and blank.dtype == torch.uint8
+    decoded = [open_rgb(path) for _, path in images[:3]]
+    sent = torch.stack([transform(image) for image in decoded])  # (3, 3, 64, 64) uint8
+    assert sent.dtype == torch.uint8
+    expected = torch.stack([encoder.preprocess(image) for image in decoded])
+    torch.testing.assert_close(finish(sent), expected, rtol=0, atol=0)
+    whole, _, no_step = split_preprocess(lambda image: torch.zeros(3, 64, 64), (64, 64))
+    assert no_step is None and whole(decoded[0]).dtype == torch.float32
+
+
+def test_unreadable_files_are_counted_and_the_run_goes_on(images, spec, encoder, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(images[0][1].read_bytes()[:200])
+    listed = images + [("9998", broken), ("9999", tmp_path / "gone.jpg")]
+    report = extract_features(listed, spec, tmp_path / "cache", SETTINGS, encoder=encoder)
+    assert sorted(report.unreadable) == ["9998", "9999"] and "no such file" in report.unreadable["9999"]
+    reader = FeatureReader(report.entry)
+    assert len(reader) == IMAGES and "9998" not in reader and sorted(reader.unreadable) == ["9998", "9999"]
+    verified = verify_feature_cache(report.entry, [image_id for image_id, _ in listed])
+    assert verified.ok, verified.problems
+    assert verified.rows == IMAGES and len(verified.unreadable) == 2
+
+
+@pytest.mark.slow
+def test_run_killed_mid_shard_resumes_to_identical_files(images, spec, encoder, reference, tmp_path):
+    out = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from pathlib import Path
+        import ituning
+        from ituning.backbones import BackboneSpec, VisionEncoder
+        from storage.feature_shards import EncodeSettings, split_preprocess
+        from storage.features import FeatureSettings, build_feature_cache
+
+        forward, calls = VisionEncoder.forward, []
+        def dying_forward(self, pixels):
+            calls.append(1)
+            if len(calls) == 5:  # shard 0's three batches, then one batch into shard 1
+                time.sleep(1.0)  # let the writer put that batch into the temporary file
+                os.kill(os.getpid(), signal.SIGKILL)
+            return forward(self, pixels)
+        VisionEncoder.forward = dying_forward
+        images = [(path.stem, path) for path in sorted(Path({str(images[0][1].parent)!r}).glob("*.jpg"))]
+        settings = FeatureSettings(shard_size=5, encode=EncodeSettings(batch_size=2, num_workers=1))
+        build_feature_cache(images, BackboneSpec({spec.vision_model!r}, None), Path({str(out)!r}), settings)
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = sorted(path.name for path in out.iterdir())
+    assert left[0] == "shard-00000.h5" and left[1].startswith("shard-00001.h5.tmp-") and len(left) == 2
+    report = extract_features(images, spec, out, SETTINGS, encoder=encoder)
+    assert report.reused_shards == [0] and report.encoded_shards == [1, 2]
+    assert_same_cache(out, reference)
+
+
+def test_failure_mid_shard_leaves_no_partial_shard(images, spec, encoder, reference, tmp_path, monkeypatch):
+    forward, calls = type(encoder).forward, []
+
+    def failing_forward(self, pixels):
+        calls.append(1)
+        if len(calls) == 6:  # the last batch of shard 1
+            raise RuntimeError("device lost")
+        return forward(self, pixels)
+
+    monkeypatch.setattr(type(encoder), "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="device lost"):
+        extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["shard-00000.h5"]
+    monkeypatch.undo()
+    extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
+    assert_same_cache(tmp_path, reference)
+
+
+def test_non_finite_tokens_stop_the_shard_and_are_never_written(images, spec, encoder, tmp_path, monkeypatch):
+    forward, calls = type(encoder).forward, []
+
+    def overflowing_forward(self, pixels):
+        calls.append(1)
+        tokens = forward(self, pixels)
+        return torch.full_like(tokens, float("inf")) if len(calls) == 5 else tokens  # shard 1's second batch
+
+    monkeypatch.setattr(type(encoder), "forward", overflowing_forward)
+    with pytest.raises(RuntimeError, match="shard writer failed") as failure:
+        extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
+    assert "non-finite tokens for ['0007', '0008']" in str(failure.value.__cause__)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["shard-00000.h5"]
+
+
+def test_float32_storage_keeps_the_encoder_output_exactly(images, spec, encoder, tmp_path):
+    settings = FeatureSettings(shard_size=4, encode=EncodeSettings(batch_size=4, num_workers=0, dtype="float32"))
+    reader = FeatureReader(build_feature_cache(images[:4], spec, tmp_path, settings, encoder=encoder))
+    with torch.inference_mode():
+        direct = encoder(torch.stack([encoder.preprocess(open_rgb(path)) for _, path in images[:4]]))
+    assert reader.attrs["dtype"] == "float32"
+    torch.testing.assert_close(torch.from_numpy(np.stack([reader[i] for i, _ in images[:4]])), direct,
+                               rtol=0, atol=0)
+
+
+def test_shards_built_separately_equal_one_build_and_are_then_reused(images, spec, encoder, reference, tmp_path):
+    for shard in (2, 0):
+        build_shard(shard, images, spec, tmp_path, SETTINGS, encoder=encoder)
+    assert not (tmp_path / ENTRY_NAME).exists()  # shard 1 is still missing
+    report = extract_features(images, spec, tmp_path, SETTINGS, shards=[1], encoder=encoder)
+    assert report.encoded_shards == [1] and report.entry == tmp_path / ENTRY_NAME
+    assert_same_cache(tmp_path, reference)
+    again = extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
+    assert again.encoded_shards == [] and again.reused_shards == [0, 1, 2] and not again.discarded_stale
+
+
+def test_changed_image_list_or_encoder_rebuilds_instead_of_mixing(images, spec, encoder, reference, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    fewer = extract_features(images[:-1], spec, out, SETTINGS, encoder=encoder)
+    assert fewer.discarded_stale and fewer.encoded_shards == [0, 1, 2]
+    assert FeatureReader(fewer.entry).attrs["image_list_fingerprint"] == image_list_fingerprint(images[:-1])
+    # a local encoder re-saved with other weights under the same folder name: only the digest differs
+    local = BackboneSpec(save_vision_standin(tmp_path / "vision", seed=0), None)
+    partial = extract_features(images, local, tmp_path / "swap", SETTINGS, shards=[0])
+    assert partial.entry is None and partial.encoded_shards == [0]
+    save_vision_standin(tmp_path / "vision", seed=1)
+    rebuilt = extract_features(images, local, tmp_path / "swap", SETTINGS)
+    assert rebuilt.discarded_stale and rebuilt.encoded_shards == [0, 1, 2]
+    new_reader, old_reader = FeatureReader(rebuilt.entry), FeatureReader(reference / ENTRY_NAME)
+    assert new_reader.attrs["encoder_weights_sha256"] != old_reader.attrs["encoder_weights_sha256"]
+    assert not np.array_equal(new_reader["0000"], old_reader["0000"])
+
+
+def plant_nan(shard: Path):
+    with h5py.File(shard, "r+") as handle:
+        handle["tokens"][3, 7, 11] = np.nan
+
+
+def drop_last_row(shard: Path):
+    with h5py.File(shard, "r+") as handle:
+        kept = handle["image_ids"].asstr()[:-1]
+        handle["tokens"].resize(len(kept), axis=0)
+        del handle["image_ids"]
+        handle.create_dataset("image_ids", data=list(kept), dtype=h5py.string_dtype())
+
+
+def duplicate_id(shard: Path):
+    with h5py.File(shard, "r+") as handle:
+        handle["image_ids"][1] = handle["image_ids"][0]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (plant_nan, "NaN or Inf in 1 row(s): ['0008']"),
+    (drop_last_row, "1 usable images without a row: ['0009']"),
+    (duplicate_id, "1 duplicate ids: ['0005']"),
+])
+def test_verify_catches_damage(images, reference, tmp_path, damage, message):
+    expected = [image_id for image_id, _ in images]
+    assert verify_feature_cache(reference / ENTRY_NAME, expected).ok
+    damaged = tmp_path / "cache"
+    shutil.copytree(reference, damaged)
+    damage(damaged / "shard-00001.h5")
+    report = verify_feature_cache(damaged / ENTRY_NAME, expected)
+    assert any(message in problem for problem in report.problems), report.problems
+
+
+def test_verify_compares_ids_with_the_catalog(images, reference):
+    expected = [image_id for image_id, _ in images]
+    report = verify_feature_cache(reference / ENTRY_NAME, expected[1:] + ["new"])
+    assert any("without a row: ['new']" in problem for problem in report.problems)
+    assert any("not usable in the split: ['0000']" in problem for problem in report.problems)
+    assert not verify_feature_cache(reference / "missing" / ENTRY_NAME, expected).ok
+
+
+class TokensById(Dataset):
+    def __init__(self, reader: FeatureReader):
+        self.reader = reader
+
+    def __len__(self):
+        return len(self.reader)
+
+    def __getitem__(self, index):
+        image_id = self.reader.image_ids[index]
+        return torch.from_numpy(self.reader[image_id]), os.getpid()
+
+
+def test_reader_in_dataloader_worker_processes(reference):
+    reader = FeatureReader(reference / ENTRY_NAME)
+    expected = np.stack([reader[image_id] for image_id in reader.image_ids])  # handles now open in this process
+    loader = DataLoader(TokensById(reader), batch_size=3, num_workers=2)
+    batches = list(loader)
+    read = torch.cat([tokens for tokens, _ in batches]).numpy()
+    assert np.array_equal(read, expected)
+    assert os.getpid() not in {int(pid) for _, pids in batches for pid in pids}
+    copy = pickle.loads(pickle.dumps(reader))
+    assert copy._handles == {} and np.array_equal(copy["0004"], expected[4])
+    reader.close()
+
+
+def test_encoder_slug_names_folders_apart():
+    assert encoder_slug(BackboneSpec("ViT-B-16", "openai")) == "ViT-B-16-openai"
+    assert encoder_slug(BackboneSpec("ViT-B-16", None)) == "ViT-B-16-random"
+    first, second = (encoder_slug(BackboneSpec(f"local-dir:/a/{d}/vision", None)) for d in "xy")
+    assert first != second and first.startswith("local-vision-") and "/" not in first

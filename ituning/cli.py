@@ -68,6 +68,12 @@ def demo(workspace: Annotated[Path, typer.Option()] = Path("workspace/demo")):
     typer.echo(f"Checkpoint: {workspace / 'checkpoint'} (untrained modules; see README for training)")
 
 
+from ituning.cli_training import standins, train  # noqa: E402  (light: heavy imports stay inside)
+
+app.command()(train)
+app.command()(standins)
+
+
 def _fail(error: Exception):
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)

@@ -58,10 +58,10 @@ def caption_token_rows(texts: list[str], tokenizer, max_tokens: int) -> list[lis
     return [[bos, *ids[: max_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
 
 
-def collate(samples, captions, features: Mapping, tokenizer, max_tokens: int) -> CaptionBatch:
-    rows = caption_token_rows([captions[image_id][index] for image_id, index in samples], tokenizer, max_tokens)
+def pad_caption_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, labels and attention_mask (each (B, T)) of right-padded token rows."""
     length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.eos_token_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     for row_index, row in enumerate(rows):
@@ -69,8 +69,13 @@ def collate(samples, captions, features: Mapping, tokenizer, max_tokens: int) ->
         input_ids[row_index, : len(row)] = tokens
         labels[row_index, 1 : len(row)] = tokens[1:]
         attention_mask[row_index, : len(row)] = 1
+    return input_ids, labels, attention_mask
+
+
+def collate(samples, captions, features: Mapping, tokenizer, max_tokens: int) -> CaptionBatch:
+    rows = caption_token_rows([captions[image_id][index] for image_id, index in samples], tokenizer, max_tokens)
     visual = np.stack([np.asarray(features[image_id]) for image_id, _ in samples])  # (B, N, d_v)
-    return CaptionBatch(input_ids, labels, attention_mask, torch.from_numpy(visual).float())
+    return CaptionBatch(*pad_caption_rows(rows, tokenizer.eos_token_id), torch.from_numpy(visual).float())
 
 
 def feature_batches(features: Mapping, image_ids: list[str], batch_size: int):

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ituning.backbones import BackboneSpec, load_language_model, vision_width
-from ituning.captioner import Captioner, resolve_device
+from ituning.captioner import resolve_device
 from ituning.checkpoint import CONFIG_FILE, load_weights_into, save_checkpoint
 from ituning.config import RunConfig, StageConfig, config_to_dict
 from ituning.data import CaptionBatch, collate, epoch_samples, feature_batches, samples_per_epoch
-from ituning.decoding import DecodingConfig
+from ituning.decoding import CachedStep, DecodingConfig, generate
 from ituning.model import ITuningCaptioner, trainable_parameters
 from ituning.training_state import (
     TrainerState,
@@ -101,14 +101,35 @@ def autocast_for(device: torch.device, precision: str):
     return nullcontext()
 
 
-def caption_feature_set(model, tokenizer, backbones, features: Mapping, image_ids: list[str],
-                        decoding: DecodingConfig, batch_size: int = 64) -> dict[str, str]:
+class BlindStep(CachedStep):
+    """Decoding with the modules switched off: the plain frozen language model (the caption-blind
+    baseline). The visual tokens are ignored."""
+
+    def __init__(self, model: ITuningCaptioner, visual: torch.Tensor):
+        super().__init__(model, visual[:, :1])
+        self.memory = None
+
+
+def caption_feature_set(model, tokenizer, features: Mapping, image_ids: list[str], decoding: DecodingConfig,
+                        batch_size: int = 64, blind: bool = False) -> dict[str, str]:
     """Captions generated from cached visual tokens, by image id."""
-    captioner = Captioner(None, model, tokenizer, backbones)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prompt = torch.tensor([[bos]], device=device)  # (1, 1)
     captions = {}
     for chunk, visual in feature_batches(features, image_ids, batch_size):
-        captions.update(zip(chunk, captioner.caption_features(visual, decoding)))
+        token_ids = generate(model, visual.to(device, dtype), prompt, tokenizer.eos_token_id, decoding,
+                             step=BlindStep if blind else CachedStep)
+        captions.update(zip(chunk, (tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids)))
     return captions
+
+
+def evaluate_captions(model, tokenizer, features: Mapping, captions: dict[str, list[str]], score: Scorer,
+                      decoding: DecodingConfig = DecodingConfig(), blind: bool = False) -> dict[str, float]:
+    """Scores of captions generated for every image of `captions` (blind: without the image)."""
+    image_ids = sorted(image_id for image_id, texts in captions.items() if texts)
+    candidates = caption_feature_set(model, tokenizer, features, image_ids, decoding, blind=blind)
+    return score(candidates, {image_id: captions[image_id] for image_id in image_ids})
 
 
 class StageTrainer:
@@ -231,9 +252,8 @@ class StageTrainer:
         image_ids = sorted(i for i, texts in self.data.val_captions.items() if texts)[: self.stage.val_images]
         decoding = DecodingConfig(num_beams=self.stage.val_beams, max_length=self.stage.val_max_length)
         with autocast_for(self.device, self.stage.precision):
-            candidates = caption_feature_set(self.model, self.tokenizer, self.backbones,
-                                             self.data.val_features, image_ids, decoding)
-        scores = self.score(candidates, {i: self.data.val_captions[i] for i in image_ids})
+            scores = evaluate_captions(self.model, self.tokenizer, self.data.val_features,
+                                       {i: self.data.val_captions[i] for i in image_ids}, self.score, decoding)
         return {f"val_{name}": value for name, value in scores.items()}
 
     def keep_if_best(self, metrics: dict[str, float]) -> None:
@@ -269,6 +289,8 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
     missing = [stage.name for stage in config.stages if stage.name not in data]
     if missing:
         raise ValueError(f"no data given for stage(s) {missing}")
+    if score is None and any(stage.val_split and data[stage.name].val_captions for stage in config.stages):
+        import ituning.evaluation  # noqa: F401  (fail now rather than after the first epoch)
     model, tokenizer, backbones = build_model(config, device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

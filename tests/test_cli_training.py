@@ -40,3 +40,16 @@ def test_train_command_without_a_corpus_says_what_to_pass(standin_backbones, tmp
     config = write_config(tmp_path / "run.yaml", standin_backbones)
     result = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "--karpathy-json" in result.output
+
+
+def test_standins_command_writes_backbones_the_normal_loaders_read(tmp_path):
+    from ituning.backbones import BackboneSpec, load_language_model, load_vision_encoder
+
+    corpus = write_karpathy_corpus(tmp_path / "corpus", {"train": 8}, size=32)
+    result = runner.invoke(app, ["standins", "--karpathy-json", str(corpus), "--out", str(tmp_path / "bb"),
+                                 "--vision-steps", "2", "--language-steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"vision_model: local-dir:{tmp_path / 'bb' / 'vision'}" in result.output
+    encoder = load_vision_encoder(BackboneSpec(f"local-dir:{tmp_path / 'bb' / 'vision'}", None))
+    model, tokenizer = load_language_model(str(tmp_path / "bb" / "language"))
+    assert encoder.width == 128 and model.config.vocab_size == len(tokenizer) > 256

@@ -34,23 +34,24 @@ def test_text_tower_tokens_end_with_the_pooling_id():
 @pytest.fixture(scope="module")
 def grounding_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    return root, write_karpathy_corpus(root, {"train": 2000, "val": 50, "test": 200}, seed=1)
+    return root, write_karpathy_corpus(root, {"train": 1500, "val": 50, "test": 200}, seed=1)
 
 
 @pytest.mark.slow
 def test_modules_on_frozen_standins_learn_grounding(grounding_corpus, tmp_path):
     root, corpus = grounding_corpus
-    spec = build_trained_standins(corpus, root, tmp_path / "backbones", StandinTraining(), progress=False)
+    settings = StandinTraining(vision_steps=200, language_steps=200, batch_size=64)
+    spec = build_trained_standins(corpus, root, tmp_path / "backbones", settings, progress=False)
     encoder = load_vision_encoder(spec)  # the very loaders used for real backbones
     _, tokenizer = load_language_model(spec.language_model)
-    assert encoder.width == 128 and len(tokenizer) == 400
+    assert encoder.width == 128 and 256 < len(tokenizer) <= 400  # bytes + merges, at most the size asked
     splits = {split: read_karpathy_split(corpus, root, split) for split in ("train", "val", "test")}
     features = {split: encode_images(images, spec) for split, images in splits.items()}
     config = config_from_dict({
         "name": "grounding", "device": "cpu",
         "model": {"vision_model": spec.vision_model, "vision_pretrained": None, "language_model": spec.language_model},
-        "stages": [{"name": "finetune", "dataset": "synthetic", "epochs": 8, "captions": "random", "batch_size": 64,
-                    "micro_batch_size": 64, "learning_rate": 3e-3, "precision": "fp32", "validate_every_epochs": 8}],
+        "stages": [{"name": "finetune", "dataset": "synthetic", "epochs": 20, "captions": "random", "batch_size": 64,
+                    "micro_batch_size": 64, "learning_rate": 3e-3, "precision": "fp32", "validate_every_epochs": 20}],
     })
     data = StageData(features["train"], captions_by_id(splits["train"]), features["val"], captions_by_id(splits["val"]))
     [result] = train_run(config, {"finetune": data}, tmp_path / "run", cider_scorer, progress=False)
@@ -61,5 +62,5 @@ def test_modules_on_frozen_standins_learn_grounding(grounding_corpus, tmp_path):
     blind = evaluate_captions(model, tokenizer, features["test"], test_captions, cider_scorer, decoding, blind=True)
     (tmp_path / "scores.json").write_text(json.dumps({"grounded": grounded, "blind": blind}))
     print(f"test CIDEr: grounded {grounded['CIDEr']:.3f}, caption-blind {blind['CIDEr']:.3f}")
-    assert grounded["CIDEr"] > 3 * blind["CIDEr"] and grounded["CIDEr"] > 0.5
+    assert grounded["CIDEr"] > 3 * blind["CIDEr"] and grounded["CIDEr"] > 1.5
 

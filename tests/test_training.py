@@ -248,3 +248,23 @@ def test_missing_stage_data_is_refused(standin_backbones, tmp_path):
 
 def test_stage_config_accumulation():
     assert StageConfig(name="x", dataset="coco", epochs=1, batch_size=4096, micro_batch_size=64).accumulation == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_bf16_step_on_cuda_lowers_the_loss(standin_backbones, tmp_path):
+    config = run_config(standin_backbones, [stage_dict(epochs=3, precision="bf16", val_split=None)])
+    recorder = Recorder()
+    train_run(config, {"finetune": stage_data()}, tmp_path, cider_scorer, [recorder], device="cuda", progress=False)
+    losses = [metrics["loss"] for _, metrics in recorder.steps]
+    assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # CUDA autocast built on a CPU-only machine
+def test_autocast_is_bf16_on_cuda_only():
+    from ituning.training import autocast_for
+
+    assert isinstance(autocast_for(torch.device("cpu"), "bf16"), type(autocast_for(torch.device("cpu"), "auto")))
+    assert not isinstance(autocast_for(torch.device("cpu"), "bf16"), torch.autocast)
+    assert isinstance(autocast_for(torch.device("cuda"), "auto"), torch.autocast)
+    assert not isinstance(autocast_for(torch.device("cuda"), "fp32"), torch.autocast)

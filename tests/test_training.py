@@ -268,3 +268,16 @@ def test_autocast_is_bf16_on_cuda_only():
     assert not isinstance(autocast_for(torch.device("cpu"), "bf16"), torch.autocast)
     assert isinstance(autocast_for(torch.device("cuda"), "auto"), torch.autocast)
     assert not isinstance(autocast_for(torch.device("cuda"), "fp32"), torch.autocast)
+
+
+def test_a_kill_during_the_checkpoint_swap_resumes_from_the_previous_one(standin_backbones, tmp_path):
+    config = run_config(standin_backbones, [stage_dict(epochs=2, val_split=None)])
+    killed = Recorder(stop_at_step=5)  # 3 steps per epoch: the epoch-1 checkpoint (step 3) exists
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, {"finetune": stage_data()}, tmp_path, cider_scorer, [killed], progress=False)
+    stage_dir = tmp_path / "finetune"
+    (stage_dir / "last").rename(stage_dir / "last.previous")  # as if killed between the two renames
+    resumed = Recorder()
+    train_run(config, {"finetune": stage_data()}, tmp_path, cider_scorer, [resumed], progress=False)
+    assert [step for step, _ in resumed.steps] == [4, 5, 6]
+    assert (stage_dir / "last").is_dir() and not (stage_dir / "last.previous").exists()

@@ -31,6 +31,8 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/beam_decoding.py
 	$(BIN)/python benchmarks/feature_cache.py
+	$(BIN)/python benchmarks/training_throughput.py
+	$(BIN)/python benchmarks/catalog_build.py
 
 clean:
 	rm -rf $(VENV) workspace

@@ -8,6 +8,7 @@ import typer
 from ituning.cli_data import register as register_dataset_commands
 from ituning.cli_evaluation import score
 from ituning.cli_features import features_app
+from ituning.cli_training import standins, train
 
 app = typer.Typer(help="I-Tuning: lightweight image captioning on frozen CLIP-ViT and GPT-2.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -76,6 +77,8 @@ def demo(workspace: Annotated[Path, typer.Option()] = Path("workspace/demo")):
 
 register_dataset_commands(app)
 app.command()(score)
+app.command()(train)
+app.command()(standins)
 
 
 def _fail(error: Exception):

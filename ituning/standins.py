@@ -6,6 +6,7 @@ BPE tokenizer -- so they load through exactly the loaders used for the real back
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,4 +82,112 @@ def build_random_standins(directory: str | Path, texts, seed: int = 0) -> Backbo
     tokenizer = train_tokenizer(texts)
     vision = save_vision_standin(directory / "vision", seed)
     language = save_language_standin(directory / "language", tokenizer, new_language_standin(tokenizer, seed))
+    return BackboneSpec(vision_model=vision, vision_pretrained=None, language_model=language)
+
+
+# --- Stand-ins trained on a caption corpus -------------------------------------------------------
+# The random stand-ins above exercise the loaders; these learn enough from a Karpathy-format corpus
+# (the synthetic one, or a user's own) that I-Tuning on top of them can learn grounding offline.
+
+
+@dataclass(frozen=True)
+class StandinTraining:
+    vision_steps: int = 300  # contrastive steps for the ViT (with a tiny text tower)
+    language_steps: int = 300  # language-model steps for the GPT-2
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    vocab_size: int = 400  # byte-level BPE; must stay below the text tower's 512
+    seed: int = 0
+
+
+def vision_preprocess():
+    """The stand-in's evaluation transform (the one open_clip builds from its saved config)."""
+    import open_clip
+
+    size = TINY_VISION["vision_cfg"]["image_size"]
+    return open_clip.image_transform(size, is_train=False, mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic")
+
+
+def clip_text_tokens(texts: list[str], tokenizer) -> torch.Tensor:
+    """Caption ids for the tiny text tower, (B, context). The tower pools at the highest id, so
+    every caption ends with the top id of its vocabulary, above all BPE ids."""
+    context, end = TINY_VISION["text_cfg"]["context_length"], TINY_VISION["text_cfg"]["vocab_size"] - 1
+    tokens = torch.zeros((len(texts), context), dtype=torch.long)
+    for row, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        kept = [*ids[: context - 1], end]
+        tokens[row, : len(kept)] = torch.tensor(kept)
+    return tokens
+
+
+def _optimizer_and_schedule(parameters, settings: StandinTraining, steps: int, weight_decay: float):
+    from ituning.training import warmup_cosine
+
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, steps // 10))
+
+
+def train_vision_standin(pixels: torch.Tensor, captions: list[list[str]], tokenizer,
+                         settings: StandinTraining = StandinTraining(), progress: bool = True):
+    """A tiny open_clip CLIP trained with the CLIP loss on (image, one of its captions) pairs."""
+    ensure_torchvision_importable()
+    import open_clip
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    model = open_clip.CLIP(**TINY_VISION).train()
+    optimizer, schedule = _optimizer_and_schedule(model.parameters(), settings, settings.vision_steps, 0.1)
+    clip_loss = open_clip.ClipLoss()
+    for _ in tqdm(range(settings.vision_steps), desc="vision stand-in", disable=not progress):
+        batch = torch.randperm(len(captions), generator=generator)[: settings.batch_size].tolist()
+        picks = torch.randint(0, 1 << 30, (len(batch),), generator=generator).tolist()
+        text = clip_text_tokens([captions[i][p % len(captions[i])] for i, p in zip(batch, picks)], tokenizer)
+        image_features = model.encode_image(pixels[batch], normalize=True)
+        text_features = model.encode_text(text, normalize=True)
+        loss = clip_loss(image_features, text_features, model.logit_scale.exp())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+def train_language_standin(texts: list[str], tokenizer, settings: StandinTraining = StandinTraining(),
+                           progress: bool = True):
+    """A tiny GPT-2 trained as a language model on captions (BOS caption EOS)."""
+    from tqdm.auto import tqdm
+
+    from ituning.data import caption_token_rows, pad_caption_rows
+
+    model = new_language_standin(tokenizer, settings.seed).train()
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer, schedule = _optimizer_and_schedule(model.parameters(), settings, settings.language_steps, 0.01)
+    max_tokens = TINY_LANGUAGE["n_positions"] - 1
+    for _ in tqdm(range(settings.language_steps), desc="language stand-in", disable=not progress):
+        batch = torch.randint(0, len(texts), (settings.batch_size,), generator=generator).tolist()
+        rows = caption_token_rows([texts[i] for i in batch], tokenizer, max_tokens)
+        input_ids, labels, attention_mask = pad_caption_rows(rows, tokenizer.eos_token_id)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+def build_trained_standins(karpathy_json: str | Path, image_root: str | Path, directory: str | Path,
+                           settings: StandinTraining = StandinTraining(), progress: bool = True) -> BackboneSpec:
+    """Tokenizer, ViT and GPT-2 stand-ins learned from a corpus's training split, saved under
+    directory/vision (open_clip folder) and directory/language (transformers folder)."""
+    from ituning.karpathy import load_pixels, read_karpathy_split
+
+    directory = Path(directory)
+    images = read_karpathy_split(karpathy_json, image_root, "train")
+    texts = [caption for image in images for caption in image.captions]
+    tokenizer = train_tokenizer(texts, settings.vocab_size)
+    pixels = load_pixels([image.path for image in images], vision_preprocess())
+    clip = train_vision_standin(pixels, [image.captions for image in images], tokenizer, settings, progress)
+    vision = save_vision_standin(directory / "vision", settings.seed, clip)
+    language_model = train_language_standin(texts, tokenizer, settings, progress)
+    language = save_language_standin(directory / "language", tokenizer, language_model)
     return BackboneSpec(vision_model=vision, vision_pretrained=None, language_model=language)

@@ -1,0 +1,184 @@
+"""Training configurations: small dataclasses read from YAML, every key and value checked.
+
+A run is a model (backbones and module settings) and one or two stages: optional pre-training on
+Visual Genome region descriptions, then fine-tuning on COCO or Flickr30k. An unknown key, a
+missing one or a bad value is a `ConfigError` that names the key, e.g. `stages[1].epochs`.
+"""
+
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from ituning.backbones import BackboneSpec
+from ituning.model import ITuningConfig
+
+DATASETS = ("coco", "flickr30k", "vg", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message starts with the offending key."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    vision_model: str = "ViT-B-16"
+    vision_pretrained: str | None = "openai"
+    language_model: str = "gpt2"
+    bottleneck: int | None = None  # r; None means d_model // 2
+    scale: float = 4.0  # λ
+    drop_first: int = 0  # I-Tuning Dropping
+
+    def checks(self):
+        yield "bottleneck", self.bottleneck is None or self.bottleneck > 0, "must be positive"
+        yield "scale", self.scale > 0, "must be positive"
+        yield "drop_first", self.drop_first >= 0, "must be 0 or more"
+
+    def backbones(self) -> BackboneSpec:
+        return BackboneSpec(self.vision_model, self.vision_pretrained, self.language_model)
+
+    def ituning(self) -> ITuningConfig:
+        return ITuningConfig(bottleneck=self.bottleneck, scale=self.scale, drop_first=self.drop_first)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    dataset: Literal["coco", "flickr30k", "vg", "synthetic"]
+    epochs: int
+    train_split: str = "train"
+    val_split: str | None = "val"  # None: no validation (VG pre-training)
+    captions: Literal["all", "random"] = "all"  # every caption once per epoch, or one random caption per image
+    batch_size: int = 4096  # the paper's effective batch
+    micro_batch_size: int = 64  # per forward pass; gradients accumulate up to batch_size
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05  # linear warm-up over this share of the steps, then cosine decay to 0
+    max_grad_norm: float = 1.0
+    max_caption_tokens: int = 40  # EOS included
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    validate_every_epochs: int = 1
+    val_images: int | None = None  # score only the first n validation images (None: all)
+    val_beams: int = 1  # greedy during training; the final test uses the paper's beam of 5
+    val_max_length: int = 20
+    init_from: str | None = None  # a module checkpoint to start from (e.g. external pre-training)
+    seed: int = 0
+
+    def checks(self):
+        yield "name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"
+        for key in ("epochs", "batch_size", "micro_batch_size", "max_caption_tokens", "validate_every_epochs",
+                    "val_beams", "val_max_length"):
+            yield key, getattr(self, key) > 0, "must be positive"
+        yield "batch_size", self.batch_size % self.micro_batch_size == 0, "must be a multiple of micro_batch_size"
+        yield "learning_rate", self.learning_rate > 0, "must be positive"
+        yield "weight_decay", self.weight_decay >= 0, "must be 0 or more"
+        yield "warmup_fraction", 0 <= self.warmup_fraction < 1, "must be in [0, 1)"
+        yield "max_grad_norm", self.max_grad_norm > 0, "must be positive"
+        yield "checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be 0 or more"
+        yield "val_images", self.val_images is None or self.val_images > 0, "must be positive"
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    stages: list[StageConfig]
+    model: ModelSettings = field(default_factory=ModelSettings)
+    device: str = "auto"
+
+    def checks(self):
+        yield "stages", len(self.stages) > 0, "must hold at least one stage"
+        names = [stage.name for stage in self.stages]
+        yield "stages", len(set(names)) == len(names), f"stage names must differ, got {names}"
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    try:
+        return config_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+
+
+def config_from_dict(data) -> RunConfig:
+    return _build(RunConfig, data, "")
+
+
+def config_to_dict(config) -> dict:
+    """The resolved config, every default filled in (logged as run parameters)."""
+    if isinstance(config, list):
+        return [config_to_dict(item) for item in config]
+    if hasattr(config, "__dataclass_fields__"):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in fields(config)}
+    return config
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{_join(where, key)}: unknown key (expected one of {', '.join(known)})")
+    values = {}
+    for name, spec in known.items():
+        if name in data:
+            values[name] = _convert(hints[name], data[name], _join(where, name))
+        elif spec.default is MISSING and spec.default_factory is MISSING:
+            raise ConfigError(f"{_join(where, name)}: required key is missing")
+    instance = cls(**values)
+    for key, ok, message in instance.checks():
+        if not ok:
+            raise ConfigError(f"{_join(where, key)}: {message}, got {getattr(instance, key)!r}")
+    return instance
+
+
+def _convert(hint, value, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [arg for arg in args if arg is not type(None)]
+        return _convert(hint, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_convert(args[0], item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if hasattr(hint, "__dataclass_fields__"):
+        return _build(hint, value, where)
+    return _scalar(hint, value, where)
+
+
+def _scalar(hint, value, where: str):
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

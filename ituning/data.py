@@ -1,0 +1,85 @@
+"""Caption batches for training: which captions an epoch visits, and how they become tensors.
+
+An epoch's order is a pure function of (seed, epoch), so a resumed run only needs the epoch and
+the number of steps already taken in it to continue exactly where it stopped.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (the prompt and the padding)
+
+
+@dataclass
+class CaptionBatch:
+    input_ids: torch.Tensor  # (B, T): BOS, caption tokens, EOS, then padding
+    labels: torch.Tensor  # (B, T): the token at each position, IGNORE_INDEX on BOS and padding
+    attention_mask: torch.Tensor  # (B, T)
+    visual: torch.Tensor  # (B, N, d_v)
+
+    @property
+    def target_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def to(self, device) -> "CaptionBatch":
+        return CaptionBatch(*(tensor.to(device) for tensor in
+                              (self.input_ids, self.labels, self.attention_mask, self.visual)))
+
+
+def samples_per_epoch(captions: Mapping[str, list[str]], mode: str) -> int:
+    if mode == "all":
+        return sum(len(texts) for texts in captions.values())
+    return sum(1 for texts in captions.values() if texts)
+
+
+def epoch_samples(captions: Mapping[str, list[str]], mode: str, seed: int, epoch: int) -> list[tuple[str, int]]:
+    """(image_id, caption index) pairs in this epoch's shuffled order.
+
+    mode "all": every caption once; mode "random": one caption per image, drawn anew each epoch.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    image_ids = sorted(image_id for image_id, texts in captions.items() if texts)
+    if mode == "all":
+        pairs = [(image_id, index) for image_id in image_ids for index in range(len(captions[image_id]))]
+    else:
+        draws = torch.randint(0, 2**31 - 1, (len(image_ids),), generator=generator).tolist()
+        pairs = [(image_id, draw % len(captions[image_id])) for image_id, draw in zip(image_ids, draws)]
+    order = torch.randperm(len(pairs), generator=generator).tolist()
+    return [pairs[index] for index in order]
+
+
+def caption_token_rows(texts: list[str], tokenizer, max_tokens: int) -> list[list[int]]:
+    """BOS + caption tokens + EOS, the caption cut so that the row holds at most max_tokens targets."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [[bos, *ids[: max_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
+
+
+def pad_caption_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, labels and attention_mask (each (B, T)) of right-padded token rows."""
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row_index, row in enumerate(rows):
+        tokens = torch.tensor(row)
+        input_ids[row_index, : len(row)] = tokens
+        labels[row_index, 1 : len(row)] = tokens[1:]
+        attention_mask[row_index, : len(row)] = 1
+    return input_ids, labels, attention_mask
+
+
+def collate(samples, captions, features: Mapping, tokenizer, max_tokens: int) -> CaptionBatch:
+    rows = caption_token_rows([captions[image_id][index] for image_id, index in samples], tokenizer, max_tokens)
+    visual = np.stack([np.asarray(features[image_id]) for image_id, _ in samples])  # (B, N, d_v)
+    return CaptionBatch(*pad_caption_rows(rows, tokenizer.eos_token_id), torch.from_numpy(visual).float())
+
+
+def feature_batches(features: Mapping, image_ids: list[str], batch_size: int):
+    """(image ids, visual tokens (B, N, d_v)) in fixed-size chunks, for captioning."""
+    for start in range(0, len(image_ids), batch_size):
+        chunk = image_ids[start : start + batch_size]
+        yield chunk, torch.from_numpy(np.stack([np.asarray(features[i]) for i in chunk])).float()

@@ -1,0 +1,310 @@
+"""Training the I-Tuning modules on cached visual tokens (the paper's Section 3, "Training Objective").
+
+The objective is the autoregressive language-model loss on caption tokens (EOS appended, padding
+masked) given the image's visual tokens: L = -Σ_t log P(x_t | x_<t, V). Only the modules train
+(AdamW over the parameters with requires_grad); the backbones stay frozen and in eval mode, so
+GPT-2's dropout is off and a step is a deterministic function of the data and the weights.
+
+A step averages the loss over every caption token of the whole effective batch (4,096 captions in
+the paper), accumulated over micro-batches, so the gradient does not depend on how the batch is
+split. The learning rate warms up linearly, then decays along a cosine to zero. Stages run in
+order (VG pre-training, then COCO or Flickr30k fine-tuning), each starting from the modules the
+previous stage ended with. Progress goes to plain callbacks: any objects with some of
+`on_step(step, metrics)`, `on_epoch(epoch, metrics)`, `on_checkpoint(path)` and, between stages,
+`on_stage(name, config)`.
+"""
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ituning.backbones import BackboneSpec, load_language_model, vision_width
+from ituning.captioner import resolve_device
+from ituning.checkpoint import CONFIG_FILE, load_weights_into, save_checkpoint
+from ituning.config import RunConfig, StageConfig, config_to_dict
+from ituning.data import CaptionBatch, collate, epoch_samples, feature_batches, samples_per_epoch
+from ituning.decoding import CachedStep, DecodingConfig, generate
+from ituning.model import ITuningCaptioner, trainable_parameters
+from ituning.training_state import (
+    TrainerState,
+    last_checkpoint,
+    restore_training_checkpoint,
+    save_training_checkpoint,
+)
+
+Scorer = Callable[[dict[str, str], dict[str, list[str]]], dict[str, float]]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; training stopped."""
+
+
+@dataclass
+class StageData:
+    """What a stage reads: visual tokens by image id (a FeatureReader or a dict) and captions."""
+
+    features: Mapping  # image_id -> array (N, d_v)
+    captions: dict[str, list[str]]
+    val_features: Mapping | None = None
+    val_captions: dict[str, list[str]] | None = None
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    final_dir: Path
+    best_dir: Path | None
+    best_cider: float | None
+    last_loss: float | None
+    history: list[dict]
+
+
+def default_scorer(candidates: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    from ituning.evaluation import score_captions
+
+    return score_captions(candidates, references)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warm-up to 1, then a cosine down to 0 at total_steps."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+def caption_loss_sum(model: ITuningCaptioner, batch: CaptionBatch) -> torch.Tensor:
+    """Σ over the batch's caption tokens of -log P(token | prefix, image)."""
+    logits = model(batch.input_ids, visual=batch.visual, attention_mask=batch.attention_mask).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), reduction="sum"
+    )  # position t predicts token t + 1
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (precision auto or bf16); full precision elsewhere."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class BlindStep(CachedStep):
+    """Decoding with the modules switched off: the plain frozen language model (the caption-blind
+    baseline). The visual tokens are ignored."""
+
+    def __init__(self, model: ITuningCaptioner, visual: torch.Tensor):
+        super().__init__(model, visual[:, :1])
+        self.memory = None
+
+
+def caption_feature_set(model, tokenizer, features: Mapping, image_ids: list[str], decoding: DecodingConfig,
+                        batch_size: int = 64, blind: bool = False) -> dict[str, str]:
+    """Captions generated from cached visual tokens, by image id."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prompt = torch.tensor([[bos]], device=device)  # (1, 1)
+    captions = {}
+    for chunk, visual in feature_batches(features, image_ids, batch_size):
+        token_ids = generate(model, visual.to(device, dtype), prompt, tokenizer.eos_token_id, decoding,
+                             step=BlindStep if blind else CachedStep)
+        captions.update(zip(chunk, (tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids)))
+    return captions
+
+
+def evaluate_captions(model, tokenizer, features: Mapping, captions: dict[str, list[str]], score: Scorer,
+                      decoding: DecodingConfig = DecodingConfig(), blind: bool = False) -> dict[str, float]:
+    """Scores of captions generated for every image of `captions` (blind: without the image)."""
+    image_ids = sorted(image_id for image_id, texts in captions.items() if texts)
+    candidates = caption_feature_set(model, tokenizer, features, image_ids, decoding, blind=blind)
+    return score(candidates, {image_id: captions[image_id] for image_id in image_ids})
+
+
+class StageTrainer:
+    """One stage: epochs of accumulated steps, checkpoints, validation, resume."""
+
+    def __init__(self, model: ITuningCaptioner, tokenizer, backbones: BackboneSpec, stage: StageConfig,
+                 data: StageData, stage_dir: Path, score: Scorer | None = None, callbacks=(), progress=True):
+        self.model, self.tokenizer, self.backbones = model, tokenizer, backbones
+        self.stage, self.data, self.stage_dir = stage, data, Path(stage_dir)
+        self.score = score or default_scorer
+        self.callbacks, self.progress = list(callbacks), progress
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.AdamW(
+            trainable_parameters(model), lr=stage.learning_rate, weight_decay=stage.weight_decay
+        )
+        self.steps_per_epoch = math.ceil(samples_per_epoch(data.captions, stage.captions) / stage.batch_size)
+        total = self.steps_per_epoch * stage.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(total, round(stage.warmup_fraction * total))
+        )
+        self.state = TrainerState()
+
+    def notify(self, event: str, *args) -> None:
+        for callback in self.callbacks:
+            handler = getattr(callback, event, None)
+            if handler is not None:
+                handler(*args)
+
+    def start(self, resume: bool = True) -> None:
+        """Continue from the last checkpoint if there is one, else from `init_from` if given."""
+        checkpoint = last_checkpoint(self.stage_dir) if resume else None
+        if checkpoint is not None:
+            self.state = restore_training_checkpoint(
+                checkpoint, self.model, self.backbones, self.optimizer, self.scheduler
+            )
+            return
+        if self.stage.init_from:
+            load_weights_into(self.model, self.stage.init_from, self.backbones)
+        torch.manual_seed(self.stage.seed)
+
+    def run(self, resume: bool = True) -> StageResult:
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"stage {self.stage.name}: no training captions")
+        self.start(resume)
+        self.model.eval()  # frozen backbones: no dropout; the modules have none
+        total = self.steps_per_epoch * self.stage.epochs
+        with tqdm(total=total, initial=self.state.step, desc=self.stage.name, disable=not self.progress) as bar:
+            while self.state.epoch < self.stage.epochs:
+                self.run_epoch(bar)
+        final = save_checkpoint(self.stage_dir / "final", self.model, self.backbones)
+        (final / "metrics.json").write_text(json.dumps(self.state.history, indent=1))
+        best = self.stage_dir / "best"
+        return StageResult(self.stage.name, self.state.step, final, best if best.exists() else None,
+                           self.state.best_cider, self.state.last_loss, self.state.history)
+
+    def run_epoch(self, bar) -> None:
+        samples = epoch_samples(self.data.captions, self.stage.captions, self.stage.seed, self.state.epoch)
+        every = self.stage.checkpoint_every_steps
+        while self.state.step_in_epoch < self.steps_per_epoch:
+            start = self.state.step_in_epoch * self.stage.batch_size
+            metrics = self.train_step(samples[start : start + self.stage.batch_size])
+            self.state.step += 1
+            self.state.step_in_epoch += 1
+            self.state.epoch_loss_sum += metrics["loss"]
+            self.state.last_loss = metrics["loss"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            self.notify("on_step", self.state.step, metrics)
+            if every and self.state.step % every == 0 and self.state.step_in_epoch < self.steps_per_epoch:
+                self.save()
+        self.end_epoch()
+
+    def train_step(self, samples: list[tuple[str, int]]) -> dict[str, float]:
+        started = time.perf_counter()
+        micro = self.stage.micro_batch_size
+        batches = [
+            collate(samples[i : i + micro], self.data.captions, self.data.features, self.tokenizer,
+                    self.stage.max_caption_tokens)
+            for i in range(0, len(samples), micro)
+        ]
+        tokens = sum(batch.target_tokens for batch in batches)
+        loss_total = 0.0
+        for batch in batches:
+            with autocast_for(self.device, self.stage.precision):
+                loss = caption_loss_sum(self.model, batch.to(self.device)) / tokens
+            self.check_finite(loss, "loss")
+            loss.backward()
+            loss_total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.stage.max_grad_norm)
+        self.check_finite(norm, "gradient norm")
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        seconds = time.perf_counter() - started
+        return {"loss": loss_total, "lr": learning_rate, "grad_norm": float(norm),
+                "captions_per_s": len(samples) / seconds, "epoch": float(self.state.epoch)}
+
+    def check_finite(self, value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value).all():
+            kept = last_checkpoint(self.stage_dir)
+            raise NonFiniteLoss(
+                f"stage {self.stage.name}: the {what} became {value.item()} at step {self.state.step + 1} "
+                f"(epoch {self.state.epoch}); stopped. Last good checkpoint: "
+                f"{kept if kept else 'none written yet'}"
+            )
+
+    def end_epoch(self) -> None:
+        epoch = self.state.epoch
+        metrics = {"train_loss": self.state.epoch_loss_sum / max(1, self.state.step_in_epoch)}
+        if self.stage.val_split and self.data.val_captions and (epoch + 1) % self.stage.validate_every_epochs == 0:
+            metrics.update(self.validate())
+            self.keep_if_best(metrics)
+        self.state.history.append({"epoch": epoch, **metrics})
+        self.state.epoch, self.state.step_in_epoch, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
+        self.save()
+        self.notify("on_epoch", epoch, metrics)
+
+    def validate(self) -> dict[str, float]:
+        image_ids = sorted(i for i, texts in self.data.val_captions.items() if texts)[: self.stage.val_images]
+        decoding = DecodingConfig(num_beams=self.stage.val_beams, max_length=self.stage.val_max_length)
+        with autocast_for(self.device, self.stage.precision):
+            scores = evaluate_captions(self.model, self.tokenizer, self.data.val_features,
+                                       {i: self.data.val_captions[i] for i in image_ids}, self.score, decoding)
+        return {f"val_{name}": value for name, value in scores.items()}
+
+    def keep_if_best(self, metrics: dict[str, float]) -> None:
+        cider = metrics["val_CIDEr"]
+        if self.state.best_cider is None or cider > self.state.best_cider:
+            self.state.best_cider = cider
+            best = save_checkpoint(self.stage_dir / "best", self.model, self.backbones)
+            (best / "metrics.json").write_text(json.dumps({"epoch": self.state.epoch, **metrics}, indent=1))
+            self.notify("on_checkpoint", best)
+
+    def save(self) -> None:
+        path = save_training_checkpoint(self.stage_dir, self.model, self.backbones, self.optimizer,
+                                        self.scheduler, self.state)
+        self.notify("on_checkpoint", path)
+
+
+def build_model(config: RunConfig, device: str = "auto"):
+    """The frozen language model with fresh modules, its tokenizer and the backbone spec."""
+    device = resolve_device(config.device if device == "auto" else device)
+    backbones = config.model.backbones()
+    language_model, tokenizer = load_language_model(backbones.language_model, device)
+    model = ITuningCaptioner(language_model, vision_width(backbones.vision_model), config.model.ituning())
+    return model.to(device), tokenizer, backbones
+
+
+def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path, score: Scorer | None = None,
+              callbacks=(), device: str = "auto", resume: bool = True, progress: bool = True) -> list[StageResult]:
+    """Every stage of `config` in order, each on `data[stage.name]`, under out_dir/<stage>/.
+
+    A stage whose final checkpoint exists is not trained again (its modules are loaded), a stage
+    with a `last` checkpoint continues from it.
+    """
+    missing = [stage.name for stage in config.stages if stage.name not in data]
+    if missing:
+        raise ValueError(f"no data given for stage(s) {missing}")
+    if score is None and any(stage.val_split and data[stage.name].val_captions for stage in config.stages):
+        import ituning.evaluation  # noqa: F401  (fail now rather than after the first epoch)
+    model, tokenizer, backbones = build_model(config, device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
+    results = []
+    for stage in config.stages:
+        stage_dir = out_dir / stage.name
+        trainer = StageTrainer(model, tokenizer, backbones, stage, data[stage.name], stage_dir, score,
+                               callbacks, progress)
+        trainer.notify("on_stage", stage.name, config_to_dict(stage))
+        if resume and (stage_dir / "final" / CONFIG_FILE).is_file():
+            load_weights_into(model, stage_dir / "final", backbones)
+            history = json.loads((stage_dir / "final" / "metrics.json").read_text())
+            results.append(StageResult(stage.name, -1, stage_dir / "final", None, None, None, history))
+            continue
+        results.append(trainer.run(resume))
+    return results

@@ -1,0 +1,55 @@
+import yaml
+from typer.testing import CliRunner
+
+from ituning.cli import app
+from tests.karpathy_fixture import write_karpathy_corpus
+
+runner = CliRunner()
+
+
+def write_config(path, backbones, **stage):
+    config = {
+        "name": "cli", "device": "cpu",
+        "model": {"vision_model": backbones.vision_model, "vision_pretrained": None,
+                  "language_model": backbones.language_model},
+        "stages": [{"name": "finetune", "dataset": "synthetic", "epochs": 1, "batch_size": 8, "micro_batch_size": 8,
+                    "precision": "fp32", "val_split": None, **stage}],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_train_command_runs_a_config_on_a_karpathy_corpus(standin_backbones, tmp_path):
+    corpus = write_karpathy_corpus(tmp_path / "corpus", {"train": 6}, size=32)
+    config = write_config(tmp_path / "run.yaml", standin_backbones)
+    result = runner.invoke(app, ["train", "--config", str(config), "--karpathy-json", str(corpus),
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "finetune: modules at" in result.output
+    assert (tmp_path / "run" / "finetune" / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "finetune" / "last" / "trainer_state.json").is_file()
+
+
+def test_train_command_reports_a_bad_config_key(standin_backbones, tmp_path):
+    config = write_config(tmp_path / "run.yaml", standin_backbones, epochs=-2)
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "stages[0].epochs: must be positive" in result.output
+
+
+def test_train_command_without_a_corpus_says_what_to_pass(standin_backbones, tmp_path):
+    config = write_config(tmp_path / "run.yaml", standin_backbones)
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--karpathy-json" in result.output
+
+
+def test_standins_command_writes_backbones_the_normal_loaders_read(tmp_path):
+    from ituning.backbones import BackboneSpec, load_language_model, load_vision_encoder
+
+    corpus = write_karpathy_corpus(tmp_path / "corpus", {"train": 8}, size=32)
+    result = runner.invoke(app, ["standins", "--karpathy-json", str(corpus), "--out", str(tmp_path / "bb"),
+                                 "--vision-steps", "2", "--language-steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"vision_model: local-dir:{tmp_path / 'bb' / 'vision'}" in result.output
+    encoder = load_vision_encoder(BackboneSpec(f"local-dir:{tmp_path / 'bb' / 'vision'}", None))
+    model, tokenizer = load_language_model(str(tmp_path / "bb" / "language"))
+    assert encoder.width == 128 and model.config.vocab_size == len(tokenizer) > 256

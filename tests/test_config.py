@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from ituning.config import ConfigError, config_from_dict, config_to_dict, load_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+PAPER_ROWS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-large-drop18")
+
+
+def minimal(**stage) -> dict:
+    return {"name": "x", "stages": [{"name": "finetune", "dataset": "coco", "epochs": 30, **stage}]}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
+def test_every_config_loads_and_opens_with_its_command(path):
+    config = load_config(path)
+    lines = path.read_text().splitlines()
+    opening = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+    assert any(line.startswith(f"# ituning train --config configs/{path.name}") for line in opening)
+    assert config.name == path.stem
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_presets_cover_the_paper_rows():
+    names = {path.stem for path in CONFIGS}
+    for dataset in ("coco", "flickr30k"):
+        for row in PAPER_ROWS:
+            assert {f"{dataset}-{row}", f"{dataset}-{row}-vlp"} <= names
+    vlp = load_config(Path(__file__).parents[1] / "configs" / "coco-gpt2-large-drop18-vlp.yaml")
+    assert [(s.name, s.dataset, s.epochs) for s in vlp.stages] == [("pretrain", "vg", 10), ("finetune", "coco", 30)]
+    assert vlp.model.drop_first == 18 and vlp.model.language_model == "gpt2-large"
+    assert all(stage.batch_size == 4096 for stage in vlp.stages)
+
+
+@pytest.mark.parametrize("data, key", [
+    (minimal(epochs=0), "stages[0].epochs"),
+    (minimal(epochs="ten"), "stages[0].epochs"),
+    (minimal(captions="some"), "stages[0].captions"),
+    (minimal(learning_rat=0.1), "stages[0].learning_rat"),
+    (minimal(batch_size=100, micro_batch_size=64), "stages[0].batch_size"),
+    (minimal(warmup_fraction=1.5), "stages[0].warmup_fraction"),
+    (minimal(dataset="imagenet"), "stages[0].dataset"),
+    ({**minimal(), "model": {"drop_first": -1}}, "model.drop_first"),
+    ({**minimal(), "model": {"languagemodel": "gpt2"}}, "model.languagemodel"),
+    ({**minimal(), "extra": 1}, "extra"),
+    ({"name": "x", "stages": []}, "stages"),
+    ({"name": "x", "stages": [minimal()["stages"][0]] * 2}, "stages"),
+    ({"stages": minimal()["stages"]}, "name"),
+    ({"name": "x", "stages": [{"name": "finetune", "dataset": "coco"}]}, "stages[0].epochs"),
+])
+def test_bad_keys_and_values_are_errors_naming_the_key(data, key):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(data)
+    assert str(error.value).startswith(f"{key}:")
+
+
+def test_yaml_floats_without_a_dot_and_file_errors(tmp_path):
+    assert config_from_dict(minimal(learning_rate="1e-4")).stages[0].learning_rate == 1e-4
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nstages:\n  - name: a\n    dataset: coco\n    epochs: 1\n    colour: red\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: stages\[0\].colour: unknown key"):
+        load_config(path)

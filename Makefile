@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 # nvidia packages. With 2.13.0 present, the constraints keep everything else from replacing it.
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench serve stop clean
 
 install: $(INSTALLED)
 
@@ -33,6 +33,12 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/feature_cache.py
 	$(BIN)/python benchmarks/training_throughput.py
 	$(BIN)/python benchmarks/catalog_build.py
+
+serve: $(INSTALLED)
+	$(BIN)/ituning serve
+
+stop:
+	$(BIN)/ituning stop
 
 clean:
 	rm -rf $(VENV) workspace

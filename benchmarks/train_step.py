@@ -16,8 +16,8 @@ import torch
 from common import CLIP_TOKENS, CLIP_WIDTH, gpt2_captioner, machine, median_seconds, peak_rss_mib
 
 
-def measure(mode: str, size: str, batch: int, length: int, steps: int, device: str, bf16: bool) -> dict:
-    model = gpt2_captioner(size).to(device).train()
+def measure(mode, size, batch, length, steps, device, bf16, drop_first) -> dict:
+    model = gpt2_captioner(size, drop_first).to(device).train()
     if mode == "full":
         model.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -49,16 +49,18 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--drop-first", type=int, default=0, help="I-Tuning Dropping for both modes")
     parser.add_argument("--mode", choices=["ituning", "full"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(measure(args.mode, args.size, args.batch, args.length, args.steps, args.device, args.bf16)))
+        print(json.dumps(measure(args.mode, args.size, args.batch, args.length, args.steps, args.device, args.bf16,
+                                 args.drop_first)))
         return
     results = {mode: json.loads(subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode],
                                                check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                for mode in ("ituning", "full")}
     ituning, full = results["ituning"], results["full"]
-    print(f"# {args.size}, batch {args.batch} x {args.length} tokens, {machine()}")
+    print(f"# {args.size}, drop first {args.drop_first}, batch {args.batch} x {args.length} tokens, {machine()}")
     print("| mode | trainable | step (s) | peak memory (MiB) | optimizer state (MiB) |")
     print("|---|---|---|---|---|")
     for result in (ituning, full):

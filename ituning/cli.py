@@ -8,6 +8,7 @@ import typer
 from ituning.cli_data import register as register_dataset_commands
 from ituning.cli_evaluation import score
 from ituning.cli_features import features_app
+from ituning.cli_services import serve, stop
 from ituning.cli_training import standins, train
 
 app = typer.Typer(help="I-Tuning: lightweight image captioning on frozen CLIP-ViT and GPT-2.",
@@ -79,6 +80,8 @@ register_dataset_commands(app)
 app.command()(score)
 app.command()(train)
 app.command()(standins)
+app.command()(serve)
+app.command()(stop)
 
 
 def _fail(error: Exception):

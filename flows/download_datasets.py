@@ -1,0 +1,14 @@
+"""download-datasets: fetch, verify and unpack datasets side by side (or write the synthetic corpus)."""
+
+from prefect import flow
+
+from flows.parameters import Dataset, Source, SyntheticImages, Workspace, resolve_workspace
+from flows.steps import fetch_datasets
+
+
+@flow(name="download-datasets", log_prints=True)
+def download_datasets(datasets: list[Dataset] = ["coco", "flickr30k", "vg", "nocaps"], source: Source = "synthetic",
+                      workspace: Workspace = None, synthetic_images: SyntheticImages = 600,
+                      flickr30k_images: str | None = None) -> list[dict]:
+    futures = fetch_datasets(resolve_workspace(workspace), list(datasets), source, synthetic_images, flickr30k_images)
+    return [future.result() for future in futures]

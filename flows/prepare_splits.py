@@ -1,0 +1,12 @@
+"""prepare-splits: the DuckDB catalog (Karpathy splits, NoCaps domains, VG without COCO val/test images)."""
+
+from prefect import flow
+
+from flows.parameters import Dataset, Workspace, resolve_workspace
+from tasks.data import build_catalog
+
+
+@flow(name="prepare-splits", log_prints=True)
+def prepare_splits(datasets: list[Dataset] = ["coco", "flickr30k", "vg", "nocaps"],
+                   workspace: Workspace = None) -> dict[str, dict]:
+    return build_catalog(resolve_workspace(workspace), list(datasets))

@@ -1,0 +1,81 @@
+"""Pieces the flows share. Each only submits tasks and wires their futures; no work happens here."""
+
+from pathlib import Path
+
+from prefect.futures import PrefectFuture, wait
+
+from tasks.data import build_catalog, build_demo_backbones, configured_backbones, download_dataset, write_demo_corpus
+from tasks.features import cache_feature_shard, feature_shards, finish_feature_cache
+from tasks.reports import advance_progress, open_progress
+from tasks.training import evaluate_checkpoint, train_stage
+
+
+def was_cached(future: PrefectFuture) -> bool:
+    future.wait()
+    return future.state.name == "Cached"
+
+
+def fetch_datasets(workspace: Path, datasets: list[str], source: str, synthetic_images: int,
+                   flickr30k_images: str | None = None) -> list[PrefectFuture]:
+    """One download per dataset, side by side; the synthetic corpus first when that is the source."""
+    manifests = write_demo_corpus(workspace, synthetic_images) if source == "synthetic" else {}
+    return [download_dataset.submit(workspace, dataset, manifest=manifests.get(dataset),
+                                    images=flickr30k_images if dataset == "flickr30k" else None)
+            for dataset in datasets]
+
+
+def prepare(workspace: Path, datasets: list[str], downloads: list[PrefectFuture]) -> PrefectFuture:
+    return build_catalog.submit(workspace, datasets, downloads=downloads)
+
+
+def backbones_for(workspace: Path, config: str, demo: bool, catalog: PrefectFuture) -> dict:
+    return build_demo_backbones(workspace, catalog) if demo else configured_backbones(config)
+
+
+def encode_splits(workspace: Path, splits: list[list[str]], backbones: dict, shard_size: int, device: str,
+                  catalog: PrefectFuture | None = None) -> dict[tuple[str, str], PrefectFuture]:
+    """Every shard of every split mapped at once (threads, or Dask workers); one entry point per split."""
+    listings = {(d, s): feature_shards.submit(workspace, d, s, backbones, shard_size, catalog=catalog) for d, s in splits}
+    shard_futures = {key: cache_feature_shard.map(workspace, key[0], key[1], backbones, listing.result(), shard_size,
+                                                  device=device)
+                     for key, listing in listings.items()}
+    _report_shard_progress(shard_futures)
+    return {key: finish_feature_cache.submit(workspace, key[0], key[1], backbones, shard_size, shard_files=futures)
+            for key, futures in shard_futures.items()}
+
+
+def _report_shard_progress(shard_futures: dict) -> None:
+    every = [future for futures in shard_futures.values() for future in futures]
+    progress = open_progress(f"feature shards: {len(every)}")
+    remaining = set(every)
+    while remaining:
+        finished, remaining = wait(list(remaining), timeout=5)
+        if finished:
+            advance_progress(progress, len(every) - len(remaining), len(every))
+
+
+def train_in_order(workspace: Path, config: str, stages: list[dict], entries: dict, parent_run_id: str | None,
+                   device: str, init_from: str | None = None) -> list[PrefectFuture]:
+    """Stages one after the other, each starting from the previous one's best checkpoint."""
+    futures = []
+    for stage in stages:
+        features = [entries[(stage["dataset"], split)] for split in stage["splits"]]
+        future = train_stage.submit(workspace, config, stage["name"], parent_run_id=parent_run_id,
+                                    init_from=init_from, device=device, features=features)
+        init_from = future.result()["checkpoint"]
+        futures.append(future)
+    return futures
+
+
+def evaluate_all(workspace: Path, checkpoint: str, evaluations: list[list[str]], entries: dict,
+                 parent_run_id: str | None, gallery_size: int) -> list[PrefectFuture]:
+    return [evaluate_checkpoint.submit(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
+                                       gallery_size=gallery_size, features=[entries[(dataset, split)]])
+            for dataset, split in evaluations]
+
+
+def stage_record(stage: str, future: PrefectFuture) -> dict:
+    result = future.result()
+    metrics = result.get("metrics") or {"best CIDEr": result.get("best_cider"), "steps": result.get("steps")}
+    metrics = {name: value for name, value in metrics.items() if isinstance(value, (int, float))}
+    return {"stage": stage, "cached": was_cached(future), "metrics": metrics, "run_id": result.get("run_id")}

@@ -1,0 +1,44 @@
+"""Tasks that put the datasets in place: the synthetic corpus, downloads, the catalog, the demo backbones."""
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage import stages
+from tasks.caching import EXPENSIVE, retry_transient
+from tasks.plan import PipelinePlan, plan_for_config
+
+
+@task(name="plan-pipeline", cache_policy=NO_CACHE)
+def plan_pipeline(config: str, evaluate_on: list[str]) -> dict:
+    """Which datasets, splits and stages the run configuration needs."""
+    return plan_for_config(config, evaluate_on).to_dict()
+
+
+@task(name="write-demo-corpus", cache_policy=EXPENSIVE, persist_result=True)
+def write_demo_corpus(workspace: Path, images: int, seed: int = 0) -> dict[str, str]:
+    return stages.write_demo_corpus(workspace, images=images, seed=seed)
+
+
+@task(name="download-dataset", cache_policy=EXPENSIVE, persist_result=True, retries=3,
+      retry_delay_seconds=[10, 40, 160], retry_jitter_factor=0.5, retry_condition_fn=retry_transient,
+      task_run_name="download-{dataset}")
+def download_dataset(workspace: Path, dataset: str, manifest: str | None = None, images: str | None = None) -> dict:
+    return stages.download(workspace, dataset, manifest=manifest, images=images)
+
+
+@task(name="build-catalog", cache_policy=EXPENSIVE, persist_result=True)
+def build_catalog(workspace: Path, datasets: list[str], downloads: list[dict] | None = None) -> dict[str, dict]:
+    """`downloads` only orders this after the downloads and keys the cache on what they fetched."""
+    return stages.build_catalog(workspace, datasets)
+
+
+@task(name="build-demo-backbones", cache_policy=EXPENSIVE, persist_result=True)
+def build_demo_backbones(workspace: Path, catalog: dict, seed: int = 0) -> dict:
+    return stages.build_demo_backbones(workspace, seed=seed)
+
+
+@task(name="configured-backbones", cache_policy=NO_CACHE)
+def configured_backbones(config: str) -> dict:
+    return PipelinePlan.backbones_of(config)

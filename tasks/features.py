@@ -1,0 +1,30 @@
+"""Tasks over the HDF5 feature cache: one task per shard, so shards run side by side."""
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage import stages
+from tasks.caching import EXPENSIVE
+
+
+@task(name="list-feature-shards", cache_policy=NO_CACHE, task_run_name="shards-{dataset}-{split}")
+def feature_shards(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int,
+                   catalog: dict | None = None) -> list[int]:
+    """`catalog` orders this after the catalog build."""
+    return stages.feature_shards(workspace, dataset, split, backbones, shard_size=shard_size)
+
+
+@task(name="cache-feature-shard", cache_policy=EXPENSIVE, persist_result=True,
+      task_run_name="features-{dataset}-{split}-{shard}")
+def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: dict, shard: int, shard_size: int,
+                        device: str = "auto") -> str:
+    return stages.cache_feature_shard(workspace, dataset, split, backbones, shard, shard_size=shard_size, device=device)
+
+
+@task(name="finish-feature-cache", cache_policy=NO_CACHE, task_run_name="features-{dataset}-{split}")
+def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int,
+                         shard_files: list[str]) -> str:
+    """Cheap (reuses every shard), so it always runs and re-checks the entry point."""
+    return stages.finish_feature_cache(workspace, dataset, split, backbones, shard_size=shard_size)

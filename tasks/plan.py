@@ -1,0 +1,66 @@
+"""What a run configuration needs from the data side: datasets, splits to encode, stages in order."""
+
+from dataclasses import asdict, dataclass
+
+from ituning.config import load_config
+from tasks.caching import config_path
+
+# The offline demo trains on the synthetic corpus's COCO-format dataset.
+CATALOG_DATASET = {"synthetic": "coco"}
+# The Visual Genome split leaves out COCO's val and test images, so it is built after COCO.
+NEEDS = {"vg": ("coco",)}
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    config: str
+    stages: list[dict]          # [{"name", "dataset", "splits"}] in training order
+    feature_splits: list[list[str]]   # [[dataset, split]] to encode
+    evaluations: list[list[str]]      # [[dataset, split]] scored with the final checkpoint
+    datasets: list[str]
+    demo_backbones: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def backbones_of(config: str) -> dict:
+        return load_config(config_path(config)).model.backbones().to_dict()
+
+
+def plan_for_config(config: str, evaluate_on: list[str]) -> PipelinePlan:
+    run = load_config(config_path(config))
+    stages, splits = [], []
+    for stage in run.stages:
+        dataset = CATALOG_DATASET.get(stage.dataset, stage.dataset)
+        stage_splits = [s for s in (stage.train_split, stage.val_split) if s]
+        stages.append({"name": stage.name, "dataset": dataset, "splits": stage_splits})
+        splits += [[dataset, split] for split in stage_splits]
+    final = stages[-1]["dataset"]
+    evaluations = [_evaluation(item, final) for item in evaluate_on]
+    splits += evaluations
+    datasets = _with_needs(sorted({dataset for dataset, _ in splits}))
+    demo = "workspace/backbones" in str(run.model.language_model)
+    return PipelinePlan(str(config), stages, _unique(splits), evaluations, datasets, demo)
+
+
+def _evaluation(item: str, final_dataset: str) -> list[str]:
+    """`test` means the final stage's dataset; `nocaps/val` names one."""
+    dataset, _, split = item.rpartition("/")
+    return [dataset or final_dataset, split]
+
+
+def _with_needs(datasets: list[str]) -> list[str]:
+    needed = set(datasets)
+    for dataset in datasets:
+        needed.update(NEEDS.get(dataset, ()))
+    return sorted(needed)
+
+
+def _unique(pairs: list[list[str]]) -> list[list[str]]:
+    seen, kept = set(), []
+    for pair in pairs:
+        if tuple(pair) not in seen:
+            seen.add(tuple(pair))
+            kept.append(pair)
+    return kept

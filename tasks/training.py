@@ -1,0 +1,51 @@
+"""Tasks for training, evaluation, the model registry and the MLflow parent run."""
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage import stages
+from tasks.caching import EXPENSIVE, retry_transient
+
+# A new pipeline run has a new MLflow parent run; the work it would redo is the same.
+STAGE_CACHE = EXPENSIVE - "parent_run_id"
+
+TRACKING_RETRIES = dict(retries=3, retry_delay_seconds=[5, 20, 80], retry_jitter_factor=0.5,
+                        retry_condition_fn=retry_transient)
+
+
+# Never retried: a failed training run resumes from its own last checkpoint when run again.
+@task(name="train-stage", cache_policy=STAGE_CACHE, persist_result=True, task_run_name="train-{stage}")
+def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | None = None,
+                init_from: str | None = None, device: str = "auto", features: list[str] | None = None) -> dict:
+    """`features` (the entry points this stage reads) orders it after the feature cache."""
+    return stages.train_stage(workspace, config, stage, parent_run_id=parent_run_id, init_from=init_from,
+                              device=device)
+
+
+@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, task_run_name="evaluate-{dataset}-{split}")
+def evaluate_checkpoint(workspace: Path, checkpoint: str, dataset: str, split: str, parent_run_id: str | None = None,
+                        gallery_size: int = 50, features: list[str] | None = None) -> dict:
+    return stages.evaluate(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
+                           gallery_size=gallery_size)
+
+
+@task(name="register-captioner", cache_policy=EXPENSIVE, persist_result=True, **TRACKING_RETRIES)
+def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str) -> dict:
+    return stages.register_captioner(workspace, checkpoint, run_id, name=name)
+
+
+@task(name="promote-if-better", cache_policy=NO_CACHE, **TRACKING_RETRIES)
+def promote_if_better(name: str, version: str, metric: str, value: float | None) -> dict:
+    return stages.promote_if_better(name, version, metric=metric, value=value)
+
+
+@task(name="start-pipeline-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)
+def start_pipeline_run(workspace: Path, name: str, parameters: dict) -> str:
+    return stages.start_pipeline_run(workspace, name, parameters)
+
+
+@task(name="finish-pipeline-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)
+def finish_pipeline_run(workspace: Path, run_id: str, failed: bool = False) -> None:
+    stages.finish_pipeline_run(workspace, run_id, failed=failed)

@@ -177,16 +177,26 @@ def train_language_standin(texts: list[str], tokenizer, settings: StandinTrainin
 
 def build_trained_standins(karpathy_json: str | Path, image_root: str | Path, directory: str | Path,
                            settings: StandinTraining = StandinTraining(), progress: bool = True) -> BackboneSpec:
-    """Tokenizer, ViT and GPT-2 stand-ins learned from a corpus's training split, saved under
+    """Stand-ins learned from the training split of a corpus in the Karpathy format."""
+    from ituning.karpathy import read_karpathy_split
+
+    images = read_karpathy_split(karpathy_json, image_root, "train")
+    return build_standins_from_images([(image.path, image.captions) for image in images], directory, settings,
+                                      progress)
+
+
+def build_standins_from_images(images: list[tuple[Path, list[str]]], directory: str | Path,
+                               settings: StandinTraining = StandinTraining(), progress: bool = True) -> BackboneSpec:
+    """Tokenizer, ViT and GPT-2 stand-ins learned from (image file, its captions) pairs, saved under
     directory/vision (open_clip folder) and directory/language (transformers folder)."""
-    from ituning.karpathy import load_pixels, read_karpathy_split
+    from ituning.karpathy import load_pixels
 
     directory = Path(directory)
-    images = read_karpathy_split(karpathy_json, image_root, "train")
-    texts = [caption for image in images for caption in image.captions]
+    captions = [texts for _, texts in images]
+    texts = [caption for image_captions in captions for caption in image_captions]
     tokenizer = train_tokenizer(texts, settings.vocab_size)
-    pixels = load_pixels([image.path for image in images], vision_preprocess())
-    clip = train_vision_standin(pixels, [image.captions for image in images], tokenizer, settings, progress)
+    pixels = load_pixels([path for path, _ in images], vision_preprocess())
+    clip = train_vision_standin(pixels, captions, tokenizer, settings, progress)
     vision = save_vision_standin(directory / "vision", settings.seed, clip)
     language_model = train_language_standin(texts, tokenizer, settings, progress)
     language = save_language_standin(directory / "language", tokenizer, language_model)

@@ -32,6 +32,7 @@ STAGE_TAG = "ituning.stage"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 BATCH = 100  # MLflow's limit on parameters per log_batch call
 MODEL_CODE = Path(__file__).with_name("captioner_model.py")
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 MODEL_REQUIREMENTS = ("torch", "transformers", "open_clip_torch", "safetensors", "pillow", "mlflow", "numpy")
 
 
@@ -297,10 +298,12 @@ def pinned_requirements() -> list[str]:
 
 @contextmanager
 def _fluent_store(uri: str):
-    """Point MLflow's module-level API at this store for the block only."""
+    """Point MLflow's module-level API at this store for the block only. Setting a URI also sets
+    its environment variable, which tracking_uri() reads: those are put back as they were too."""
     import mlflow
 
     saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    saved_environment = {name: os.environ.get(name) for name in URI_VARIABLES}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -308,6 +311,11 @@ def _fluent_store(uri: str):
     finally:
         mlflow.set_tracking_uri(saved[0])
         mlflow.set_registry_uri(saved[1])
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager

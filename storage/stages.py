@@ -1,0 +1,409 @@
+"""The pipeline's stages as plain functions: corpus, download, catalog, backbones, feature cache,
+training, evaluation, model registry.
+
+Each stage takes the workspace folder and small values (names, paths, ids) and returns a small
+JSON-serialisable result, so an orchestrator can run them as separate tasks, retry or cache them,
+and pass their results along. Tracking goes to MLflow (storage/tracking.py): a pipeline run is a
+parent run and each training or evaluation stage a child run of it.
+"""
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from storage.catalog import Catalog
+from storage.tracking import ExperimentTracker
+from storage.workspace import catalog_path
+
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
+CHAMPION = "champion"
+SAMPLE_SIZE = 5
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def write_demo_corpus(workspace: Path, images: int = 600, seed: int = 0) -> dict[str, str]:
+    """The synthetic corpus under workspace/synthetic; returns {dataset: manifest path}."""
+    from storage.synthetic import write_corpus
+
+    corpus = write_corpus(Path(workspace) / "synthetic", images, seed=seed)
+    return {dataset: str(path) for dataset, path in corpus.manifests.items()}
+
+
+def download(workspace: Path, dataset: str, manifest: str | None = None, images: str | None = None) -> dict:
+    """Fetch, verify and unpack a dataset (its built-in manifest unless one is given)."""
+    from storage.acquire import download_dataset
+    from storage.manifests import RemoteFile, built_in_manifest, load_manifest
+
+    chosen = load_manifest(Path(manifest)) if manifest else built_in_manifest(dataset)
+    if chosen.dataset != dataset:
+        raise ValueError(f"{manifest}: describes {chosen.dataset!r}, not {dataset!r}")
+    if images:
+        chosen = chosen.with_file(RemoteFile(Path(images.rstrip("/")).name, images))
+    report = download_dataset(chosen, Path(workspace))
+    return asdict(report)
+
+
+def build_catalog(workspace: Path, datasets: list[str]) -> dict[str, dict]:
+    """Catalog rows for each dataset, in the order the builds depend on; per-dataset summaries."""
+    from storage.catalog_build import BUILD_ORDER, build_dataset
+
+    unknown = sorted(set(datasets) - set(BUILD_ORDER))
+    if unknown:
+        raise ValueError(f"unknown datasets {unknown}; expected some of {list(BUILD_ORDER)}")
+    with Catalog(catalog_path(Path(workspace))) as catalog:
+        return {dataset: asdict(build_dataset(Path(workspace), dataset, catalog))
+                for dataset in BUILD_ORDER if dataset in datasets}
+
+
+def split_images(workspace: Path, dataset: str, split: str) -> list[tuple[str, Path]]:
+    """The split's usable images as (image_id, absolute path), sorted by image id."""
+    with Catalog(catalog_path(Path(workspace)), read_only=True) as catalog:
+        usable = catalog.usable_images(dataset, split)
+    if not usable:
+        raise ValueError(f"{dataset}/{split}: no usable images in the catalog; download and build it first")
+    return [(image.image_id, image.path if image.path.is_absolute() else Path(workspace) / image.path)
+            for image in usable]
+
+
+def build_demo_backbones(workspace: Path, seed: int = 0, vision_steps: int = 300, language_steps: int = 300,
+                         batch_size: int = 128) -> dict:
+    """Stand-in backbones trained on the catalog's COCO train split (the synthetic corpus in a demo
+    workspace), saved under workspace/backbones; returns their BackboneSpec as a dict."""
+    from ituning.standins import StandinTraining, build_standins_from_images
+
+    with Catalog(catalog_path(Path(workspace)), read_only=True) as catalog:
+        captions = catalog.captions("coco", "train")
+    images = [(path, captions[image_id]) for image_id, path in split_images(workspace, "coco", "train")
+              if captions.get(image_id)]
+    settings = StandinTraining(vision_steps=vision_steps, language_steps=language_steps, batch_size=batch_size,
+                               seed=seed)
+    spec = build_standins_from_images(images, Path(workspace) / "backbones", settings, progress=False)
+    return spec.to_dict()
+
+
+# ---- feature cache --------------------------------------------------------------------------
+
+
+def _spec(backbones: dict):
+    from ituning.backbones import BackboneSpec
+
+    return BackboneSpec(**backbones)
+
+
+def _feature_settings(shard_size: int, device: str):
+    from ituning.captioner import resolve_device
+    from storage.feature_shards import EncodeSettings
+    from storage.features import FeatureSettings
+
+    return FeatureSettings(shard_size, EncodeSettings(device=resolve_device(device)))
+
+
+def feature_entry(workspace: Path, dataset: str, split: str, backbones: dict) -> Path:
+    """Where the split's feature cache for these backbones has its entry point."""
+    from storage.features import ENTRY_NAME, split_cache_dir
+
+    return split_cache_dir(Path(workspace), dataset, split, _spec(backbones)) / ENTRY_NAME
+
+
+def feature_shards(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int = 1024) -> list[int]:
+    """The shard indices of the split's cache."""
+    from storage.feature_shards import ShardPlan
+
+    return list(range(ShardPlan(tuple(split_images(workspace, dataset, split)), shard_size).count))
+
+
+def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: dict, shard: int,
+                        shard_size: int = 1024, device: str = "auto") -> str:
+    """Encode one shard of the split's cache (reused when already finished); returns its file."""
+    from storage.features import build_shard
+
+    out_dir = feature_entry(workspace, dataset, split, backbones).parent
+    return str(build_shard(shard, split_images(workspace, dataset, split), _spec(backbones), out_dir,
+                           _feature_settings(shard_size, device)))
+
+
+def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int = 1024,
+                         device: str = "auto") -> str:
+    """Write the entry point once every shard exists (encoding any still missing) and verify the
+    cache against the catalog; returns the features.json path. `device` must be the one the
+    shards were encoded on: it decides the compute precision, which is part of the cache identity."""
+    from storage.features import build_feature_cache, verify_feature_cache
+
+    images = split_images(workspace, dataset, split)
+    out_dir = feature_entry(workspace, dataset, split, backbones).parent
+    entry = build_feature_cache(images, _spec(backbones), out_dir, _feature_settings(shard_size, device))
+    report = verify_feature_cache(entry, [image_id for image_id, _ in images])
+    if not report.ok:
+        raise RuntimeError(f"{entry}: " + "; ".join(report.problems))
+    return str(entry)
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+def resolve_config(config: str, workspace: Path):
+    """configs/<config>.yaml (or a YAML path) with local backbone paths made absolute: a relative
+    one is taken from the workspace when it exists there (e.g. backbones/vision)."""
+    from ituning.config import load_config
+
+    path = Path(config)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{config}.yaml"
+    run_config = load_config(path)
+    return replace(run_config, model=replace(run_config.model, **_workspace_backbones(run_config.model, workspace)))
+
+
+def _workspace_backbones(model, workspace: Path) -> dict:
+    from ituning.backbones import LOCAL_DIR
+
+    def located(path: str) -> str | None:
+        candidate = Path(workspace) / path
+        return str(candidate.resolve()) if not Path(path).is_absolute() and candidate.exists() else None
+
+    changed = {}
+    if model.vision_model.startswith(LOCAL_DIR) and located(model.vision_model[len(LOCAL_DIR):]):
+        changed["vision_model"] = LOCAL_DIR + located(model.vision_model[len(LOCAL_DIR):])
+    if model.vision_pretrained and located(model.vision_pretrained):
+        changed["vision_pretrained"] = located(model.vision_pretrained)
+    if located(model.language_model):
+        changed["language_model"] = located(model.language_model)
+    return changed
+
+
+def split_data(workspace: Path, dataset: str, split: str, backbones: dict):
+    """(FeatureReader, captions of the images it holds) for a split, checked against the catalog."""
+    from storage.features import FeatureReader
+
+    entry = feature_entry(workspace, dataset, split, backbones)
+    if not entry.is_file():
+        raise FileNotFoundError(f"{dataset}/{split}: no feature cache at {entry}; build it first "
+                                f"(`ituning features --dataset {dataset} --split {split} ...`)")
+    reader = FeatureReader(entry)
+    with Catalog(catalog_path(Path(workspace)), read_only=True) as catalog:
+        fingerprint = catalog.image_list_fingerprint(dataset, split)
+        captions = catalog.captions(dataset, split)
+    if reader.attrs["image_list_fingerprint"] != fingerprint:
+        raise ValueError(f"{entry}: built for another image list than the catalog's {dataset}/{split}; rebuild it")
+    return reader, {image_id: texts for image_id, texts in captions.items() if image_id in reader}
+
+
+def log_split_inputs(tracker: ExperimentTracker, run_id: str, workspace: Path, dataset: str, split: str,
+                     reader, context: str) -> None:
+    """The split as a dataset input of the run, with the feature cache's identity as params."""
+    tracker.log_dataset(run_id, f"{dataset}/{split}", reader.attrs["image_list_fingerprint"],
+                        catalog_path(Path(workspace)).resolve(), context, images=len(reader))
+    tracker.log_params(run_id, {f"features.{context}.{key}": value for key, value in reader.attrs.items()})
+
+
+def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | None = None,
+                init_from: str | None = None, device: str = "auto") -> dict:
+    """Train one stage of a config on the catalog's captions and the feature cache, tracked as a
+    child run of `parent_run_id` (of a pipeline run of its own when None). A rerun continues from
+    the stage's last checkpoint under workspace/runs/<config name>/<stage>/."""
+    from ituning.config import config_to_dict
+
+    workspace = Path(workspace)
+    run_config = resolve_config(config, workspace)
+    stage_config = _stage_named(run_config, stage, init_from)
+    run_config = replace(run_config, stages=[stage_config])
+    tracker = ExperimentTracker(workspace=workspace)
+    settings = config_to_dict(run_config)
+    with child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed) as run_id:
+        result = _train_tracked(tracker, run_id, workspace, run_config, stage_config, device)
+    return {**result, "run_id": run_id}
+
+
+@contextmanager
+def child_run(tracker: ExperimentTracker, parent_run_id: str | None, pipeline: str, stage: str, settings: dict,
+              seed: int | None = None):
+    """A stage's child run (params: settings, code version, seed), under `parent_run_id` or, when
+    None, under a pipeline run of its own; both end FAILED if the block raises."""
+    parent = parent_run_id or tracker.start_pipeline(pipeline, settings, seed)
+    try:
+        with tracker.stage_run(parent, stage, settings) as run_id:
+            if seed is not None:
+                tracker.log_params(run_id, {"seed": seed})
+            yield run_id
+    except BaseException:
+        if parent_run_id is None:
+            tracker.finish(parent, failed=True)
+        raise
+    if parent_run_id is None:
+        tracker.finish(parent)
+
+
+def _stage_named(run_config, stage: str, init_from: str | None):
+    found = [item for item in run_config.stages if item.name == stage]
+    if not found:
+        raise ValueError(f"{run_config.name}: no stage {stage!r} (stages: {[s.name for s in run_config.stages]})")
+    return replace(found[0], init_from=init_from) if init_from else found[0]
+
+
+def _train_tracked(tracker, run_id: str, workspace: Path, run_config, stage_config, device: str) -> dict:
+    from ituning.training import StageData, train_run
+
+    backbones = run_config.model.backbones().to_dict()
+    features, captions = split_data(workspace, stage_config.dataset, stage_config.train_split, backbones)
+    log_split_inputs(tracker, run_id, workspace, stage_config.dataset, stage_config.train_split, features, "training")
+    data = StageData(features, captions)
+    if stage_config.val_split:
+        data.val_features, data.val_captions = split_data(workspace, stage_config.dataset, stage_config.val_split,
+                                                          backbones)
+        log_split_inputs(tracker, run_id, workspace, stage_config.dataset, stage_config.val_split,
+                         data.val_features, "validation")
+    out_dir = workspace / "runs" / run_config.name
+    [result] = train_run(run_config, {stage_config.name: data}, out_dir, callbacks=[tracker.callbacks(run_id)],
+                         device=device, progress=False)
+    best = result.best_dir or _existing_best(out_dir / stage_config.name)
+    checkpoint = best or result.final_dir
+    tracker.log_checkpoint(run_id, checkpoint, "checkpoint")
+    best_cider = result.best_cider if result.best_cider is not None else _recorded_cider(best)
+    return {"checkpoint": str(checkpoint), "best_cider": best_cider, "steps": _steps(result)}
+
+
+def _existing_best(stage_dir: Path) -> Path | None:
+    return stage_dir / "best" if (stage_dir / "best" / "metrics.json").is_file() else None
+
+
+def _recorded_cider(best: Path | None) -> float | None:
+    return json.loads((best / "metrics.json").read_text()).get("val_CIDEr") if best else None
+
+
+def _steps(result) -> int:
+    """Steps of the stage; for a stage finished by an earlier run, from its trainer state."""
+    if result.steps >= 0:
+        return result.steps
+    state = result.final_dir.parent / "last" / "trainer_state.json"
+    return int(json.loads(state.read_text()).get("step", 0)) if state.is_file() else 0
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+
+def evaluate(workspace: Path, checkpoint: str, dataset: str, split: str, parent_run_id: str | None = None,
+             gallery_size: int = 50, device: str = "auto", num_beams: int = 5, blind_baseline: bool = False) -> dict:
+    """Caption a split from the feature cache, score it (NoCaps by domain; a server-format file for
+    NoCaps test, which has no public references) and log captions, scores, gallery and heatmaps to
+    a child run. With blind_baseline, also scores the same language model with the modules off."""
+    from ituning.captioner import Captioner
+    from ituning.decoding import DecodingConfig
+
+    workspace = Path(workspace)
+    captioner = Captioner.from_checkpoint(checkpoint, device)
+    decoding = DecodingConfig(num_beams=num_beams)
+    reader, references = split_data(workspace, dataset, split, captioner.backbones.to_dict())
+    tracker = ExperimentTracker(workspace=workspace)
+    settings = {"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "decoding": asdict(decoding),
+                "backbones": captioner.backbones.to_dict()}
+    name = f"evaluate-{dataset}-{split}"
+    with child_run(tracker, parent_run_id, name, name, settings) as run_id:
+        log_split_inputs(tracker, run_id, workspace, dataset, split, reader, "evaluation")
+        result = _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references, dataset, split,
+                                   decoding, gallery_size, blind_baseline)
+    return {**result, "run_id": run_id}
+
+
+def _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references, dataset, split, decoding,
+                      gallery_size, blind_baseline) -> dict:
+    from ituning.evaluation import evaluate_split, generate_captions, write_nocaps_submission
+    from ituning.report import write_report
+
+    images = dict(split_images(workspace, dataset, split))
+    out_dir = workspace / "evaluations" / run_id / f"{dataset}-{split}"
+    if references:
+        domains = _domains(workspace, dataset, split) if dataset == "nocaps" else None
+        captions, scores = evaluate_split(captioner, reader, references, domains, decoding)
+    else:
+        captions, scores = generate_captions(captioner, reader, sorted(reader.image_ids), decoding), {}
+    if dataset == "nocaps" and split == "test":
+        submission = write_nocaps_submission(captions, out_dir / "nocaps_test_submission.json", reader.image_ids)
+        tracker.client.log_artifact(run_id, str(submission), "submission")
+    if blind_baseline and references:
+        scores = {**scores, "blind": _blind_scores(captioner, reader, references, decoding)}
+    report = write_report(out_dir, f"{dataset} {split}", captions, scores, references, images, captioner,
+                          gallery_size)
+    tracker.log_evaluation(run_id, f"{dataset}_{split}", captions, scores, report.gallery, report.heatmaps)
+    sample = [[image_id, captions[image_id]] for image_id in sorted(captions)[:SAMPLE_SIZE]]
+    return {"metrics": scores, "captions_path": str(report.captions), "sample": sample}
+
+
+def _domains(workspace: Path, dataset: str, split: str) -> dict[str, str]:
+    with Catalog(catalog_path(Path(workspace)), read_only=True) as catalog:
+        return {image.image_id: image.domain for image in catalog.usable_images(dataset, split)}
+
+
+def _blind_scores(captioner, reader, references, decoding) -> dict[str, float]:
+    """The caption-blind baseline: the same frozen language model, modules switched off."""
+    from ituning.training import default_scorer, evaluate_captions
+
+    return evaluate_captions(captioner.model, captioner.tokenizer, reader, references, default_scorer, decoding,
+                             blind=True)
+
+
+# ---- model registry -------------------------------------------------------------------------
+
+
+def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str = "ituning-captioner") -> dict:
+    """Log the captioner as a pyfunc model under `run_id` and register it as a new version of `name`."""
+    tracker = ExperimentTracker(workspace=workspace)
+    model_uri = tracker.log_captioner_model(run_id, checkpoint, registered_name=name)
+    versions = tracker.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    version = max(versions, key=lambda item: int(item.version))
+    return {"name": name, "version": str(version.version), "model_uri": model_uri}
+
+
+def promote_if_better(name: str, version: str, metric: str = "CIDEr", value: float | None = None,
+                      workspace: Path | None = None) -> dict:
+    """Point alias "champion" at `version` when its `metric` beats the champion's (or there is no
+    champion). `value` defaults to the metric as logged in the version's run. The comparison is
+    recorded as tags on the candidate version."""
+    client = ExperimentTracker(workspace=workspace).client
+    if value is None:
+        value = _run_metric(client, name, version, metric)
+    champion_version, champion_value = _champion(client, name, metric)
+    promoted = champion_value is None or value > champion_value
+    tags = {f"metric.{metric}": value, "promotion.metric": metric, "promotion.candidate": value,
+            "promotion.champion": "none" if champion_value is None else champion_value,
+            "promotion.champion_version": champion_version or "none", "promotion.promoted": promoted}
+    for key, tag in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(tag))
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+    return {"promoted": promoted, "candidate": value, "champion": champion_value,
+            "champion_version": str(version) if promoted else champion_version}
+
+
+def _run_metric(client, name: str, version: str, metric: str) -> float:
+    run_id = client.get_model_version(name, str(version)).run_id
+    metrics = client.get_run(run_id).data.metrics
+    if metric not in metrics:
+        raise ValueError(f"{name} version {version}: its run {run_id} has no metric {metric!r}; pass value=")
+    return float(metrics[metric])
+
+
+def _champion(client, name: str, metric: str) -> tuple[str | None, float | None]:
+    """The champion's version and its recorded metric; (None, None) without a champion."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    recorded = champion.tags.get(f"metric.{metric}")
+    return str(champion.version), None if recorded is None else float(recorded)
+
+
+# ---- pipeline runs --------------------------------------------------------------------------
+
+
+def start_pipeline_run(workspace: Path, name: str, parameters: dict) -> str:
+    """A parent run with the pipeline's parameters (and its seed, when they hold one); its id."""
+    tracker = ExperimentTracker(workspace=workspace)
+    return tracker.start_pipeline(name, parameters, parameters.get("seed"))
+
+
+def finish_pipeline_run(workspace: Path, run_id: str, failed: bool = False) -> None:
+    ExperimentTracker(workspace=workspace).finish(run_id, failed)

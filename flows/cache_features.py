@@ -10,8 +10,7 @@ import os
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.parameters import Device, Preset, ShardSize, Workspace, resolve_workspace
-from flows.parameters import Dataset
+from flows.parameters import BackboneSteps, Dataset, Device, Preset, ShardSize, Workspace, resolve_workspace
 from flows.steps import backbones_for, encode_splits
 from tasks.data import plan_pipeline
 
@@ -29,9 +28,10 @@ def shard_task_runner():
 
 @flow(name="cache-features", log_prints=True, task_runner=shard_task_runner())
 def cache_features(dataset: Dataset = "coco", splits: list[str] = ["train", "val", "test"], config: Preset = "demo",
-                   workspace: Workspace = None, shard_size: ShardSize = 1024, device: Device = "auto") -> dict[str, str]:
+                   workspace: Workspace = None, shard_size: ShardSize = 1024, device: Device = "auto",
+                   backbone_steps: BackboneSteps = 300) -> dict[str, str]:
     root = resolve_workspace(workspace)
     plan = plan_pipeline(config, [])
-    backbones = backbones_for(root, config, plan["demo_backbones"], None)
+    backbones = backbones_for(root, config, plan["demo_backbones"], None, backbone_steps)
     entries = encode_splits(root, [[dataset, split] for split in splits], backbones, shard_size, device)
     return {f"{d}/{s}": future.result() for (d, s), future in entries.items()}

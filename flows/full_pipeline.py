@@ -9,7 +9,7 @@ in the log and in the run's summary artifact.
 from prefect import flow
 
 from flows.parameters import Evaluation, GallerySize, Preset, ShardSize, Source, SyntheticImages, Workspace, resolve_workspace
-from flows.parameters import Device
+from flows.parameters import BackboneSteps, Device
 from flows.steps import backbones_for, encode_splits, evaluate_all, fetch_datasets, prepare, stage_record, train_in_order
 from tasks.data import plan_pipeline
 from tasks.reports import publish_report
@@ -20,14 +20,15 @@ from tasks.training import finish_pipeline_run, promote_if_better, register_capt
 def full_pipeline(config: Preset = "demo", source: Source = "synthetic", workspace: Workspace = None,
                   synthetic_images: SyntheticImages = 600, shard_size: ShardSize = 1024,
                   evaluate_on: list[Evaluation] = ["test"], device: Device = "auto", gallery_size: GallerySize = 50,
-                  register_as: str = "ituning-captioner", flickr30k_images: str | None = None) -> dict:
+                  register_as: str = "ituning-captioner", flickr30k_images: str | None = None,
+                  backbone_steps: BackboneSteps = 300) -> dict:
     root = resolve_workspace(workspace)
     plan = plan_pipeline(config, evaluate_on)
     run_id = start_pipeline_run(root, f"full-pipeline-{config}", {"config": config, "source": source,
                                                                    "synthetic_images": synthetic_images})
     try:
         outcome = _run_plan(root, plan, run_id, source, synthetic_images, shard_size, device, gallery_size,
-                            register_as, flickr30k_images)
+                            register_as, flickr30k_images, backbone_steps)
     except BaseException:
         finish_pipeline_run(root, run_id, failed=True)
         raise
@@ -36,23 +37,23 @@ def full_pipeline(config: Preset = "demo", source: Source = "synthetic", workspa
 
 
 def _run_plan(root, plan, run_id, source, synthetic_images, shard_size, device, gallery_size, register_as,
-              flickr30k_images) -> dict:
+              flickr30k_images, backbone_steps) -> dict:
     # ---- data: datasets in parallel, then the catalog, then the backbones that encode it
     downloads = fetch_datasets(root, plan["datasets"], source, synthetic_images, flickr30k_images)
     catalog = prepare(root, plan["datasets"], downloads)
-    backbones = backbones_for(root, plan["config"], plan["demo_backbones"], catalog)
+    backbones = backbones_for(root, plan["config"], plan["demo_backbones"], catalog, backbone_steps)
     # ---- feature cache: every shard of every split at once
     entries = encode_splits(root, plan["feature_splits"], backbones, shard_size, device, catalog)
     # ---- training stages in order, then every evaluation of the final checkpoint
     trained = train_in_order(root, plan["config"], plan["stages"], entries, run_id, device)
     final = trained[-1].result()
-    evaluations = evaluate_all(root, final["checkpoint"], plan["evaluations"], entries, run_id, gallery_size)
+    evaluations = evaluate_all(root, final["checkpoint"], plan["evaluations"], entries, run_id, gallery_size, device)
     # ---- registry: register the checkpoint, make it champion when it scores best
     records = [stage_record(stage["name"], future) for stage, future in zip(plan["stages"], trained)]
     records += [stage_record(f"evaluate {d}/{s}", future) for (d, s), future in zip(plan["evaluations"], evaluations)]
     first = evaluations[0].result()
     model = register_captioner(root, final["checkpoint"], final["run_id"], register_as)
-    promotion = promote_if_better(model["name"], model["version"], "CIDEr", first["metrics"].get("CIDEr"))
+    promotion = promote_if_better(root, model["name"], model["version"], "CIDEr", first["metrics"].get("CIDEr"))
     notes = [f"registered {model['name']} version {model['version']}; champion moved: {promotion['promoted']}",
              f"pipeline parent run: {run_id}"]
     publish_report(f"full-pipeline ({plan['config']})", records, root, first.get("sample", [])[:5], notes)

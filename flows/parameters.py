@@ -20,6 +20,7 @@ SyntheticImages = Annotated[int, Field(ge=15, le=100_000, description="images pe
 Evaluation = Annotated[str, Field(pattern=r"^((coco|flickr30k|nocaps)/)?(val|test)$",
                                   description="`test` (the final stage's dataset) or `nocaps/val`")]
 GallerySize = Annotated[int, Field(ge=0, le=10_000)]
+BackboneSteps = Annotated[int, Field(ge=1, le=100_000, description="training steps of each demo stand-in backbone")]
 
 
 def resolve_workspace(workspace: str | None) -> Path:

@@ -24,10 +24,10 @@ def retrain(config: Preset = "demo", workspace: Workspace = None, init_from: str
                                                                    init_from=init_from, device=device)
     checkpoint = trained.result()["checkpoint"]
     scored = evaluate_checkpoint.with_options(refresh_cache=True).submit(root, checkpoint, dataset, split,
-                                                                         parent_run_id=run_id)
+                                                                         parent_run_id=run_id, device=device)
     model = register_captioner(root, checkpoint, trained.result()["run_id"], register_as)
     cider = scored.result()["metrics"].get("CIDEr")
-    promotion = promote_if_better(model["name"], model["version"], "CIDEr", cider)
+    promotion = promote_if_better(root, model["name"], model["version"], "CIDEr", cider)
     finish_pipeline_run(root, run_id)
     publish_report(f"retrain ({config})", [stage_record(stage["name"], trained),
                                            stage_record(f"evaluate {dataset}/{split}", scored)], root,

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from prefect import unmapped
 from prefect.futures import PrefectFuture, wait
 
 from tasks.data import build_catalog, build_demo_backbones, configured_backbones, download_dataset, write_demo_corpus
@@ -28,19 +29,22 @@ def prepare(workspace: Path, datasets: list[str], downloads: list[PrefectFuture]
     return build_catalog.submit(workspace, datasets, downloads=downloads)
 
 
-def backbones_for(workspace: Path, config: str, demo: bool, catalog: PrefectFuture) -> dict:
-    return build_demo_backbones(workspace, catalog) if demo else configured_backbones(config)
+def backbones_for(workspace: Path, config: str, demo: bool, catalog: PrefectFuture | None,
+                  steps: int = 300) -> dict:
+    return build_demo_backbones(workspace, catalog, steps=steps) if demo else configured_backbones(config)
 
 
 def encode_splits(workspace: Path, splits: list[list[str]], backbones: dict, shard_size: int, device: str,
                   catalog: PrefectFuture | None = None) -> dict[tuple[str, str], PrefectFuture]:
     """Every shard of every split mapped at once (threads, or Dask workers); one entry point per split."""
     listings = {(d, s): feature_shards.submit(workspace, d, s, backbones, shard_size, catalog=catalog) for d, s in splits}
-    shard_futures = {key: cache_feature_shard.map(workspace, key[0], key[1], backbones, listing.result(), shard_size,
-                                                  device=device)
+    shard_futures = {key: cache_feature_shard.map(unmapped(workspace), unmapped(key[0]), unmapped(key[1]),
+                                                  unmapped(backbones), listing.result(), unmapped(shard_size),
+                                                  device=unmapped(device))
                      for key, listing in listings.items()}
     _report_shard_progress(shard_futures)
-    return {key: finish_feature_cache.submit(workspace, key[0], key[1], backbones, shard_size, shard_files=futures)
+    return {key: finish_feature_cache.submit(workspace, key[0], key[1], backbones, shard_size, shard_files=futures,
+                                             device=device)
             for key, futures in shard_futures.items()}
 
 
@@ -68,9 +72,9 @@ def train_in_order(workspace: Path, config: str, stages: list[dict], entries: di
 
 
 def evaluate_all(workspace: Path, checkpoint: str, evaluations: list[list[str]], entries: dict,
-                 parent_run_id: str | None, gallery_size: int) -> list[PrefectFuture]:
+                 parent_run_id: str | None, gallery_size: int, device: str) -> list[PrefectFuture]:
     return [evaluate_checkpoint.submit(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
-                                       gallery_size=gallery_size, features=[entries[(dataset, split)]])
+                                       gallery_size=gallery_size, device=device, features=[entries[(dataset, split)]])
             for dataset, split in evaluations]
 
 

@@ -8,6 +8,7 @@ import typer
 from ituning.cli_data import register as register_dataset_commands
 from ituning.cli_evaluation import score
 from ituning.cli_features import features_app
+from ituning.cli_pipeline import demo, pipeline
 from ituning.cli_services import serve, stop
 from ituning.cli_training import standins, train
 
@@ -65,23 +66,14 @@ def caption(
         raise typer.Exit(1)
 
 
-@app.command()
-def demo(workspace: Annotated[Path, typer.Option()] = Path("workspace/demo")):
-    """Run the offline captioning path end to end on stand-in backbones."""
-    from ituning.demo import run_offline_demo
-
-    typer.echo(f"Building stand-in backbones and a checkpoint under {workspace} ...")
-    for path, text, error in run_offline_demo(workspace):
-        typer.echo(f"{path}\t{text if error is None else 'error: ' + error}")
-    typer.echo(f"Checkpoint: {workspace / 'checkpoint'} (untrained modules; see README for training)")
-
-
 register_dataset_commands(app)
 app.command()(score)
 app.command()(train)
 app.command()(standins)
 app.command()(serve)
 app.command()(stop)
+app.command()(demo)
+app.command()(pipeline)
 
 
 def _fail(error: Exception):

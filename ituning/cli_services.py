@@ -10,8 +10,8 @@ WorkspaceOption = Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE", help=
 
 def serve(
     workspace: WorkspaceOption = Path("workspace"),
-    prefect_port: Annotated[int, typer.Option()] = 4200,
-    mlflow_port: Annotated[int, typer.Option()] = 5000,
+    prefect_port: Annotated[int, typer.Option(envvar="ITUNING_PREFECT_PORT")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(envvar="ITUNING_MLFLOW_PORT")] = 5000,
 ):
     """Start Prefect (server, work pool, worker, deployments) and the MLflow UI on 127.0.0.1."""
     from storage.services import ServiceSettings, start_all

@@ -35,8 +35,8 @@ def build_catalog(workspace: Path, datasets: list[str], downloads: list[dict] | 
 
 
 @task(name="build-demo-backbones", cache_policy=EXPENSIVE, persist_result=True)
-def build_demo_backbones(workspace: Path, catalog: dict, seed: int = 0) -> dict:
-    return stages.build_demo_backbones(workspace, seed=seed)
+def build_demo_backbones(workspace: Path, catalog: dict, seed: int = 0, steps: int = 300) -> dict:
+    return stages.build_demo_backbones(workspace, seed=seed, vision_steps=steps, language_steps=steps)
 
 
 @task(name="configured-backbones", cache_policy=NO_CACHE)

@@ -25,6 +25,6 @@ def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: di
 
 @task(name="finish-feature-cache", cache_policy=NO_CACHE, task_run_name="features-{dataset}-{split}")
 def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int,
-                         shard_files: list[str]) -> str:
+                         shard_files: list[str], device: str = "auto") -> str:
     """Cheap (reuses every shard), so it always runs and re-checks the entry point."""
-    return stages.finish_feature_cache(workspace, dataset, split, backbones, shard_size=shard_size)
+    return stages.finish_feature_cache(workspace, dataset, split, backbones, shard_size=shard_size, device=device)

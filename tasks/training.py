@@ -26,9 +26,9 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, task_run_name="evaluate-{dataset}-{split}")
 def evaluate_checkpoint(workspace: Path, checkpoint: str, dataset: str, split: str, parent_run_id: str | None = None,
-                        gallery_size: int = 50, features: list[str] | None = None) -> dict:
+                        gallery_size: int = 50, device: str = "auto", features: list[str] | None = None) -> dict:
     return stages.evaluate(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
-                           gallery_size=gallery_size)
+                           gallery_size=gallery_size, device=device)
 
 
 @task(name="register-captioner", cache_policy=EXPENSIVE, persist_result=True, **TRACKING_RETRIES)
@@ -37,8 +37,8 @@ def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str)
 
 
 @task(name="promote-if-better", cache_policy=NO_CACHE, **TRACKING_RETRIES)
-def promote_if_better(name: str, version: str, metric: str, value: float | None) -> dict:
-    return stages.promote_if_better(name, version, metric=metric, value=value)
+def promote_if_better(workspace: Path, name: str, version: str, metric: str, value: float | None) -> dict:
+    return stages.promote_if_better(name, version, metric=metric, value=value, workspace=workspace)
 
 
 @task(name="start-pipeline-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)

@@ -40,7 +40,7 @@ def plan_for_config(config: str, evaluate_on: list[str]) -> PipelinePlan:
     evaluations = [_evaluation(item, final) for item in evaluate_on]
     splits += evaluations
     datasets = _with_needs(sorted({dataset for dataset, _ in splits}))
-    demo = "workspace/backbones" in str(run.model.language_model)
+    demo = "backbones/" in str(run.model.language_model)  # the stand-ins the pipeline builds
     return PipelinePlan(str(config), stages, _unique(splits), evaluations, datasets, demo)
 
 

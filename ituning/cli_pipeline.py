@@ -20,6 +20,7 @@ def pipeline(
 ):
     """Run full-pipeline: data, catalog, features, training, evaluation, registration."""
     workspace = workspace.resolve()
+    (workspace / "prefect").mkdir(parents=True, exist_ok=True)
     for key, value in {**QUIET, "PREFECT_HOME": str(workspace / "prefect")}.items():
         os.environ.setdefault(key, value)  # read when prefect is first imported, just below
     from flows.full_pipeline import full_pipeline

@@ -131,7 +131,7 @@ def test_retrain_registers_a_new_version_and_records_the_comparison(pipeline_run
     assert model["version"] == "2"
     assert promotion["champion"] == pytest.approx(first["test"]["CIDEr"])
     assert promotion["promoted"] == (promotion["candidate"] > promotion["champion"])
-    client = MlflowClient(tracking_uri(workspace))
+    client = MlflowClient(tracking_uri(workspace), registry_uri=tracking_uri(workspace))
     tags = client.get_model_version(model["name"], "2").tags
     assert tags["promotion.champion_version"] == "1" and tags["promotion.promoted"] == str(promotion["promoted"])
     expected_champion = "2" if promotion["promoted"] else "1"

@@ -35,13 +35,13 @@ def write_demo_corpus(workspace: Path, images: int = 600, seed: int = 0) -> dict
 def download(workspace: Path, dataset: str, manifest: str | None = None, images: str | None = None) -> dict:
     """Fetch, verify and unpack a dataset (its built-in manifest unless one is given)."""
     from storage.acquire import download_dataset
-    from storage.manifests import RemoteFile, built_in_manifest, load_manifest
+    from storage.manifests import built_in_manifest, load_manifest, user_file
 
     chosen = load_manifest(Path(manifest)) if manifest else built_in_manifest(dataset)
     if chosen.dataset != dataset:
         raise ValueError(f"{manifest}: describes {chosen.dataset!r}, not {dataset!r}")
     if images:
-        chosen = chosen.with_file(RemoteFile(Path(images.rstrip("/")).name, images))
+        chosen = chosen.with_file(user_file(images))
     report = download_dataset(chosen, Path(workspace))
     return asdict(report)
 

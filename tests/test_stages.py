@@ -93,6 +93,13 @@ def test_champion_moves_only_to_a_better_candidate(tracked_workspace):
         stages.promote_if_better("captioner", worse, metric="BLEU-4", workspace=tracked_workspace)
 
 
+def test_a_file_given_by_url_or_path_is_named_after_its_last_segment():
+    from storage.manifests import user_file
+
+    assert user_file("https://host/gated/flickr30k%20images.tar.gz?token=1").name == "flickr30k images.tar.gz"
+    assert user_file("/data/flickr30k-images.zip").url == "/data/flickr30k-images.zip"
+
+
 # ---- slow: the whole chain on a tiny synthetic workspace ---------------------------------------
 
 
@@ -211,3 +218,4 @@ def test_train_command_runs_every_stage_from_the_catalog_tracked(pipeline):
     assert (workspace / "cli-run" / "finetune" / "final" / WEIGHTS_FILE).is_file()
     runs = tracker.client.search_runs([tracker.experiment_id], "tags.`ituning.stage` = 'finetune'")
     assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}
+

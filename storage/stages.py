@@ -286,10 +286,12 @@ def _recorded_cider(best: Path | None) -> float | None:
 
 def _steps(result) -> int:
     """Steps of the stage; for a stage finished by an earlier run, from its trainer state."""
+    from ituning.training_state import STATE_FILE, last_checkpoint
+
     if result.steps >= 0:
         return result.steps
-    state = result.final_dir.parent / "last" / "trainer_state.json"
-    return int(json.loads(state.read_text()).get("step", 0)) if state.is_file() else 0
+    last = last_checkpoint(result.final_dir.parent)
+    return json.loads((last / STATE_FILE).read_text())["trainer"]["step"] if last else 0
 
 
 # ---- evaluation -----------------------------------------------------------------------------

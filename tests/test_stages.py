@@ -169,6 +169,10 @@ def test_training_is_a_child_run_with_config_data_and_metrics(pipeline):
     saved = {item.path for item in tracker.client.list_artifacts(trained["run_id"], "checkpoint")}
     assert saved == {f"checkpoint/{WEIGHTS_FILE}", f"checkpoint/{CONFIG_FILE}"}
     assert trained["checkpoint"].endswith("best") and trained["best_cider"] is not None
+    again = stages.train_stage(workspace, str(workspace / "tiny.yaml"), "finetune", pipeline["parent"])
+    assert {key: again[key] for key in ("checkpoint", "best_cider", "steps")} == \
+        {key: trained[key] for key in ("checkpoint", "best_cider", "steps")}  # a finished stage is not redone
+    assert again["run_id"] != trained["run_id"]
 
 
 @pytest.mark.slow
@@ -211,11 +215,15 @@ def test_train_command_runs_every_stage_from_the_catalog_tracked(pipeline):
 
     workspace, tracker = pipeline["workspace"], pipeline["tracker"]
     config = write_tiny_config(workspace / "cli.yaml", epochs=1, val_split=None)
+    stage_runs = "tags.`ituning.stage` = 'finetune'"
+    before = {run.info.run_id for run in tracker.client.search_runs([tracker.experiment_id], stage_runs)}
     result = CliRunner().invoke(app, ["train", "--config", str(config), "--workspace", str(workspace),
                                       "--out", str(workspace / "cli-run"), "--fresh"])
     assert result.exit_code == 0, result.output
     assert "finetune: modules at" in result.output and "MLflow run" in result.output
     assert (workspace / "cli-run" / "finetune" / "final" / WEIGHTS_FILE).is_file()
-    runs = tracker.client.search_runs([tracker.experiment_id], "tags.`ituning.stage` = 'finetune'")
-    assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}
+    [run] = [run for run in tracker.client.search_runs([tracker.experiment_id], stage_runs)
+             if run.info.run_id not in before]
+    assert run.info.status == "FINISHED" and run.info.run_id in result.output
+    assert tracker.client.get_run(run.data.tags[PARENT_TAG]).info.status == "FINISHED"
 

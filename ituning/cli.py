@@ -10,7 +10,7 @@ from ituning.cli_evaluation import score
 from ituning.cli_features import features_app
 from ituning.cli_pipeline import demo, pipeline
 from ituning.cli_services import serve, stop
-from ituning.cli_training import standins, train
+from ituning.cli_training import evaluate, standins, train
 
 app = typer.Typer(help="I-Tuning: lightweight image captioning on frozen CLIP-ViT and GPT-2.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -69,6 +69,7 @@ def caption(
 register_dataset_commands(app)
 app.command()(score)
 app.command()(train)
+app.command()(evaluate)
 app.command()(standins)
 app.command()(serve)
 app.command()(stop)

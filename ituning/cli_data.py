@@ -22,7 +22,7 @@ def download(
     from storage.downloads import DownloadError
     from storage.extract import UnsafeArchive
     from storage.jsonfields import MalformedInput
-    from storage.manifests import ManifestError, RemoteFile, built_in_manifest, load_manifest
+    from storage.manifests import ManifestError, built_in_manifest, load_manifest, user_file
     from storage.workspace import workspace_root
 
     try:
@@ -30,7 +30,7 @@ def download(
         if chosen.dataset != dataset:
             raise ManifestError(f"{manifest}: describes {chosen.dataset!r}, not {dataset!r}")
         if images:
-            chosen = chosen.with_file(RemoteFile(_file_name(images), images))
+            chosen = chosen.with_file(user_file(images))
         elif dataset == "flickr30k" and manifest is None:
             typer.echo("note: Flickr30k images are access-gated; pass --images URL_OR_ARCHIVE to fetch them", err=True)
         report = download_dataset(chosen, workspace_root(workspace), concurrency=concurrency, progress=progress)
@@ -118,12 +118,6 @@ def register(app: typer.Typer) -> None:
     app.command()(download)
     app.command()(synthetic)
     app.add_typer(catalog_app, name="catalog")
-
-
-def _file_name(url_or_path: str) -> str:
-    from urllib.parse import unquote, urlparse
-
-    return Path(unquote(urlparse(url_or_path).path).rstrip("/")).name
 
 
 def _fail(error: Exception):

@@ -1,5 +1,6 @@
-"""`ituning train` and `ituning standins`."""
+"""`ituning train`, `ituning evaluate` and `ituning standins`."""
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -17,30 +18,75 @@ def train(
     device: Annotated[str, typer.Option(help="auto (the config's), cpu, cuda, cuda:1 ...")] = "auto",
     fresh: Annotated[bool, typer.Option(help="ignore checkpoints of an earlier run in the same folder")] = False,
 ):
-    """Train the I-Tuning modules stage by stage; a rerun continues from the last checkpoint."""
-    from ituning.config import ConfigError, load_config
-    from ituning.training import NonFiniteLoss, train_run
+    """Train the I-Tuning modules stage by stage; a rerun continues from the last checkpoint.
+
+    Without --karpathy-json, captions come from the catalog and visual tokens from the feature
+    cache (encoded first where missing), and the run is tracked in MLflow."""
+    from ituning.config import ConfigError
+    from ituning.training import NonFiniteLoss
 
     try:
-        run_config = load_config(config)
-        data = stage_inputs(run_config, karpathy_json, images, workspace, device)
-        results = train_run(run_config, data, out or workspace / "runs" / run_config.name, device=device,
-                            resume=not fresh)
-    except (ConfigError, NonFiniteLoss, OSError, ValueError, ImportError) as error:
+        if karpathy_json is None:
+            lines = train_from_catalog(config, workspace, out, device, fresh)
+        else:
+            lines = train_from_corpus(config, karpathy_json, images, workspace, out, device, fresh)
+    except (ConfigError, NonFiniteLoss, OSError, ValueError, ImportError, RuntimeError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
+    for line in lines:
+        typer.echo(line)
+
+
+def train_from_catalog(config: Path, workspace: Path, out: Path | None, device: str, fresh: bool) -> list[str]:
+    """Every stage through storage.stages.train_stage, as child runs of one pipeline run."""
+    from ituning.config import config_to_dict
+    from storage import stages
+
+    run_config = stages.resolve_config(str(config), workspace)
+    parent = stages.start_pipeline_run(workspace, run_config.name, config_to_dict(run_config))
+    lines, previous, failed = [], None, True
+    try:
+        for stage in run_config.stages:
+            encode_missing_features(workspace, stage, run_config.model.backbones().to_dict(), device)
+            result = stages.train_stage(workspace, str(config), stage.name, parent, stage.init_from or previous,
+                                        device, resume=not fresh, out_dir=out and str(out), progress=True)
+            previous = result["checkpoint"]
+            cider = "" if result["best_cider"] is None else f", best val CIDEr {result['best_cider']:.3f}"
+            lines.append(f"{stage.name}: modules at {result['checkpoint']}{cider} (MLflow run {result['run_id']})")
+        failed = False
+    finally:
+        stages.finish_pipeline_run(workspace, parent, failed)
+    return lines
+
+
+def encode_missing_features(workspace: Path, stage, backbones: dict, device: str) -> None:
+    from storage import stages
+
+    for split in filter(None, (stage.train_split, stage.val_split)):
+        if not stages.feature_entry(workspace, stage.dataset, split, backbones).is_file():
+            typer.echo(f"encoding {stage.dataset}/{split} into the feature cache ...", err=True)
+            stages.finish_feature_cache(workspace, stage.dataset, split, backbones, device=device)
+
+
+def train_from_corpus(config: Path, karpathy_json: Path, images: Path | None, workspace: Path, out: Path | None,
+                      device: str, fresh: bool) -> list[str]:
+    """Untracked training on a Karpathy-format corpus, its visual tokens computed in memory."""
+    from ituning.config import load_config
+    from ituning.training import train_run
+
+    run_config = load_config(config)
+    data = stage_inputs(run_config, karpathy_json, images, device)
+    results = train_run(run_config, data, out or workspace / "runs" / run_config.name, device=device,
+                        resume=not fresh)
+    lines = []
     for result in results:
         best = f", best val CIDEr {result.best_cider:.3f} at {result.best_dir}" if result.best_dir else ""
-        typer.echo(f"{result.name}: modules at {result.final_dir}{best}")
+        lines.append(f"{result.name}: modules at {result.final_dir}{best}")
+    return lines
 
 
-def stage_inputs(run_config, karpathy_json: Path | None, images: Path | None, workspace: Path, device: str):
-    """StageData per stage: from a Karpathy corpus (features computed in memory) when given."""
-    if karpathy_json is None:
-        raise ImportError(
-            "reading the catalog and the feature cache is not available in this build; "
-            "pass --karpathy-json and --images to train on a corpus directly"
-        )
+def stage_inputs(run_config, karpathy_json: Path, images: Path | None, device: str):
+    """StageData per stage from a Karpathy corpus (features computed in memory)."""
     from ituning.captioner import resolve_device
     from ituning.karpathy import captions_by_id, encode_images, read_karpathy_split
     from ituning.training import StageData
@@ -60,20 +106,54 @@ def stage_inputs(run_config, karpathy_json: Path | None, images: Path | None, wo
     return data
 
 
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="a module checkpoint folder (e.g. RUN/finetune/best)")],
+    dataset: Annotated[str, typer.Option(help="coco, flickr30k or nocaps")] = "coco",
+    split: Annotated[str, typer.Option(help="test, val ...")] = "test",
+    workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = Path("workspace"),
+    beams: Annotated[int, typer.Option(min=1)] = 5,
+    blind_baseline: Annotated[bool, typer.Option(help="also score the language model with the modules off")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+):
+    """Caption a split from the feature cache, score it and track captions, scores, gallery and heatmaps."""
+    from ituning.checkpoint import read_config
+    from storage import stages
+
+    try:
+        spec = read_config(checkpoint)["backbones"]
+        if not stages.feature_entry(workspace, dataset, split, spec).is_file():
+            stages.finish_feature_cache(workspace, dataset, split, spec, device=device)
+        result = stages.evaluate(workspace, str(checkpoint), dataset, split, device=device, num_beams=beams,
+                                 blind_baseline=blind_baseline)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(result["metrics"], indent=1))
+    typer.echo(f"captions: {result['captions_path']} (MLflow run {result['run_id']})")
+
+
 def standins(
-    karpathy_json: Annotated[Path, typer.Option(help="the corpus to learn from (its train split)")],
+    karpathy_json: Annotated[Path | None, typer.Option(help="a corpus to learn from (its train split); "
+                                                           "default the catalog's COCO train split")] = None,
     images: Annotated[Path | None, typer.Option(help="image root; default the JSON's folder")] = None,
-    out: Annotated[Path, typer.Option(help="writes OUT/vision and OUT/language")] = Path("workspace/backbones"),
+    out: Annotated[Path | None, typer.Option(help="writes OUT/vision and OUT/language; default WORKSPACE/backbones")] = None,
+    workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = Path("workspace"),
     vision_steps: Annotated[int, typer.Option(min=1)] = 300,
     language_steps: Annotated[int, typer.Option(min=1)] = 300,
     seed: Annotated[int, typer.Option()] = 0,
 ):
     """Build small trained stand-in backbones (CLIP-style ViT, GPT-2, BPE tokenizer) from a corpus."""
+    from ituning.backbones import BackboneSpec
     from ituning.standins import StandinTraining, build_trained_standins
+    from storage.stages import build_demo_backbones
 
     settings = StandinTraining(vision_steps=vision_steps, language_steps=language_steps, seed=seed)
     try:
-        spec = build_trained_standins(karpathy_json, images or karpathy_json.parent, out, settings)
+        if karpathy_json is None:
+            spec = BackboneSpec(**build_demo_backbones(workspace, seed, vision_steps, language_steps, out_dir=out))
+        else:
+            spec = build_trained_standins(karpathy_json, images or karpathy_json.parent,
+                                          out or workspace / "backbones", settings)
     except (OSError, ValueError, KeyError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)

@@ -15,8 +15,6 @@ from PIL import Image
 
 from ituning.backbones import BackboneSpec, load_vision_encoder
 
-SPLIT_ALIASES = {"train": ("train", "restval")}  # the Karpathy "restval" images train too
-
 
 @dataclass(frozen=True)
 class KarpathyImage:
@@ -25,28 +23,20 @@ class KarpathyImage:
     captions: list[str]
 
 
-def karpathy_image_id(entry: dict) -> str:
-    """COCO: str(cocoid); Flickr30k: the file name's stem; otherwise the Karpathy imgid."""
-    if "cocoid" in entry:
-        return str(entry["cocoid"])
-    if "filename" in entry and "filepath" not in entry:
-        return Path(entry["filename"]).stem
-    return str(entry["imgid"])
-
-
 def read_karpathy_split(json_path: str | Path, image_root: str | Path, split: str) -> list[KarpathyImage]:
-    """The images of one split (train includes restval), sorted by image id."""
-    entries = json.loads(Path(json_path).read_text())["images"]
-    wanted = SPLIT_ALIASES.get(split, (split,))
-    images = [
-        KarpathyImage(
-            karpathy_image_id(entry),
-            Path(image_root) / entry.get("filepath", "") / entry["filename"],
-            [sentence["raw"].strip() for sentence in entry["sentences"]],
-        )
-        for entry in entries
-        if entry["split"] in wanted
-    ]
+    """The images of one split (train includes restval), sorted by image id: COCO-style entries
+    (with cocoid) by str(cocoid) at root/filepath/filename, others by file-name stem at root/filename.
+    The file is read by the catalog's own reader, so both agree on ids, paths and splits."""
+    from storage.sources import read_karpathy
+
+    entries = json.loads(Path(json_path).read_text()).get("images") or [{}]
+    records = read_karpathy(Path(json_path), "coco" if "cocoid" in entries[0] else "flickr30k")
+    captions: dict[str, list[str]] = {}
+    for image_id, caption_split, _, text in records.captions:
+        if caption_split == split:
+            captions.setdefault(image_id, []).append(text)
+    images = [KarpathyImage(row.image_id, Path(image_root) / row.path, captions.get(row.image_id, []))
+              for row in records.images if row.split == split]
     if not images:
         raise ValueError(f"{json_path}: no images in split '{split}'")
     return sorted(images, key=lambda image: image.image_id)

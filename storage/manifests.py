@@ -105,6 +105,14 @@ def _nocaps() -> Manifest:
 BUILT_IN = {"coco": _coco, "flickr30k": _flickr30k, "vg": _visual_genome, "nocaps": _nocaps}
 
 
+def user_file(url_or_path: str) -> RemoteFile:
+    """A file named by a URL or a local path (e.g. the access-gated Flickr30k archive), under the
+    last segment of its path."""
+    from urllib.parse import unquote, urlparse
+
+    return RemoteFile(Path(unquote(urlparse(url_or_path).path).rstrip("/")).name, url_or_path)
+
+
 def built_in_manifest(dataset: str) -> Manifest:
     if dataset not in BUILT_IN:
         raise ManifestError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")

@@ -35,13 +35,13 @@ def write_demo_corpus(workspace: Path, images: int = 600, seed: int = 0) -> dict
 def download(workspace: Path, dataset: str, manifest: str | None = None, images: str | None = None) -> dict:
     """Fetch, verify and unpack a dataset (its built-in manifest unless one is given)."""
     from storage.acquire import download_dataset
-    from storage.manifests import RemoteFile, built_in_manifest, load_manifest
+    from storage.manifests import built_in_manifest, load_manifest, user_file
 
     chosen = load_manifest(Path(manifest)) if manifest else built_in_manifest(dataset)
     if chosen.dataset != dataset:
         raise ValueError(f"{manifest}: describes {chosen.dataset!r}, not {dataset!r}")
     if images:
-        chosen = chosen.with_file(RemoteFile(Path(images.rstrip("/")).name, images))
+        chosen = chosen.with_file(user_file(images))
     report = download_dataset(chosen, Path(workspace))
     return asdict(report)
 
@@ -58,9 +58,18 @@ def build_catalog(workspace: Path, datasets: list[str]) -> dict[str, dict]:
                 for dataset in BUILD_ORDER if dataset in datasets}
 
 
+def open_catalog(workspace: Path) -> Catalog:
+    """The workspace's catalog, read-only (several stages may read it at once)."""
+    path = catalog_path(Path(workspace))
+    if not path.is_file():
+        raise FileNotFoundError(f"no catalog at {path}: download the datasets and build it first "
+                                f"(`ituning download coco`, `ituning catalog build`)")
+    return Catalog(path, read_only=True)
+
+
 def split_images(workspace: Path, dataset: str, split: str) -> list[tuple[str, Path]]:
     """The split's usable images as (image_id, absolute path), sorted by image id."""
-    with Catalog(catalog_path(Path(workspace)), read_only=True) as catalog:
+    with open_catalog(workspace) as catalog:
         usable = catalog.usable_images(dataset, split)
     if not usable:
         raise ValueError(f"{dataset}/{split}: no usable images in the catalog; download and build it first")
@@ -69,18 +78,18 @@ def split_images(workspace: Path, dataset: str, split: str) -> list[tuple[str, P
 
 
 def build_demo_backbones(workspace: Path, seed: int = 0, vision_steps: int = 300, language_steps: int = 300,
-                         batch_size: int = 128) -> dict:
+                         batch_size: int = 128, out_dir: Path | None = None) -> dict:
     """Stand-in backbones trained on the catalog's COCO train split (the synthetic corpus in a demo
-    workspace), saved under workspace/backbones; returns their BackboneSpec as a dict."""
+    workspace), saved under out_dir (default workspace/backbones); returns their BackboneSpec as a dict."""
     from ituning.standins import StandinTraining, build_standins_from_images
 
-    with Catalog(catalog_path(Path(workspace)), read_only=True) as catalog:
+    with open_catalog(workspace) as catalog:
         captions = catalog.captions("coco", "train")
     images = [(path, captions[image_id]) for image_id, path in split_images(workspace, "coco", "train")
               if captions.get(image_id)]
     settings = StandinTraining(vision_steps=vision_steps, language_steps=language_steps, batch_size=batch_size,
                                seed=seed)
-    spec = build_standins_from_images(images, Path(workspace) / "backbones", settings, progress=False)
+    spec = build_standins_from_images(images, Path(out_dir or Path(workspace) / "backbones"), settings, progress=False)
     return spec.to_dict()
 
 
@@ -182,7 +191,7 @@ def split_data(workspace: Path, dataset: str, split: str, backbones: dict):
         raise FileNotFoundError(f"{dataset}/{split}: no feature cache at {entry}; build it first "
                                 f"(`ituning features --dataset {dataset} --split {split} ...`)")
     reader = FeatureReader(entry)
-    with Catalog(catalog_path(Path(workspace)), read_only=True) as catalog:
+    with open_catalog(workspace) as catalog:
         fingerprint = catalog.image_list_fingerprint(dataset, split)
         captions = catalog.captions(dataset, split)
     if reader.attrs["image_list_fingerprint"] != fingerprint:
@@ -199,10 +208,12 @@ def log_split_inputs(tracker: ExperimentTracker, run_id: str, workspace: Path, d
 
 
 def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | None = None,
-                init_from: str | None = None, device: str = "auto") -> dict:
+                init_from: str | None = None, device: str = "auto", resume: bool = True,
+                out_dir: str | None = None, progress: bool = False) -> dict:
     """Train one stage of a config on the catalog's captions and the feature cache, tracked as a
-    child run of `parent_run_id` (of a pipeline run of its own when None). A rerun continues from
-    the stage's last checkpoint under workspace/runs/<config name>/<stage>/."""
+    child run of `parent_run_id` (of a pipeline run of its own when None). Checkpoints go to
+    <out_dir>/<stage>/, by default workspace/runs/<config name>/<stage>/; a rerun continues from
+    the stage's last checkpoint unless resume is False."""
     from ituning.config import config_to_dict
 
     workspace = Path(workspace)
@@ -212,7 +223,8 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
     tracker = ExperimentTracker(workspace=workspace)
     settings = config_to_dict(run_config)
     with child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed) as run_id:
-        result = _train_tracked(tracker, run_id, workspace, run_config, stage_config, device)
+        out = Path(out_dir) if out_dir else workspace / "runs" / run_config.name
+        result = _train_tracked(tracker, run_id, workspace, run_config, stage_config, out, device, resume, progress)
     return {**result, "run_id": run_id}
 
 
@@ -242,7 +254,8 @@ def _stage_named(run_config, stage: str, init_from: str | None):
     return replace(found[0], init_from=init_from) if init_from else found[0]
 
 
-def _train_tracked(tracker, run_id: str, workspace: Path, run_config, stage_config, device: str) -> dict:
+def _train_tracked(tracker, run_id: str, workspace: Path, run_config, stage_config, out_dir: Path, device: str,
+                   resume: bool, progress: bool) -> dict:
     from ituning.training import StageData, train_run
 
     backbones = run_config.model.backbones().to_dict()
@@ -254,9 +267,8 @@ def _train_tracked(tracker, run_id: str, workspace: Path, run_config, stage_conf
                                                           backbones)
         log_split_inputs(tracker, run_id, workspace, stage_config.dataset, stage_config.val_split,
                          data.val_features, "validation")
-    out_dir = workspace / "runs" / run_config.name
     [result] = train_run(run_config, {stage_config.name: data}, out_dir, callbacks=[tracker.callbacks(run_id)],
-                         device=device, progress=False)
+                         device=device, resume=resume, progress=progress)
     best = result.best_dir or _existing_best(out_dir / stage_config.name)
     checkpoint = best or result.final_dir
     tracker.log_checkpoint(run_id, checkpoint, "checkpoint")
@@ -274,10 +286,12 @@ def _recorded_cider(best: Path | None) -> float | None:
 
 def _steps(result) -> int:
     """Steps of the stage; for a stage finished by an earlier run, from its trainer state."""
+    from ituning.training_state import STATE_FILE, last_checkpoint
+
     if result.steps >= 0:
         return result.steps
-    state = result.final_dir.parent / "last" / "trainer_state.json"
-    return int(json.loads(state.read_text()).get("step", 0)) if state.is_file() else 0
+    last = last_checkpoint(result.final_dir.parent)
+    return json.loads((last / STATE_FILE).read_text())["trainer"]["step"] if last else 0
 
 
 # ---- evaluation -----------------------------------------------------------------------------
@@ -331,7 +345,7 @@ def _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references,
 
 
 def _domains(workspace: Path, dataset: str, split: str) -> dict[str, str]:
-    with Catalog(catalog_path(Path(workspace)), read_only=True) as catalog:
+    with open_catalog(workspace) as catalog:
         return {image.image_id: image.domain for image in catalog.usable_images(dataset, split)}
 
 

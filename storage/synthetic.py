@@ -221,3 +221,16 @@ def write_corpus(out: Path, images: int = 40, base_url: str | None = None, seed:
             corpus.splits[name].setdefault(split, []).append(image_id)
     corpus.splits["nocaps"] = nocaps_splits
     return corpus
+
+
+def unpack_karpathy_coco(corpus: SyntheticCorpus, out: Path | None = None) -> Path:
+    """The corpus's COCO images and dataset_coco.json unpacked into one folder (default
+    root/karpathy-coco): a corpus in the Karpathy format whose folder is the image root, for the
+    readers that take one directly. Returns the JSON's path."""
+    from storage.extract import unpack
+
+    out = Path(out or corpus.root / "karpathy-coco")
+    for archive in (corpus.root / "karpathy" / "caption_datasets.zip", corpus.root / "coco" / "train2014.zip",
+                    corpus.root / "coco" / "val2014.zip"):
+        unpack(archive, out)
+    return out / "dataset_coco.json"

@@ -2,9 +2,14 @@ import yaml
 from typer.testing import CliRunner
 
 from ituning.cli import app
-from tests.karpathy_fixture import write_karpathy_corpus
+from storage.synthetic import unpack_karpathy_coco, write_corpus
 
 runner = CliRunner()
+
+
+def write_karpathy_corpus(folder):
+    """A Karpathy-format corpus of 15 synthetic COCO images (9 of them in train)."""
+    return unpack_karpathy_coco(write_corpus(folder, images=15, size=32, with_defects=False))
 
 
 def write_config(path, backbones, **stage):
@@ -20,7 +25,7 @@ def write_config(path, backbones, **stage):
 
 
 def test_train_command_runs_a_config_on_a_karpathy_corpus(standin_backbones, tmp_path):
-    corpus = write_karpathy_corpus(tmp_path / "corpus", {"train": 6}, size=32)
+    corpus = write_karpathy_corpus(tmp_path / "corpus")
     config = write_config(tmp_path / "run.yaml", standin_backbones)
     result = runner.invoke(app, ["train", "--config", str(config), "--karpathy-json", str(corpus),
                                  "--out", str(tmp_path / "run")])
@@ -36,16 +41,17 @@ def test_train_command_reports_a_bad_config_key(standin_backbones, tmp_path):
     assert result.exit_code == 2 and "stages[0].epochs: must be positive" in result.output
 
 
-def test_train_command_without_a_corpus_says_what_to_pass(standin_backbones, tmp_path):
-    config = write_config(tmp_path / "run.yaml", standin_backbones)
-    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2 and "--karpathy-json" in result.output
+def test_train_command_without_a_catalog_says_what_to_build(standin_backbones, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = write_config(tmp_path / "run.yaml", standin_backbones, dataset="coco")
+    result = runner.invoke(app, ["train", "--config", str(config), "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 2 and "no catalog at" in result.output and "catalog build" in result.output
 
 
 def test_standins_command_writes_backbones_the_normal_loaders_read(tmp_path):
     from ituning.backbones import BackboneSpec, load_language_model, load_vision_encoder
 
-    corpus = write_karpathy_corpus(tmp_path / "corpus", {"train": 8}, size=32)
+    corpus = write_karpathy_corpus(tmp_path / "corpus")
     result = runner.invoke(app, ["standins", "--karpathy-json", str(corpus), "--out", str(tmp_path / "bb"),
                                  "--vision-steps", "2", "--language-steps", "2"])
     assert result.exit_code == 0, result.output

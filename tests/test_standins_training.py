@@ -8,18 +8,20 @@ from ituning.decoding import DecodingConfig
 from ituning.karpathy import captions_by_id, encode_images, read_karpathy_split
 from ituning.standins import StandinTraining, build_trained_standins, clip_text_tokens, train_tokenizer
 from ituning.training import StageData, build_model, evaluate_captions, train_run
-from tests.karpathy_fixture import write_karpathy_corpus
+from storage.synthetic import unpack_karpathy_coco, write_corpus
 from tests.training_fixtures import cider_scorer
 
 
 def test_karpathy_splits_ids_and_paths(tmp_path):
-    corpus = write_karpathy_corpus(tmp_path, {"train": 3, "restval": 2, "val": 2}, size=32)
-    train = read_karpathy_split(corpus, tmp_path, "train")
-    assert [image.image_id for image in train] == ["0", "1", "2", "3", "4"]  # restval trains too
-    assert all(image.path.is_file() and len(image.captions) == 5 for image in train)
-    assert [image.image_id for image in read_karpathy_split(corpus, tmp_path, "val")] == ["5", "6"]
-    with pytest.raises(ValueError, match="test"):
-        read_karpathy_split(corpus, tmp_path, "test")
+    corpus = write_corpus(tmp_path, images=15, size=32, with_defects=False)
+    karpathy_json = unpack_karpathy_coco(corpus)
+    train = read_karpathy_split(karpathy_json, karpathy_json.parent, "train")
+    assert [image.image_id for image in train] == sorted(corpus.splits["coco"]["train"])  # restval trains too
+    assert len(train) == 9 and all(image.path.is_file() and len(image.captions) == 5 for image in train)
+    val = read_karpathy_split(karpathy_json, karpathy_json.parent, "val")
+    assert [image.image_id for image in val] == sorted(corpus.splits["coco"]["val"])
+    with pytest.raises(ValueError, match="pretrain"):
+        read_karpathy_split(karpathy_json, karpathy_json.parent, "pretrain")
 
 
 def test_text_tower_tokens_end_with_the_pooling_id():
@@ -33,8 +35,10 @@ def test_text_tower_tokens_end_with_the_pooling_id():
 
 @pytest.fixture(scope="module")
 def grounding_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    return root, write_karpathy_corpus(root, {"train": 1500, "val": 50, "test": 200}, seed=1)
+    """1,500 training images; 50 validation and 200 test images of the corpus's 500 each."""
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus"), images=2500, seed=1, with_defects=False)
+    karpathy_json = unpack_karpathy_coco(corpus)
+    return karpathy_json.parent, karpathy_json
 
 
 @pytest.mark.slow
@@ -46,6 +50,7 @@ def test_modules_on_frozen_standins_learn_grounding(grounding_corpus, tmp_path):
     _, tokenizer = load_language_model(spec.language_model)
     assert encoder.width == 128 and 256 < len(tokenizer) <= 400  # bytes + merges, at most the size asked
     splits = {split: read_karpathy_split(corpus, root, split) for split in ("train", "val", "test")}
+    splits["val"], splits["test"] = splits["val"][:50], splits["test"][:200]
     features = {split: encode_images(images, spec) for split, images in splits.items()}
     config = config_from_dict({
         "name": "grounding", "device": "cpu",

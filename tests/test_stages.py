@@ -1,0 +1,229 @@
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ituning.backbones import LOCAL_DIR
+from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ituning.version import code_version
+from storage import stages
+from storage.catalog import Catalog
+from storage.features import FeatureReader
+from storage.tracking import PARENT_TAG, STAGE_TAG, ExperimentTracker
+
+TINY_STAGE = {"name": "finetune", "dataset": "coco", "epochs": 2, "batch_size": 8, "micro_batch_size": 8,
+              "precision": "fp32", "val_images": 4, "seed": 3, "captions": "random"}
+
+
+def write_tiny_config(path, **stage):
+    config = {"name": "tiny", "device": "cpu",
+              "model": {"vision_model": "local-dir:backbones/vision", "vision_pretrained": None,
+                        "language_model": "backbones/language"},
+              "stages": [{**TINY_STAGE, **stage}]}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def tracked_workspace(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return tmp_path
+
+
+# ---- fast: configs, catalog errors, promotion ------------------------------------------------
+
+
+def test_relative_local_backbones_are_taken_from_the_workspace(tmp_path):
+    (tmp_path / "backbones" / "vision").mkdir(parents=True)
+    (tmp_path / "backbones" / "language").mkdir()
+    config = stages.resolve_config(str(write_tiny_config(tmp_path / "tiny.yaml")), tmp_path)
+    assert config.model.vision_model == f"{LOCAL_DIR}{(tmp_path / 'backbones' / 'vision').resolve()}"
+    assert config.model.language_model == str((tmp_path / "backbones" / "language").resolve())
+    unchanged = stages.resolve_config("coco-gpt2", tmp_path).model  # hub names stay names
+    assert (unchanged.vision_model, unchanged.vision_pretrained, unchanged.language_model) == \
+        ("ViT-B-16", "openai", "gpt2")
+
+
+def test_demo_preset_reads_the_catalog_and_the_workspace_backbones(tmp_path):
+    config = stages.resolve_config("demo", tmp_path)  # no backbones yet: the paths stay as written
+    assert config.model.vision_model == f"{LOCAL_DIR}backbones/vision"
+    assert [stage.dataset for stage in config.stages] == ["coco"]
+
+
+def test_unknown_stage_and_missing_catalog_are_named(tracked_workspace):
+    with pytest.raises(ValueError, match="no stage 'pretrain'"):
+        stages.train_stage(tracked_workspace, str(write_tiny_config(tracked_workspace / "t.yaml")), "pretrain")
+    with pytest.raises(FileNotFoundError, match="catalog build"):
+        stages.feature_shards(tracked_workspace, "coco", "train", {"vision_model": "ViT-B-16"})
+    with pytest.raises(ValueError, match="unknown datasets"):
+        stages.build_catalog(tracked_workspace, ["imagenet"])
+
+
+def registered_versions(tracker, name, cider_values):
+    """One registered version per value, each from a run that logged it as "coco_test/CIDEr"."""
+    tracker.client.create_registered_model(name)
+    versions = []
+    for value in cider_values:
+        run_id = tracker.start_pipeline("candidate")
+        tracker.log_metrics(run_id, {"coco_test/CIDEr": value})
+        tracker.finish(run_id)
+        versions.append(str(tracker.client.create_model_version(name, f"runs:/{run_id}/model", run_id).version))
+    return versions
+
+
+def test_champion_moves_only_to_a_better_candidate(tracked_workspace):
+    tracker = ExperimentTracker(workspace=tracked_workspace)
+    first, better, worse = registered_versions(tracker, "captioner", [0.5, 0.9, 0.7])
+    promote = dict(metric="coco_test/CIDEr", workspace=tracked_workspace)
+    assert stages.promote_if_better("captioner", first, **promote) == \
+        {"promoted": True, "candidate": 0.5, "champion": None, "champion_version": first}
+    assert stages.promote_if_better("captioner", better, **promote) == \
+        {"promoted": True, "candidate": 0.9, "champion": 0.5, "champion_version": better}
+    assert stages.promote_if_better("captioner", worse, **promote) == \
+        {"promoted": False, "candidate": 0.7, "champion": 0.9, "champion_version": better}
+    assert str(tracker.client.get_model_version_by_alias("captioner", "champion").version) == better
+    tags = tracker.client.get_model_version("captioner", worse).tags
+    assert {key: tags[key] for key in ("promotion.candidate", "promotion.champion", "promotion.champion_version",
+                                       "promotion.promoted")} == \
+        {"promotion.candidate": "0.7", "promotion.champion": "0.9", "promotion.champion_version": better,
+         "promotion.promoted": "False"}
+    with pytest.raises(ValueError, match="no metric 'BLEU-4'"):
+        stages.promote_if_better("captioner", worse, metric="BLEU-4", workspace=tracked_workspace)
+
+
+def test_a_file_given_by_url_or_path_is_named_after_its_last_segment():
+    from storage.manifests import user_file
+
+    assert user_file("https://host/gated/flickr30k%20images.tar.gz?token=1").name == "flickr30k images.tar.gz"
+    assert user_file("/data/flickr30k-images.zip").url == "/data/flickr30k-images.zip"
+
+
+# ---- slow: the whole chain on a tiny synthetic workspace ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """corpus -> download -> catalog -> stand-ins -> feature shards -> tracked training and
+    evaluation -> registry, run once for the checks below."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        workspace = tmp_path_factory.mktemp("workspace")
+        manifests = stages.write_demo_corpus(workspace, images=40, seed=1)
+        downloaded = stages.download(workspace, "coco", manifests["coco"])
+        summaries = stages.build_catalog(workspace, ["coco"])
+        backbones = stages.build_demo_backbones(workspace, vision_steps=2, language_steps=2, batch_size=16)
+        entries = {}
+        for split in ("train", "val", "test"):
+            shards = stages.feature_shards(workspace, "coco", split, backbones, shard_size=6)
+            files = [stages.cache_feature_shard(workspace, "coco", split, backbones, k, 6, "cpu") for k in shards]
+            entries[split] = stages.finish_feature_cache(workspace, "coco", split, backbones, 6, "cpu")
+            assert len(shards) > 1 and all(map(lambda f: f.endswith(".h5"), files))
+        parent = stages.start_pipeline_run(workspace, "tiny-pipeline", {"config": "tiny", "seed": 3})
+        trained = stages.train_stage(workspace, str(write_tiny_config(workspace / "tiny.yaml")), "finetune", parent)
+        evaluated = stages.evaluate(workspace, trained["checkpoint"], "coco", "test", parent, gallery_size=3)
+        registered = stages.register_captioner(workspace, trained["checkpoint"], trained["run_id"])
+        stages.finish_pipeline_run(workspace, parent)
+        yield {"workspace": workspace, "downloaded": downloaded, "summaries": summaries, "backbones": backbones,
+               "entries": entries, "parent": parent, "trained": trained, "evaluated": evaluated,
+               "registered": registered, "tracker": ExperimentTracker(workspace=workspace)}
+
+
+@pytest.mark.slow
+def test_data_stages_fill_the_catalog_and_the_feature_cache(pipeline):
+    workspace = pipeline["workspace"]
+    assert pipeline["downloaded"]["dataset"] == "coco" and not pipeline["downloaded"]["failures"]
+    coco = pipeline["summaries"]["coco"]
+    assert coco["usable"] == coco["images"] - 3  # the corpus's truncated, non-image and missing files
+    with Catalog(workspace / "catalog.duckdb", read_only=True) as catalog:
+        for split, entry in pipeline["entries"].items():
+            reader = FeatureReader(entry)
+            assert reader.attrs["image_list_fingerprint"] == catalog.image_list_fingerprint("coco", split)
+            assert sorted(reader.image_ids) == [image.image_id for image in catalog.usable_images("coco", split)]
+    assert pipeline["backbones"]["vision_model"] == f"{LOCAL_DIR}{workspace / 'backbones' / 'vision'}"
+
+
+@pytest.mark.slow
+def test_training_is_a_child_run_with_config_data_and_metrics(pipeline):
+    tracker, trained, workspace = pipeline["tracker"], pipeline["trained"], pipeline["workspace"]
+    run = tracker.client.get_run(trained["run_id"])
+    assert run.data.tags[PARENT_TAG] == pipeline["parent"] and run.data.tags[STAGE_TAG] == "finetune"
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["code_version"] == code_version() and params["seed"] == "3"
+    assert params["model.language_model"] == str((workspace / "backbones" / "language").resolve())
+    assert json.loads(params["stages"])[0]["epochs"] == 2
+    with Catalog(workspace / "catalog.duckdb", read_only=True) as catalog:
+        assert params["data.training.coco/train.fingerprint"] == catalog.image_list_fingerprint("coco", "train")
+        assert params["data.validation.coco/val.fingerprint"] == catalog.image_list_fingerprint("coco", "val")
+    cache = FeatureReader(pipeline["entries"]["train"]).attrs
+    assert params["features.training.encoder_weights_sha256"] == cache["encoder_weights_sha256"]
+    inputs = {(i.dataset.name, i.tags[0].value) for i in run.inputs.dataset_inputs}
+    assert inputs == {("coco/train", "training"), ("coco/val", "validation")}
+    losses = tracker.client.get_metric_history(trained["run_id"], "loss")
+    assert [m.step for m in losses] == list(range(1, trained["steps"] + 1)) and trained["steps"] == 6
+    assert {"lr", "captions_per_s"} <= set(run.data.metrics)
+    assert [m.step for m in tracker.client.get_metric_history(trained["run_id"], "epoch/val_CIDEr")] == [0, 1]
+    saved = {item.path for item in tracker.client.list_artifacts(trained["run_id"], "checkpoint")}
+    assert saved == {f"checkpoint/{WEIGHTS_FILE}", f"checkpoint/{CONFIG_FILE}"}
+    assert trained["checkpoint"].endswith("best") and trained["best_cider"] is not None
+    again = stages.train_stage(workspace, str(workspace / "tiny.yaml"), "finetune", pipeline["parent"])
+    assert {key: again[key] for key in ("checkpoint", "best_cider", "steps")} == \
+        {key: trained[key] for key in ("checkpoint", "best_cider", "steps")}  # a finished stage is not redone
+    assert again["run_id"] != trained["run_id"]
+
+
+@pytest.mark.slow
+def test_evaluation_logs_scores_captions_gallery_and_heatmaps(pipeline):
+    tracker, evaluated = pipeline["tracker"], pipeline["evaluated"]
+    run = tracker.client.get_run(evaluated["run_id"])
+    assert run.data.tags[PARENT_TAG] == pipeline["parent"]
+    assert set(evaluated["metrics"]) >= {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    assert run.data.metrics["coco_test/CIDEr"] == evaluated["metrics"]["CIDEr"]
+    captions = json.loads(open(evaluated["captions_path"]).read())
+    with Catalog(pipeline["workspace"] / "catalog.duckdb", read_only=True) as catalog:
+        assert sorted(captions) == sorted(catalog.captions("coco", "test"))
+    assert evaluated["sample"][0] == [min(captions), captions[min(captions)]]
+    artifacts = {item.path for folder in ("metrics", "captions", "gallery/coco_test", "heatmaps/coco_test")
+                 for item in tracker.client.list_artifacts(evaluated["run_id"], folder)}
+    assert {"metrics/coco_test.json", "captions/coco_test.json", "gallery/coco_test/index.html"} <= artifacts
+    assert any(path.startswith("heatmaps/coco_test/") and path.endswith(".png") for path in artifacts)
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"coco/test"}
+
+
+@pytest.mark.slow
+def test_registered_captioner_is_promoted_only_when_better(pipeline):
+    tracker, registered, workspace = pipeline["tracker"], pipeline["registered"], pipeline["workspace"]
+    assert registered["version"] == "1" and registered["model_uri"] == f"runs:/{pipeline['trained']['run_id']}/model"
+    cider = pipeline["evaluated"]["metrics"]["CIDEr"]
+    first = stages.promote_if_better(registered["name"], registered["version"], value=cider, workspace=workspace)
+    assert first == {"promoted": True, "candidate": cider, "champion": None, "champion_version": "1"}
+    second = stages.register_captioner(workspace, pipeline["trained"]["checkpoint"], pipeline["trained"]["run_id"])
+    worse = stages.promote_if_better(second["name"], second["version"], value=cider - 0.1, workspace=workspace)
+    assert worse == {"promoted": False, "candidate": cider - 0.1, "champion": cider, "champion_version": "1"}
+    assert str(tracker.client.get_model_version_by_alias(registered["name"], "champion").version) == "1"
+    assert tracker.client.get_model_version(second["name"], second["version"]).tags["promotion.promoted"] == "False"
+    parent = tracker.client.get_run(pipeline["parent"])
+    assert parent.info.status == "FINISHED" and parent.data.params["seed"] == "3"
+
+
+@pytest.mark.slow
+def test_train_command_runs_every_stage_from_the_catalog_tracked(pipeline):
+    from ituning.cli import app
+
+    workspace, tracker = pipeline["workspace"], pipeline["tracker"]
+    config = write_tiny_config(workspace / "cli.yaml", epochs=1, val_split=None)
+    stage_runs = "tags.`ituning.stage` = 'finetune'"
+    before = {run.info.run_id for run in tracker.client.search_runs([tracker.experiment_id], stage_runs)}
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--workspace", str(workspace),
+                                      "--out", str(workspace / "cli-run"), "--fresh"])
+    assert result.exit_code == 0, result.output
+    assert "finetune: modules at" in result.output and "MLflow run" in result.output
+    assert (workspace / "cli-run" / "finetune" / "final" / WEIGHTS_FILE).is_file()
+    [run] = [run for run in tracker.client.search_runs([tracker.experiment_id], stage_runs)
+             if run.info.run_id not in before]
+    assert run.info.status == "FINISHED" and run.info.run_id in result.output
+    assert tracker.client.get_run(run.data.tags[PARENT_TAG]).info.status == "FINISHED"
+

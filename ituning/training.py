@@ -32,6 +32,7 @@ from ituning.checkpoint import CONFIG_FILE, load_weights_into, save_checkpoint
 from ituning.config import RunConfig, StageConfig, config_to_dict
 from ituning.data import CaptionBatch, collate, epoch_samples, feature_batches, samples_per_epoch
 from ituning.decoding import CachedStep, DecodingConfig, generate
+from ituning.distributed import broadcast_from_main, is_main_process, shard, sum_gradients, summed
 from ituning.model import ITuningCaptioner, trainable_parameters
 from ituning.training_state import (
     TrainerState,
@@ -153,6 +154,8 @@ class StageTrainer:
         self.state = TrainerState()
 
     def notify(self, event: str, *args) -> None:
+        if not is_main_process():  # one report per step, not one per process
+            return
         for callback in self.callbacks:
             handler = getattr(callback, event, None)
             if handler is not None:
@@ -168,6 +171,7 @@ class StageTrainer:
             return
         if self.stage.init_from:
             load_weights_into(self.model, self.stage.init_from, self.backbones)
+        broadcast_from_main(trainable_parameters(self.model))
         torch.manual_seed(self.stage.seed)
 
     def run(self, resume: bool = True) -> StageResult:
@@ -179,8 +183,10 @@ class StageTrainer:
         with tqdm(total=total, initial=self.state.step, desc=self.stage.name, disable=not self.progress) as bar:
             while self.state.epoch < self.stage.epochs:
                 self.run_epoch(bar)
-        final = save_checkpoint(self.stage_dir / "final", self.model, self.backbones)
-        (final / "metrics.json").write_text(json.dumps(self.state.history, indent=1))
+        final = self.stage_dir / "final"
+        if is_main_process():
+            save_checkpoint(final, self.model, self.backbones)
+            (final / "metrics.json").write_text(json.dumps(self.state.history, indent=1))
         best = self.stage_dir / "best"
         return StageResult(self.stage.name, self.state.step, final, best if best.exists() else None,
                            self.state.best_cider, self.state.last_loss, self.state.history)
@@ -204,13 +210,13 @@ class StageTrainer:
 
     def train_step(self, samples: list[tuple[str, int]]) -> dict[str, float]:
         started = time.perf_counter()
-        micro = self.stage.micro_batch_size
+        micro, mine = self.stage.micro_batch_size, shard(samples)  # under torchrun: this process's share
         batches = [
-            collate(samples[i : i + micro], self.data.captions, self.data.features, self.tokenizer,
+            collate(mine[i : i + micro], self.data.captions, self.data.features, self.tokenizer,
                     self.stage.max_caption_tokens)
-            for i in range(0, len(samples), micro)
+            for i in range(0, len(mine), micro)
         ]
-        tokens = sum(batch.target_tokens for batch in batches)
+        tokens = summed(sum(batch.target_tokens for batch in batches))
         loss_total = 0.0
         for batch in batches:
             with autocast_for(self.device, self.stage.precision):
@@ -218,6 +224,8 @@ class StageTrainer:
             self.check_finite(loss, "loss")
             loss.backward()
             loss_total += loss.item()
+        loss_total = summed(loss_total)
+        sum_gradients(trainable_parameters(self.model))
         norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.stage.max_grad_norm)
         self.check_finite(norm, "gradient norm")
         learning_rate = self.scheduler.get_last_lr()[0]
@@ -258,13 +266,15 @@ class StageTrainer:
 
     def keep_if_best(self, metrics: dict[str, float]) -> None:
         cider = metrics["val_CIDEr"]
-        if self.state.best_cider is None or cider > self.state.best_cider:
+        if (self.state.best_cider is None or cider > self.state.best_cider) and is_main_process():
             self.state.best_cider = cider
             best = save_checkpoint(self.stage_dir / "best", self.model, self.backbones)
             (best / "metrics.json").write_text(json.dumps({"epoch": self.state.epoch, **metrics}, indent=1))
             self.notify("on_checkpoint", best)
 
     def save(self) -> None:
+        if not is_main_process():  # every process holds the same weights; one writes them
+            return
         path = save_training_checkpoint(self.stage_dir, self.model, self.backbones, self.optimizer,
                                         self.scheduler, self.state)
         self.notify("on_checkpoint", path)

@@ -50,3 +50,12 @@ def broadcast_from_main(parameters) -> None:
         return
     for parameter in parameters:
         dist.broadcast(parameter.data, src=0)
+
+
+def join_from_environment(device: torch.device) -> None:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) join the process group once: gloo on CPU,
+    NCCL on CUDA. A no-op otherwise, or when the caller already joined one."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

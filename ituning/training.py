@@ -32,7 +32,8 @@ from ituning.checkpoint import CONFIG_FILE, load_weights_into, save_checkpoint
 from ituning.config import RunConfig, StageConfig, config_to_dict
 from ituning.data import CaptionBatch, collate, epoch_samples, feature_batches, samples_per_epoch
 from ituning.decoding import CachedStep, DecodingConfig, generate
-from ituning.distributed import broadcast_from_main, is_main_process, shard, sum_gradients, summed
+from ituning.distributed import (broadcast_from_main, is_main_process, join_from_environment, shard, sum_gradients,
+                                 summed)
 from ituning.model import ITuningCaptioner, trainable_parameters
 from ituning.training_state import (
     TrainerState,
@@ -302,6 +303,7 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
     if score is None and any(stage.val_split and data[stage.name].val_captions for stage in config.stages):
         import ituning.evaluation  # noqa: F401  (fail now rather than after the first epoch)
     model, tokenizer, backbones = build_model(config, device)
+    join_from_environment(next(model.parameters()).device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))

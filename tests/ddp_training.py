@@ -12,21 +12,22 @@ import torch
 import torch.distributed as dist
 
 from ituning.backbones import BackboneSpec
+from ituning.distributed import is_main_process
 from ituning.training import train_run
 from tests.test_training import Recorder, run_config, stage_data, stage_dict
 from tests.training_fixtures import cider_scorer
 
 
 def main(vision: str, language: str, out: str) -> None:
-    dist.init_process_group("gloo")
     torch.manual_seed(0)  # the same fresh modules in the one-process run as on rank 0 of the two
     backbones = BackboneSpec(vision_model=vision, vision_pretrained=None, language_model=language)
     config = run_config(backbones, [stage_dict(epochs=2, val_split=None, batch_size=8, micro_batch_size=2)])
     recorder = Recorder()
     train_run(config, {"finetune": stage_data()}, out, cider_scorer, [recorder], progress=False)
-    if dist.get_rank() == 0:
+    if is_main_process():
         Path(out, "losses.json").write_text(json.dumps([metrics["loss"] for _, metrics in recorder.steps]))
-    dist.destroy_process_group()
+    if dist.is_initialized():  # train_run joined it: torchrun gave WORLD_SIZE > 1
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def shard_task_runner():
 @flow(name="cache-features", log_prints=True, task_runner=shard_task_runner())
 def cache_features(dataset: Dataset = "coco", splits: list[str] = ["train", "val", "test"], config: Preset = "demo",
                    workspace: Workspace = None, shard_size: ShardSize = 1024, device: Device = "auto",
-                   backbone_steps: BackboneSteps = 300) -> dict[str, str]:
+                   backbone_steps: BackboneSteps = 100) -> dict[str, str]:
     root = resolve_workspace(workspace)
     plan = plan_pipeline(config, [])
     backbones = backbones_for(root, config, plan["demo_backbones"], None, backbone_steps)

@@ -21,7 +21,7 @@ def full_pipeline(config: Preset = "demo", source: Source = "synthetic", workspa
                   synthetic_images: SyntheticImages = 600, shard_size: ShardSize = 1024,
                   evaluate_on: list[Evaluation] = ["test"], device: Device = "auto", gallery_size: GallerySize = 50,
                   register_as: str = "ituning-captioner", flickr30k_images: str | None = None,
-                  backbone_steps: BackboneSteps = 300) -> dict:
+                  backbone_steps: BackboneSteps = 100) -> dict:
     root = resolve_workspace(workspace)
     plan = plan_pipeline(config, evaluate_on)
     run_id = start_pipeline_run(root, f"full-pipeline-{config}", {"config": config, "source": source,

@@ -30,7 +30,7 @@ def prepare(workspace: Path, datasets: list[str], downloads: list[PrefectFuture]
 
 
 def backbones_for(workspace: Path, config: str, demo: bool, catalog: PrefectFuture | None,
-                  steps: int = 300) -> dict:
+                  steps: int = 100) -> dict:
     return build_demo_backbones(workspace, catalog, steps=steps) if demo else configured_backbones(config)
 
 

@@ -35,7 +35,7 @@ def build_catalog(workspace: Path, datasets: list[str], downloads: list[dict] | 
 
 
 @task(name="build-demo-backbones", cache_policy=EXPENSIVE, persist_result=True)
-def build_demo_backbones(workspace: Path, catalog: dict, seed: int = 0, steps: int = 300) -> dict:
+def build_demo_backbones(workspace: Path, catalog: dict, seed: int = 0, steps: int = 100) -> dict:
     return stages.build_demo_backbones(workspace, seed=seed, vision_steps=steps, language_steps=steps)
 
 

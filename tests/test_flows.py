@@ -135,4 +135,4 @@ def test_retrain_registers_a_new_version_and_records_the_comparison(pipeline_run
     tags = client.get_model_version(model["name"], "2").tags
     assert tags["promotion.champion_version"] == "1" and tags["promotion.promoted"] == str(promotion["promoted"])
     expected_champion = "2" if promotion["promoted"] else "1"
-    assert client.get_model_version_by_alias(model["name"], "champion").version == expected_champion
+    assert str(client.get_model_version_by_alias(model["name"], "champion").version) == expected_champion

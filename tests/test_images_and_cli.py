@@ -76,8 +76,9 @@ def test_caption_command_reports_a_missing_checkpoint(tmp_path, image_files):
     assert result.exit_code == 2 and "not an I-Tuning checkpoint" in result.stderr
 
 
-def test_demo_command_runs_the_offline_path(tmp_path):
-    result = runner.invoke(app, ["demo", "--workspace", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert len([line for line in result.stdout.splitlines() if line.startswith(str(tmp_path / "images"))]) == 4
+def test_offline_path_builds_a_checkpoint_and_captions_every_image(tmp_path):
+    from ituning.demo import run_offline_demo
+
+    captions = run_offline_demo(tmp_path)
+    assert [str(path).startswith(str(tmp_path / "images")) and error is None for path, _, error in captions] == [True] * 4
     assert (tmp_path / "checkpoint" / "adapter_model.safetensors").is_file()

@@ -227,3 +227,26 @@ def test_train_command_runs_every_stage_from_the_catalog_tracked(pipeline):
     assert run.info.status == "FINISHED" and run.info.run_id in result.output
     assert tracker.client.get_run(run.data.tags[PARENT_TAG]).info.status == "FINISHED"
 
+
+
+@pytest.mark.slow
+def test_nocaps_is_scored_by_domain_and_its_test_split_written_for_the_server(pipeline, tmp_path):
+    from mlflow.artifacts import download_artifacts
+
+    workspace, tracker, checkpoint = pipeline["workspace"], pipeline["tracker"], pipeline["trained"]["checkpoint"]
+    manifest = workspace / "synthetic" / "manifests" / "nocaps.json"
+    assert stages.download(workspace, "nocaps", str(manifest))["images"] == 80
+    assert stages.build_catalog(workspace, ["nocaps"])["nocaps"]["by_split"] == {"val": 40, "test": 40}
+    for split in ("val", "test"):
+        stages.finish_feature_cache(workspace, "nocaps", split, pipeline["backbones"], device="cpu")
+    val = stages.evaluate(workspace, checkpoint, "nocaps", "val", gallery_size=2, num_beams=2)
+    assert set(val["metrics"]) == {"in-domain", "near-domain", "out-domain", "overall"}
+    assert tracker.client.get_run(val["run_id"]).data.metrics["nocaps_val/out-domain/CIDEr"] == \
+        val["metrics"]["out-domain"]["CIDEr"]
+    test = stages.evaluate(workspace, checkpoint, "nocaps", "test", gallery_size=2, num_beams=2)
+    assert test["metrics"] == {}
+    folder = download_artifacts(run_id=test["run_id"], artifact_path="submission", dst_path=str(tmp_path),
+                                tracking_uri=tracker.uri)
+    submission = json.loads((tmp_path / "submission" / "nocaps_test_submission.json").read_text())
+    assert folder and [entry["image_id"] for entry in submission] == list(range(40))
+    assert all(isinstance(entry["caption"], str) for entry in submission)

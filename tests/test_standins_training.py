@@ -42,6 +42,7 @@ def grounding_corpus(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # about five minutes on two idle cores; more on a shared machine
 def test_modules_on_frozen_standins_learn_grounding(grounding_corpus, tmp_path):
     root, corpus = grounding_corpus
     settings = StandinTraining(vision_steps=200, language_steps=200, batch_size=64)

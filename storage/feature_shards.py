@@ -303,8 +303,16 @@ def _image_loader(encoder, plan: ShardPlan, shards: list[int], items, settings: 
         start += size
     transform, blank, finish = split_preprocess(encoder.preprocess, image_size(encoder))
     loader = DataLoader(ImageFiles(items, transform, blank), batch_sampler=batches, num_workers=settings.num_workers,
-                        pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False)
+                        pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False,
+                        multiprocessing_context=_worker_start_method(settings.num_workers))
     return loader, finish
+
+
+def _worker_start_method(num_workers: int) -> str | None:
+    """Forking while other threads run (shard tasks of a flow, the writer thread of another
+    build) can copy a lock some thread holds into the worker, which then dies or hangs; the
+    fork server starts workers from a clean single-threaded process instead."""
+    return "forkserver" if num_workers > 0 and threading.active_count() > 1 else None
 
 
 def autocast(device: torch.device, precision: str):

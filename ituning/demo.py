@@ -1,9 +1,8 @@
-"""The offline captioning path end to end, on stand-in backbones built on the spot.
+"""The offline captioning path on untrained stand-in backbones built on the spot.
 
-Until the pipeline is in place this is what `make demo` runs: build tiny backbones in the
-standard formats, attach fresh I-Tuning modules, save the checkpoint, load it back through the
-normal loaders and caption a few rendered images. The modules are untrained, so the captions
-are not yet meaningful; the point is that every step of the real path runs offline.
+Build tiny backbones in the standard formats, attach fresh I-Tuning modules, save the checkpoint,
+load it back through the normal loaders and caption a few rendered images: every loader and the
+decoding path, offline, in seconds. (`make demo` runs the whole pipeline instead; see README.)
 """
 
 import random

@@ -69,6 +69,13 @@ def start_all(settings: ServiceSettings) -> None:
     _write_env_file(settings)
 
 
+def start_mlflow(settings: ServiceSettings) -> None:
+    """The MLflow tracking server alone, started as start_all starts it; returns once it is healthy."""
+    settings.directory.mkdir(parents=True, exist_ok=True)
+    _start(settings, "mlflow", _mlflow_command(settings))
+    _wait_healthy(f"{settings.mlflow_url}/health", "MLflow server", settings)
+
+
 def stop_all(settings: ServiceSettings, timeout_s: float = 30) -> list[str]:
     """Stop every service that has a pid file; returns the names stopped."""
     stopped = []
@@ -137,6 +144,11 @@ def _write_env_file(settings: ServiceSettings) -> None:
 
 
 def _alive(pid: int) -> bool:
+    try:  # a child of this process stays a zombie, which signal 0 still reaches, until it is reaped
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # not our child (`make stop` after `make serve`)
+        pass
     try:
         os.kill(pid, 0)
         return True

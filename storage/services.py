@@ -103,7 +103,9 @@ def _bin(name: str) -> str:
 
 def _child_environment(settings: ServiceSettings) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` and the worker exec by name
-    return {**os.environ, **settings.environment(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    # MLflow's server otherwise starts a pool of GenAI job processes (about 2 GB) the pipeline never uses.
+    quiet = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return {**quiet, **os.environ, **settings.environment(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 def _start(settings: ServiceSettings, name: str, command: list[str]) -> None:

@@ -23,6 +23,7 @@ def train(
     Without --karpathy-json, captions come from the catalog and visual tokens from the feature
     cache (encoded first where missing), and the run is tracked in MLflow."""
     from ituning.config import ConfigError
+    from ituning.distributed import is_main_process
     from ituning.training import NonFiniteLoss
 
     try:
@@ -33,21 +34,29 @@ def train(
     except (ConfigError, NonFiniteLoss, OSError, ValueError, ImportError, RuntimeError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
+    if not is_main_process():  # under torchrun the lines come once, from rank 0
+        return
     for line in lines:
         typer.echo(line)
 
 
 def train_from_catalog(config: Path, workspace: Path, out: Path | None, device: str, fresh: bool) -> list[str]:
-    """Every stage through storage.stages.train_stage, as child runs of one pipeline run."""
+    """Every stage through storage.stages.train_stage, as child runs of one pipeline run (under
+    torchrun every process trains, rank 0 tracks)."""
     from ituning.config import config_to_dict
+    from ituning.distributed import is_main_process, launched_processes
     from storage import stages
 
     run_config = stages.resolve_config(str(config), workspace)
-    parent = stages.start_pipeline_run(workspace, run_config.name, config_to_dict(run_config))
+    backbones = run_config.model.backbones().to_dict()
+    if launched_processes() > 1:
+        require_features(workspace, run_config.stages, backbones)
+    main = is_main_process()
+    parent = stages.start_pipeline_run(workspace, run_config.name, config_to_dict(run_config)) if main else None
     lines, previous, failed = [], None, True
     try:
         for stage in run_config.stages:
-            encode_missing_features(workspace, stage, run_config.model.backbones().to_dict(), device)
+            encode_missing_features(workspace, stage, backbones, device)
             result = stages.train_stage(workspace, str(config), stage.name, parent, stage.init_from or previous,
                                         device, resume=not fresh, out_dir=out and str(out), progress=True)
             previous = result["checkpoint"]
@@ -55,17 +64,35 @@ def train_from_catalog(config: Path, workspace: Path, out: Path | None, device: 
             lines.append(f"{stage.name}: modules at {result['checkpoint']}{cider} (MLflow run {result['run_id']})")
         failed = False
     finally:
-        stages.finish_pipeline_run(workspace, parent, failed)
+        if main:
+            stages.finish_pipeline_run(workspace, parent, failed)
     return lines
+
+
+def missing_features(workspace: Path, stage, backbones: dict) -> list[str]:
+    from storage import stages
+
+    return [split for split in filter(None, (stage.train_split, stage.val_split))
+            if not stages.feature_entry(workspace, stage.dataset, split, backbones).is_file()]
 
 
 def encode_missing_features(workspace: Path, stage, backbones: dict, device: str) -> None:
     from storage import stages
 
-    for split in filter(None, (stage.train_split, stage.val_split)):
-        if not stages.feature_entry(workspace, stage.dataset, split, backbones).is_file():
-            typer.echo(f"encoding {stage.dataset}/{split} into the feature cache ...", err=True)
-            stages.finish_feature_cache(workspace, stage.dataset, split, backbones, device=device)
+    for split in missing_features(workspace, stage, backbones):
+        typer.echo(f"encoding {stage.dataset}/{split} into the feature cache ...", err=True)
+        stages.finish_feature_cache(workspace, stage.dataset, split, backbones, device=device)
+
+
+def require_features(workspace: Path, run_stages, backbones: dict) -> None:
+    """Under torchrun the feature cache must exist beforehand: one process encoding a split while the
+    others wait for it could outlast the process group's timeout."""
+    missing = [f"{stage.dataset}/{split}" for stage in run_stages
+               for split in missing_features(workspace, stage, backbones)]
+    if missing:
+        vision = f"--vision {backbones['vision_model']} --vision-pretrained {backbones['vision_pretrained'] or 'none'}"
+        raise ValueError(f"no feature cache for {', '.join(missing)}: under torchrun build it first "
+                         f"(`ituning features --dataset DATASET --split SPLIT {vision}`)")
 
 
 def train_from_corpus(config: Path, karpathy_json: Path, images: Path | None, workspace: Path, out: Path | None,

@@ -7,9 +7,10 @@ GPT-2's dropout is off and a step is a deterministic function of the data and th
 
 A step averages the loss over every caption token of the whole effective batch (4,096 captions in
 the paper), accumulated over micro-batches, so the gradient does not depend on how the batch is
-split. The learning rate warms up linearly, then decays along a cosine to zero. Stages run in
-order (VG pre-training, then COCO or Flickr30k fine-tuning), each starting from the modules the
-previous stage ended with. Progress goes to plain callbacks: any objects with some of
+split: into micro-batches, or across the processes of a torchrun launch (DistributedDataParallel,
+see ituning/distributed.py). The learning rate warms up linearly, then decays along a cosine to
+zero. Stages run in order (VG pre-training, then COCO or Flickr30k fine-tuning), each starting from
+the modules the previous stage ended with. Progress goes to plain callbacks: any objects with some of
 `on_step(step, metrics)`, `on_epoch(epoch, metrics)`, `on_checkpoint(path)` and, between stages,
 `on_stage(name, config)`.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from ituning.backbones import BackboneSpec, load_language_model, vision_width
@@ -32,8 +34,8 @@ from ituning.checkpoint import CONFIG_FILE, load_weights_into, save_checkpoint
 from ituning.config import RunConfig, StageConfig, config_to_dict
 from ituning.data import CaptionBatch, collate, epoch_samples, feature_batches, samples_per_epoch
 from ituning.decoding import CachedStep, DecodingConfig, generate
-from ituning.distributed import (broadcast_from_main, is_main_process, join_from_environment, shard, sum_gradients,
-                                 summed)
+from ituning.distributed import (barrier, data_parallel, gradient_sync, is_main_process, join_from_environment,
+                                 process_device, shard, summed, unwrapped, world)
 from ituning.model import ITuningCaptioner, trainable_parameters
 from ituning.training_state import (
     TrainerState,
@@ -135,17 +137,21 @@ def evaluate_captions(model, tokenizer, features: Mapping, captions: dict[str, l
 
 
 class StageTrainer:
-    """One stage: epochs of accumulated steps, checkpoints, validation, resume."""
+    """One stage: epochs of accumulated steps, checkpoints, validation, resume.
 
-    def __init__(self, model: ITuningCaptioner, tokenizer, backbones: BackboneSpec, stage: StageConfig,
+    `model` may be the captioner in DistributedDataParallel (`data_parallel`): training forwards go
+    through it, checkpoints and validation use the captioner inside."""
+
+    def __init__(self, model: nn.Module, tokenizer, backbones: BackboneSpec, stage: StageConfig,
                  data: StageData, stage_dir: Path, score: Scorer | None = None, callbacks=(), progress=True):
-        self.model, self.tokenizer, self.backbones = model, tokenizer, backbones
+        self.replica, self.model = model, unwrapped(model)
+        self.tokenizer, self.backbones = tokenizer, backbones
         self.stage, self.data, self.stage_dir = stage, data, Path(stage_dir)
         self.score = score or default_scorer
         self.callbacks, self.progress = list(callbacks), progress
-        self.device = next(model.parameters()).device
+        self.device = next(self.model.parameters()).device
         self.optimizer = torch.optim.AdamW(
-            trainable_parameters(model), lr=stage.learning_rate, weight_decay=stage.weight_decay
+            trainable_parameters(self.model), lr=stage.learning_rate, weight_decay=stage.weight_decay
         )
         self.steps_per_epoch = math.ceil(samples_per_epoch(data.captions, stage.captions) / stage.batch_size)
         total = self.steps_per_epoch * stage.epochs
@@ -172,7 +178,6 @@ class StageTrainer:
             return
         if self.stage.init_from:
             load_weights_into(self.model, self.stage.init_from, self.backbones)
-        broadcast_from_main(trainable_parameters(self.model))
         torch.manual_seed(self.stage.seed)
 
     def run(self, resume: bool = True) -> StageResult:
@@ -181,13 +186,15 @@ class StageTrainer:
         self.start(resume)
         self.model.eval()  # frozen backbones: no dropout; the modules have none
         total = self.steps_per_epoch * self.stage.epochs
-        with tqdm(total=total, initial=self.state.step, desc=self.stage.name, disable=not self.progress) as bar:
+        show = self.progress and is_main_process()
+        with tqdm(total=total, initial=self.state.step, desc=self.stage.name, disable=not show) as bar:
             while self.state.epoch < self.stage.epochs:
                 self.run_epoch(bar)
         final = self.stage_dir / "final"
         if is_main_process():
             save_checkpoint(final, self.model, self.backbones)
             (final / "metrics.json").write_text(json.dumps(self.state.history, indent=1))
+        barrier()  # a next stage in another train_run may load `final` at once
         best = self.stage_dir / "best"
         return StageResult(self.stage.name, self.state.step, final, best if best.exists() else None,
                            self.state.best_cider, self.state.last_loss, self.state.history)
@@ -211,22 +218,18 @@ class StageTrainer:
 
     def train_step(self, samples: list[tuple[str, int]]) -> dict[str, float]:
         started = time.perf_counter()
-        micro, mine = self.stage.micro_batch_size, shard(samples)  # under torchrun: this process's share
-        batches = [
-            collate(mine[i : i + micro], self.data.captions, self.data.features, self.tokenizer,
-                    self.stage.max_caption_tokens)
-            for i in range(0, len(mine), micro)
-        ]
-        tokens = summed(sum(batch.target_tokens for batch in batches))
+        batches = self.micro_batches(shard(samples))  # under torchrun: this process's share
+        tokens, processes = summed(sum(batch.target_tokens for batch in batches)), world()[1]
+        # DDP averages gradients over the processes, so each backpropagates its token sum / all tokens
+        # × processes: the average is (Σ over every token) / all tokens, one process's gradient on the batch.
+        share = processes if batches else 0
+        if not batches:  # fewer captions than processes: join the all-reduce with a zero gradient
+            batches = self.micro_batches(samples[:1])
         loss_total = 0.0
-        for batch in batches:
-            with autocast_for(self.device, self.stage.precision):
-                loss = caption_loss_sum(self.model, batch.to(self.device)) / tokens
-            self.check_finite(loss, "loss")
-            loss.backward()
-            loss_total += loss.item()
-        loss_total = summed(loss_total)
-        sum_gradients(trainable_parameters(self.model))
+        for index, batch in enumerate(batches):
+            with gradient_sync(self.replica, now=index == len(batches) - 1):
+                loss_total += self.backward(batch, tokens, share)
+        loss_total = summed(loss_total) / processes
         norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.stage.max_grad_norm)
         self.check_finite(norm, "gradient norm")
         learning_rate = self.scheduler.get_last_lr()[0]
@@ -236,6 +239,21 @@ class StageTrainer:
         seconds = time.perf_counter() - started
         return {"loss": loss_total, "lr": learning_rate, "grad_norm": float(norm),
                 "captions_per_s": len(samples) / seconds, "epoch": float(self.state.epoch)}
+
+    def micro_batches(self, samples: list[tuple[str, int]]) -> list[CaptionBatch]:
+        micro = self.stage.micro_batch_size
+        return [
+            collate(samples[i : i + micro], self.data.captions, self.data.features, self.tokenizer,
+                    self.stage.max_caption_tokens)
+            for i in range(0, len(samples), micro)
+        ]
+
+    def backward(self, batch: CaptionBatch, tokens: float, share: int) -> float:
+        with autocast_for(self.device, self.stage.precision):
+            loss = caption_loss_sum(self.replica, batch.to(self.device)) / tokens * share
+        self.check_finite(loss, "loss")
+        loss.backward()
+        return loss.item()
 
     def check_finite(self, value: torch.Tensor, what: str) -> None:
         if not torch.isfinite(value).all():
@@ -302,15 +320,17 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
         raise ValueError(f"no data given for stage(s) {missing}")
     if score is None and any(stage.val_split and data[stage.name].val_captions for stage in config.stages):
         import ituning.evaluation  # noqa: F401  (fail now rather than after the first epoch)
+    device = process_device(resolve_device(config.device if device == "auto" else device))
+    join_from_environment(torch.device(device))
     model, tokenizer, backbones = build_model(config, device)
-    join_from_environment(next(model.parameters()).device)
+    replica = data_parallel(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
     results = []
     for stage in config.stages:
         stage_dir = out_dir / stage.name
-        trainer = StageTrainer(model, tokenizer, backbones, stage, data[stage.name], stage_dir, score,
+        trainer = StageTrainer(replica, tokenizer, backbones, stage, data[stage.name], stage_dir, score,
                                callbacks, progress)
         trainer.notify("on_stage", stage.name, config_to_dict(stage))
         if resume and (stage_dir / "final" / CONFIG_FILE).is_file():

@@ -213,18 +213,26 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
     """Train one stage of a config on the catalog's captions and the feature cache, tracked as a
     child run of `parent_run_id` (of a pipeline run of its own when None). Checkpoints go to
     <out_dir>/<stage>/, by default workspace/runs/<config name>/<stage>/; a rerun continues from
-    the stage's last checkpoint unless resume is False."""
+    the stage's last checkpoint unless resume is False. Under torchrun every process trains and
+    rank 0 alone tracks (the others return run_id None)."""
     from ituning.config import config_to_dict
+    from ituning.distributed import is_main_process
 
     workspace = Path(workspace)
     run_config = resolve_config(config, workspace)
     stage_config = _stage_named(run_config, stage, init_from)
     run_config = replace(run_config, stages=[stage_config])
+    out = Path(out_dir) if out_dir else workspace / "runs" / run_config.name
+    if not is_main_process():
+        data = _stage_inputs(workspace, run_config, stage_config)
+        return {**_train(run_config, data, out, device, resume, progress=False), "run_id": None}
     tracker = ExperimentTracker(workspace=workspace)
     settings = config_to_dict(run_config)
     with child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed) as run_id:
-        out = Path(out_dir) if out_dir else workspace / "runs" / run_config.name
-        result = _train_tracked(tracker, run_id, workspace, run_config, stage_config, out, device, resume, progress)
+        data = _stage_inputs(workspace, run_config, stage_config)
+        _log_stage_inputs(tracker, run_id, workspace, stage_config, data)
+        result = _train(run_config, data, out, device, resume, progress, [tracker.callbacks(run_id)])
+        tracker.log_checkpoint(run_id, result["checkpoint"], "checkpoint")
     return {**result, "run_id": run_id}
 
 
@@ -254,26 +262,34 @@ def _stage_named(run_config, stage: str, init_from: str | None):
     return replace(found[0], init_from=init_from) if init_from else found[0]
 
 
-def _train_tracked(tracker, run_id: str, workspace: Path, run_config, stage_config, out_dir: Path, device: str,
-                   resume: bool, progress: bool) -> dict:
-    from ituning.training import StageData, train_run
+def _stage_inputs(workspace: Path, run_config, stage_config):
+    from ituning.training import StageData
 
     backbones = run_config.model.backbones().to_dict()
-    features, captions = split_data(workspace, stage_config.dataset, stage_config.train_split, backbones)
-    log_split_inputs(tracker, run_id, workspace, stage_config.dataset, stage_config.train_split, features, "training")
-    data = StageData(features, captions)
+    data = StageData(*split_data(workspace, stage_config.dataset, stage_config.train_split, backbones))
     if stage_config.val_split:
         data.val_features, data.val_captions = split_data(workspace, stage_config.dataset, stage_config.val_split,
                                                           backbones)
+    return data
+
+
+def _log_stage_inputs(tracker: ExperimentTracker, run_id: str, workspace: Path, stage_config, data) -> None:
+    log_split_inputs(tracker, run_id, workspace, stage_config.dataset, stage_config.train_split, data.features,
+                     "training")
+    if stage_config.val_split:
         log_split_inputs(tracker, run_id, workspace, stage_config.dataset, stage_config.val_split,
                          data.val_features, "validation")
-    [result] = train_run(run_config, {stage_config.name: data}, out_dir, callbacks=[tracker.callbacks(run_id)],
-                         device=device, resume=resume, progress=progress)
+
+
+def _train(run_config, data, out_dir: Path, device: str, resume: bool, progress: bool, callbacks=()) -> dict:
+    from ituning.training import train_run
+
+    [stage_config] = run_config.stages
+    [result] = train_run(run_config, {stage_config.name: data}, out_dir, callbacks=callbacks, device=device,
+                         resume=resume, progress=progress)
     best = result.best_dir or _existing_best(out_dir / stage_config.name)
-    checkpoint = best or result.final_dir
-    tracker.log_checkpoint(run_id, checkpoint, "checkpoint")
     best_cider = result.best_cider if result.best_cider is not None else _recorded_cider(best)
-    return {"checkpoint": str(checkpoint), "best_cider": best_cider, "steps": _steps(result)}
+    return {"checkpoint": str(best or result.final_dir), "best_cider": best_cider, "steps": _steps(result)}
 
 
 def _existing_best(stage_dir: Path) -> Path | None:

@@ -48,6 +48,15 @@ def test_train_command_without_a_catalog_says_what_to_build(standin_backbones, t
     assert result.exit_code == 2 and "no catalog at" in result.output and "catalog build" in result.output
 
 
+def test_train_command_under_torchrun_asks_for_the_feature_cache_first(standin_backbones, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each of its processes
+    monkeypatch.setenv("RANK", "0")
+    config = write_config(tmp_path / "run.yaml", standin_backbones, dataset="coco", val_split="val")
+    result = runner.invoke(app, ["train", "--config", str(config), "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 2 and "no feature cache for coco/train, coco/val" in result.output
+    assert "ituning features --dataset" in result.output and not (tmp_path / "ws").exists()
+
+
 def test_standins_command_writes_backbones_the_normal_loaders_read(tmp_path):
     from ituning.backbones import BackboneSpec, load_language_model, load_vision_encoder
 

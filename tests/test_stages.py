@@ -228,6 +228,20 @@ def test_train_command_runs_every_stage_from_the_catalog_tracked(pipeline):
     assert tracker.client.get_run(run.data.tags[PARENT_TAG]).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_a_process_other_than_rank_0_trains_without_tracking_or_writing(pipeline, monkeypatch):
+    """Under torchrun every process runs train_stage; rank 0 alone tracks and writes checkpoints."""
+    workspace, tracker = pipeline["workspace"], pipeline["tracker"]
+    config = write_tiny_config(workspace / "rank1.yaml", epochs=1, val_split=None)
+    before = {run.info.run_id for run in tracker.client.search_runs([tracker.experiment_id])}
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it, read before the process group is joined
+    result = stages.train_stage(workspace, str(config), "finetune", out_dir=str(workspace / "rank1-run"))
+    assert result["run_id"] is None and result["steps"] == 3
+    assert result["checkpoint"] == str(workspace / "rank1-run" / "finetune" / "final")  # where rank 0 writes
+    assert not (workspace / "rank1-run" / "finetune").exists()
+    assert {run.info.run_id for run in tracker.client.search_runs([tracker.experiment_id])} == before
+
+
 
 @pytest.mark.slow
 def test_nocaps_is_scored_by_domain_and_its_test_split_written_for_the_server(pipeline, tmp_path):

@@ -60,13 +60,14 @@ class StageConfig:
     max_grad_norm: float = 1.0
     max_caption_tokens: int = 40  # EOS included
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    data_workers: int | None = None  # processes collating micro-batches ahead; None: 4 on CUDA, 0 on CPU
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
     validate_every_epochs: int = 1
     val_images: int | None = None  # score only the first n validation images (None: all)
     val_beams: int = 1  # greedy during training; the final test uses the paper's beam of 5
     val_max_length: int = 20
     init_from: str | None = None  # a module checkpoint to start from (e.g. external pre-training)
-    seed: int = 0
+    seed: int = 0  # the epochs' caption order; the first stage's also seeds the fresh modules
 
     def checks(self):
         yield "name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"
@@ -80,6 +81,7 @@ class StageConfig:
         yield "max_grad_norm", self.max_grad_norm > 0, "must be positive"
         yield "checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be 0 or more"
         yield "val_images", self.val_images is None or self.val_images > 0, "must be positive"
+        yield "data_workers", self.data_workers is None or self.data_workers >= 0, "must be 0 or more"
 
     @property
     def accumulation(self) -> int:

@@ -1,14 +1,18 @@
 """Caption batches for training: which captions an epoch visits, and how they become tensors.
 
 An epoch's order is a pure function of (seed, epoch), so a resumed run only needs the epoch and
-the number of steps already taken in it to continue exactly where it stopped.
+the number of steps already taken in it to continue exactly where it stopped. Micro-batches are
+collated (tokenized, their visual tokens read and stacked) ahead of the step that needs them, in
+DataLoader worker processes when asked for, so the accelerator does not wait on the CPU.
 """
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (the prompt and the padding)
 
@@ -18,15 +22,23 @@ class CaptionBatch:
     input_ids: torch.Tensor  # (B, T): BOS, caption tokens, EOS, then padding
     labels: torch.Tensor  # (B, T): the token at each position, IGNORE_INDEX on BOS and padding
     attention_mask: torch.Tensor  # (B, T)
-    visual: torch.Tensor  # (B, N, d_v)
+    visual: torch.Tensor  # (B, N, d_v), in the feature cache's dtype (float16) until on the device
 
     @property
     def target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.labels, self.attention_mask, self.visual
+
     def to(self, device) -> "CaptionBatch":
-        return CaptionBatch(*(tensor.to(device) for tensor in
-                              (self.input_ids, self.labels, self.attention_mask, self.visual)))
+        """On the device, visual tokens in float32 (converted there: half the bytes travel)."""
+        moved = [tensor.to(device, non_blocking=True) for tensor in self.tensors()]
+        moved[-1] = moved[-1].float()
+        return CaptionBatch(*moved)
+
+    def pin_memory(self) -> "CaptionBatch":  # called by a DataLoader with pin_memory=True
+        return CaptionBatch(*(tensor.pin_memory() for tensor in self.tensors()))
 
 
 def samples_per_epoch(captions: Mapping[str, list[str]], mode: str) -> int:
@@ -75,7 +87,41 @@ def pad_caption_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, 
 def collate(samples, captions, features: Mapping, tokenizer, max_tokens: int) -> CaptionBatch:
     rows = caption_token_rows([captions[image_id][index] for image_id, index in samples], tokenizer, max_tokens)
     visual = np.stack([np.asarray(features[image_id]) for image_id, _ in samples])  # (B, N, d_v)
-    return CaptionBatch(*pad_caption_rows(rows, tokenizer.eos_token_id), torch.from_numpy(visual).float())
+    return CaptionBatch(*pad_caption_rows(rows, tokenizer.eos_token_id), torch.from_numpy(visual))
+
+
+def micro_batch_count(samples: list, micro_batch_size: int) -> int:
+    return -(-len(samples) // micro_batch_size)
+
+
+class MicroBatches(Dataset):
+    """Item k: the k-th micro-batch of a run of steps, each step cut into micro-batches in order."""
+
+    def __init__(self, steps: list[list[tuple[str, int]]], micro_batch_size: int, captions: Mapping,
+                 features: Mapping, tokenizer, max_tokens: int):
+        self.chunks = [step[i : i + micro_batch_size] for step in steps
+                       for i in range(0, len(step), micro_batch_size)]
+        self.captions, self.features, self.tokenizer, self.max_tokens = captions, features, tokenizer, max_tokens
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> CaptionBatch:
+        return collate(self.chunks[index], self.captions, self.features, self.tokenizer, self.max_tokens)
+
+
+def micro_batch_loader(batches: MicroBatches, workers: int, pin_memory: bool) -> DataLoader:
+    """The micro-batches in order; with workers > 0, collated ahead in that many processes."""
+    return DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers else None, multiprocessing_context=worker_start_method(workers),
+                      generator=torch.Generator().manual_seed(0))  # leaves the global generator untouched
+
+
+def worker_start_method(workers: int) -> str | None:
+    """Forking while other threads run (a flow's tasks, a writer thread) can copy a lock some thread
+    holds into the worker, which then dies or hangs; the fork server starts workers from a clean
+    single-threaded process instead."""
+    return "forkserver" if workers > 0 and threading.active_count() > 1 else None
 
 
 def feature_batches(features: Mapping, image_ids: list[str], batch_size: int):

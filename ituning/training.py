@@ -32,7 +32,8 @@ from ituning.backbones import BackboneSpec, load_language_model, vision_width
 from ituning.captioner import resolve_device
 from ituning.checkpoint import CONFIG_FILE, load_weights_into, save_checkpoint
 from ituning.config import RunConfig, StageConfig, config_to_dict
-from ituning.data import CaptionBatch, collate, epoch_samples, feature_batches, samples_per_epoch
+from ituning.data import (CaptionBatch, MicroBatches, collate, epoch_samples, feature_batches, micro_batch_count,
+                          micro_batch_loader, samples_per_epoch)
 from ituning.decoding import CachedStep, DecodingConfig, generate
 from ituning.distributed import (barrier, data_parallel, gradient_sync, is_main_process, join_from_environment,
                                  process_device, shard, summed, unwrapped, world)
@@ -92,7 +93,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 def caption_loss_sum(model: ITuningCaptioner, batch: CaptionBatch) -> torch.Tensor:
     """Σ over the batch's caption tokens of -log P(token | prefix, image)."""
-    logits = model(batch.input_ids, visual=batch.visual, attention_mask=batch.attention_mask).logits
+    logits = model(batch.input_ids, visual=batch.visual.float(), attention_mask=batch.attention_mask).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), reduction="sum"
     )  # position t predicts token t + 1
@@ -201,10 +202,13 @@ class StageTrainer:
 
     def run_epoch(self, bar) -> None:
         samples = epoch_samples(self.data.captions, self.stage.captions, self.stage.seed, self.state.epoch)
-        every = self.stage.checkpoint_every_steps
-        while self.state.step_in_epoch < self.steps_per_epoch:
-            start = self.state.step_in_epoch * self.stage.batch_size
-            metrics = self.train_step(samples[start : start + self.stage.batch_size])
+        size, every = self.stage.batch_size, self.stage.checkpoint_every_steps
+        steps = [samples[k * size : (k + 1) * size] for k in range(self.state.step_in_epoch, self.steps_per_epoch)]
+        shares = [shard(step) for step in steps]  # under torchrun: this process's share of each step
+        loaded = iter(self.loader(shares))
+        for step, share in zip(steps, shares):
+            batches = [next(loaded) for _ in range(micro_batch_count(share, self.stage.micro_batch_size))]
+            metrics = self.train_step(step, batches)
             self.state.step += 1
             self.state.step_in_epoch += 1
             self.state.epoch_loss_sum += metrics["loss"]
@@ -216,20 +220,32 @@ class StageTrainer:
                 self.save()
         self.end_epoch()
 
-    def train_step(self, samples: list[tuple[str, int]]) -> dict[str, float]:
+    def loader(self, shares: list[list[tuple[str, int]]]):
+        workers = self.stage.data_workers
+        if workers is None:
+            workers = 4 if self.device.type == "cuda" else 0
+        batches = MicroBatches(shares, self.stage.micro_batch_size, self.data.captions, self.data.features,
+                               self.tokenizer, self.stage.max_caption_tokens)
+        return micro_batch_loader(batches, workers, pin_memory=self.device.type == "cuda")
+
+    def train_step(self, samples: list[tuple[str, int]], batches: list[CaptionBatch] | None = None) -> dict:
+        """One optimizer step on `samples`; `batches`, when given, are this process's share of them,
+        already collated."""
         started = time.perf_counter()
-        batches = self.micro_batches(shard(samples))  # under torchrun: this process's share
+        if batches is None:
+            batches = self.micro_batches(shard(samples))
         tokens, processes = summed(sum(batch.target_tokens for batch in batches)), world()[1]
         # DDP averages gradients over the processes, so each backpropagates its token sum / all tokens
         # × processes: the average is (Σ over every token) / all tokens, one process's gradient on the batch.
         share = processes if batches else 0
         if not batches:  # fewer captions than processes: join the all-reduce with a zero gradient
             batches = self.micro_batches(samples[:1])
-        loss_total = 0.0
+        loss_total = torch.zeros((), device=self.device)
         for index, batch in enumerate(batches):
             with gradient_sync(self.replica, now=index == len(batches) - 1):
                 loss_total += self.backward(batch, tokens, share)
-        loss_total = summed(loss_total) / processes
+        self.check_finite(loss_total, "loss")  # once per step: reading a value waits for the device
+        loss_total = summed(loss_total.item()) / processes
         norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.stage.max_grad_norm)
         self.check_finite(norm, "gradient norm")
         learning_rate = self.scheduler.get_last_lr()[0]
@@ -248,12 +264,11 @@ class StageTrainer:
             for i in range(0, len(samples), micro)
         ]
 
-    def backward(self, batch: CaptionBatch, tokens: float, share: int) -> float:
+    def backward(self, batch: CaptionBatch, tokens: float, share: int) -> torch.Tensor:
         with autocast_for(self.device, self.stage.precision):
             loss = caption_loss_sum(self.replica, batch.to(self.device)) / tokens * share
-        self.check_finite(loss, "loss")
         loss.backward()
-        return loss.item()
+        return loss.detach()
 
     def check_finite(self, value: torch.Tensor, what: str) -> None:
         if not torch.isfinite(value).all():
@@ -304,6 +319,7 @@ def build_model(config: RunConfig, device: str = "auto"):
     device = resolve_device(config.device if device == "auto" else device)
     backbones = config.model.backbones()
     language_model, tokenizer = load_language_model(backbones.language_model, device)
+    torch.manual_seed(config.stages[0].seed)  # the fresh modules' initial weights follow the config
     model = ITuningCaptioner(language_model, vision_width(backbones.vision_model), config.model.ituning())
     return model.to(device), tokenizer, backbones
 

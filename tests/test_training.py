@@ -166,6 +166,32 @@ def test_best_checkpoint_follows_validation_cider(standin_backbones, tmp_path):
     assert result.best_dir in recorder.checkpoints and tmp_path / "finetune" / "last" in recorder.checkpoints
 
 
+def test_micro_batches_collated_in_worker_processes_train_exactly_the_same(standin_backbones, tmp_path):
+    data = stage_data(images=18)
+    data.features = {image_id: tokens.astype(np.float16) for image_id, tokens in data.features.items()}  # as cached
+    losses, weights = {}, {}
+    for workers in (0, 2):
+        config = run_config(standin_backbones, [stage_dict(data_workers=workers, val_split=None, micro_batch_size=2)])
+        recorder = Recorder()
+        [result] = train_run(config, {"finetune": data}, tmp_path / str(workers), cider_scorer, [recorder],
+                             progress=False)
+        losses[workers] = [metrics["loss"] for _, metrics in recorder.steps]
+        weights[workers] = load_file(result.final_dir / WEIGHTS_FILE)
+    assert len(losses[0]) == 10 and losses[2] == losses[0]  # 2 epochs of 5 steps
+    assert all(torch.equal(weights[2][name], weights[0][name]) for name in weights[0])
+
+
+def test_fresh_modules_follow_the_config_seed_not_the_global_generator(standin_backbones):
+    def module_weights(seed: int, global_seed: int) -> dict:
+        torch.manual_seed(global_seed)
+        model, _, _ = build_model(run_config(standin_backbones, [stage_dict(seed=seed)]), "cpu")
+        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    first, again, other = module_weights(3, global_seed=1), module_weights(3, global_seed=2), module_weights(4, 1)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
 def test_a_killed_run_resumes_to_the_same_losses(standin_backbones, tmp_path):
     config = run_config(standin_backbones, [stage_dict(epochs=3, checkpoint_every_steps=2, captions="random")])
     data = {"finetune": stage_data(images=18)}  # 3 steps per epoch: 8, 8 and 2 images

@@ -13,13 +13,15 @@ A split's image list (sorted by image id) is cut into fixed-size shards; shard k
 A shard is written as shard-KKKKK.h5.tmp-PID and renamed only once it is complete and re-read, so a
 crash leaves either a finished shard or a temporary file that the next run discards.
 
-Decoding and preprocessing run in DataLoader worker processes, which send uint8 images (scaling
-and normalisation, the same arithmetic, happen on the device); the encoder runs in the main thread;
+Decoding and preprocessing run in DataLoader worker processes (in the process itself where that
+one may not have children, e.g. a Dask worker), which send uint8 images (scaling and normalisation,
+the same arithmetic, happen on the device); the encoder runs in the main thread;
 a writer thread with a bounded queue writes to disk, so the encoder does not wait on the disk.
 """
 
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import threading
@@ -302,10 +304,17 @@ def _image_loader(encoder, plan: ShardPlan, shards: list[int], items, settings: 
                     for i in range(start, start + size, settings.batch_size)]
         start += size
     transform, blank, finish = split_preprocess(encoder.preprocess, image_size(encoder))
-    loader = DataLoader(ImageFiles(items, transform, blank), batch_sampler=batches, num_workers=settings.num_workers,
+    workers = loader_workers(settings.num_workers)
+    loader = DataLoader(ImageFiles(items, transform, blank), batch_sampler=batches, num_workers=workers,
                         pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False,
-                        multiprocessing_context=_worker_start_method(settings.num_workers))
+                        multiprocessing_context=_worker_start_method(workers))
     return loader, finish
+
+
+def loader_workers(num_workers: int) -> int:
+    """A daemonic process (a Dask worker process, a multiprocessing pool worker) may not start
+    children, so there the images are decoded in the process itself."""
+    return 0 if multiprocessing.current_process().daemon else num_workers
 
 
 def _worker_start_method(num_workers: int) -> str | None:

@@ -1,6 +1,7 @@
-"""retrain: the scheduled retraining. Fine-tunes afresh on the current catalog and feature cache,
-evaluates, registers the new version and moves the "champion" alias only when its CIDEr beats the
-champion's; the comparison is kept on the model version (tags) and in the run's summary artifact."""
+"""retrain: the scheduled retraining. Fine-tunes on the current catalog and feature cache (afresh
+when they or the settings changed since the stage was last trained), evaluates, registers the new
+version and moves the "champion" alias only when its CIDEr beats the champion's; the comparison is
+kept on the model version (tags) and in the run's summary artifact."""
 
 from prefect import flow
 

@@ -6,6 +6,7 @@ collated (tokenized, their visual tokens read and stacked) ahead of the step tha
 DataLoader worker processes when asked for, so the accelerator does not wait on the CPU.
 """
 
+import multiprocessing
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -112,9 +113,16 @@ class MicroBatches(Dataset):
 
 def micro_batch_loader(batches: MicroBatches, workers: int, pin_memory: bool) -> DataLoader:
     """The micro-batches in order; with workers > 0, collated ahead in that many processes."""
+    workers = usable_workers(workers)
     return DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, multiprocessing_context=worker_start_method(workers),
                       generator=torch.Generator().manual_seed(0))  # leaves the global generator untouched
+
+
+def usable_workers(workers: int) -> int:
+    """A daemonic process (a Dask worker process, a multiprocessing pool worker) may not start
+    children, so there the work stays in the process itself."""
+    return 0 if multiprocessing.current_process().daemon else workers
 
 
 def worker_start_method(workers: int) -> str | None:

@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS downloads (name TEXT NOT NULL, url TEXT NOT NULL, byt
 CREATE TABLE IF NOT EXISTS builds (dataset TEXT PRIMARY KEY, built_at TIMESTAMPTZ, images BIGINT,
     usable BIGINT, captions BIGINT, excluded BIGINT);
 """
+USABLE_CAPTIONS = ("FROM captions c JOIN images i USING (dataset, split, image_id) "
+                   "WHERE c.dataset = ? AND c.split = ? AND i.status = 'ok'")
 IMAGE_COLUMNS = ("dataset", "image_id", "split", "path", "width", "height", "domain", "status", "reason")
 CAPTION_COLUMNS = ("dataset", "image_id", "caption_id", "text", "split")
 
@@ -71,8 +73,7 @@ class Catalog:
     def captions(self, dataset: str, split: str) -> dict[str, list[str]]:
         """Captions of the split's usable images (for VG, its region phrases), in caption_id order."""
         rows = self.connection.execute(
-            "SELECT c.image_id, c.text FROM captions c JOIN images i USING (dataset, split, image_id) "
-            "WHERE c.dataset = ? AND c.split = ? AND i.status = 'ok' ORDER BY c.image_id, c.caption_id",
+            f"SELECT c.image_id, c.text {USABLE_CAPTIONS} ORDER BY c.image_id, c.caption_id",
             [dataset, split]).fetchall()
         result: dict[str, list[str]] = {}
         for image_id, text in rows:
@@ -80,10 +81,24 @@ class Catalog:
         return result
 
     def image_list_fingerprint(self, dataset: str, split: str) -> str:
-        digest = hashlib.sha256()
-        for image in self.usable_images(dataset, split):
-            digest.update(f"{image.image_id}\t{image.path}\n".encode())
-        return digest.hexdigest()
+        """sha256 over the usable images' "image_id<TAB>path" lines in image-id order, the same digest
+        as storage.features.image_list_fingerprint of that list (computed here in the database)."""
+        return self._sha256("image_id || chr(9) || path", "image_id",
+                            "FROM images WHERE dataset = ? AND split = ? AND status = 'ok'", [dataset, split])
+
+    def captions_fingerprint(self, dataset: str, split: str) -> str:
+        """sha256 over the usable images' "image_id<TAB>caption" lines in caption order."""
+        return self._sha256("c.image_id || chr(9) || c.text", "c.image_id, c.caption_id", USABLE_CAPTIONS,
+                            [dataset, split])
+
+    def split_fingerprint(self, dataset: str, split: str) -> str:
+        """What training or evaluation reads of a split: its usable images and their captions."""
+        parts = f"{self.image_list_fingerprint(dataset, split)}|{self.captions_fingerprint(dataset, split)}"
+        return hashlib.sha256(parts.encode()).hexdigest()
+
+    def _sha256(self, line: str, order: str, source: str, parameters: list) -> str:
+        query = f"SELECT sha256(coalesce(string_agg({line} || chr(10), '' ORDER BY {order}), '')) {source}"
+        return self.connection.execute(query, parameters).fetchone()[0]
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
         result = self.connection.execute(sql)

@@ -13,8 +13,9 @@ A split's image list (sorted by image id) is cut into fixed-size shards; shard k
 A shard is written as shard-KKKKK.h5.tmp-PID and renamed only once it is complete and re-read, so a
 crash leaves either a finished shard or a temporary file that the next run discards.
 
-Decoding and preprocessing run in DataLoader worker processes, which send uint8 images (scaling
-and normalisation, the same arithmetic, happen on the device); the encoder runs in the main thread;
+Decoding and preprocessing run in DataLoader worker processes (in the process itself where that
+one may not have children, e.g. a Dask worker), which send uint8 images (scaling and normalisation,
+the same arithmetic, happen on the device); the encoder runs in the main thread;
 a writer thread with a bounded queue writes to disk, so the encoder does not wait on the disk.
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ituning.data import usable_workers, worker_start_method
 from ituning.images import UnreadableImage, open_rgb
 
 SHARD_NAME = "shard-{:05d}.h5"
@@ -302,17 +304,11 @@ def _image_loader(encoder, plan: ShardPlan, shards: list[int], items, settings: 
                     for i in range(start, start + size, settings.batch_size)]
         start += size
     transform, blank, finish = split_preprocess(encoder.preprocess, image_size(encoder))
-    loader = DataLoader(ImageFiles(items, transform, blank), batch_sampler=batches, num_workers=settings.num_workers,
+    workers = usable_workers(settings.num_workers)
+    loader = DataLoader(ImageFiles(items, transform, blank), batch_sampler=batches, num_workers=workers,
                         pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False,
-                        multiprocessing_context=_worker_start_method(settings.num_workers))
+                        multiprocessing_context=worker_start_method(workers))
     return loader, finish
-
-
-def _worker_start_method(num_workers: int) -> str | None:
-    """Forking while other threads run (shard tasks of a flow, the writer thread of another
-    build) can copy a lock some thread holds into the worker, which then dies or hangs; the
-    fork server starts workers from a clean single-threaded process instead."""
-    return "forkserver" if num_workers > 0 and threading.active_count() > 1 else None
 
 
 def autocast(device: torch.device, precision: str):

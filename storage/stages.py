@@ -7,7 +7,10 @@ and pass their results along. Tracking goes to MLflow (storage/tracking.py): a p
 parent run and each training or evaluation stage a child run of it.
 """
 
+import hashlib
 import json
+import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,6 +22,8 @@ from storage.workspace import catalog_path
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 CHAMPION = "champion"
 SAMPLE_SIZE = 5
+STANDIN_SPLIT = ("coco", "train")  # what the demo's stand-in backbones learn from
+TRAINED_FROM = "trained_from.json"
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -67,6 +72,27 @@ def open_catalog(workspace: Path) -> Catalog:
     return Catalog(path, read_only=True)
 
 
+def catalog_fingerprint(workspace: Path, splits: list, captions: bool = True) -> str:
+    """One digest of what the catalog holds now for these (dataset, split) pairs: the usable images
+    (ids and paths) and, unless captions is False, their captions. "no catalog" before there is one."""
+    if not catalog_path(Path(workspace)).is_file():
+        return "no catalog"
+    with open_catalog(workspace) as catalog:
+        read = catalog.split_fingerprint if captions else catalog.image_list_fingerprint
+        parts = [f"{dataset}/{split}:{read(dataset, split)}" for dataset, split in splits]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 over a file, or over the files of a folder (names and contents): what a path holds now."""
+    from storage.downloads import file_checksum
+
+    path = Path(path)
+    files = sorted(item for item in path.iterdir() if item.is_file()) if path.is_dir() else [path]
+    parts = [f"{item.name}:{file_checksum(item)}" for item in files if item.is_file()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest() if parts else "missing"
+
+
 def split_images(workspace: Path, dataset: str, split: str) -> list[tuple[str, Path]]:
     """The split's usable images as (image_id, absolute path), sorted by image id."""
     with open_catalog(workspace) as catalog:
@@ -84,8 +110,8 @@ def build_demo_backbones(workspace: Path, seed: int = 0, vision_steps: int = 300
     from ituning.standins import StandinTraining, build_standins_from_images
 
     with open_catalog(workspace) as catalog:
-        captions = catalog.captions("coco", "train")
-    images = [(path, captions[image_id]) for image_id, path in split_images(workspace, "coco", "train")
+        captions = catalog.captions(*STANDIN_SPLIT)
+    images = [(path, captions[image_id]) for image_id, path in split_images(workspace, *STANDIN_SPLIT)
               if captions.get(image_id)]
     settings = StandinTraining(vision_steps=vision_steps, language_steps=language_steps, batch_size=batch_size,
                                seed=seed)
@@ -213,8 +239,8 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
     """Train one stage of a config on the catalog's captions and the feature cache, tracked as a
     child run of `parent_run_id` (of a pipeline run of its own when None). Checkpoints go to
     <out_dir>/<stage>/, by default workspace/runs/<config name>/<stage>/; a rerun continues from
-    the stage's last checkpoint unless resume is False. Under torchrun every process trains and
-    rank 0 alone tracks (the others return run_id None)."""
+    the stage's last checkpoint unless resume is False or its settings or data changed since. Under
+    torchrun every process trains and rank 0 alone tracks (the others return run_id None)."""
     from ituning.config import config_to_dict
     from ituning.distributed import is_main_process
 
@@ -225,13 +251,13 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
     out = Path(out_dir) if out_dir else workspace / "runs" / run_config.name
     if not is_main_process():
         data = _stage_inputs(workspace, run_config, stage_config)
-        return {**_train(run_config, data, out, device, resume, progress=False), "run_id": None}
+        return {**_train(workspace, run_config, data, out, device, resume, progress=False), "run_id": None}
     tracker = ExperimentTracker(workspace=workspace)
     settings = config_to_dict(run_config)
     with child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed) as run_id:
         data = _stage_inputs(workspace, run_config, stage_config)
         _log_stage_inputs(tracker, run_id, workspace, stage_config, data)
-        result = _train(run_config, data, out, device, resume, progress, [tracker.callbacks(run_id)])
+        result = _train(workspace, run_config, data, out, device, resume, progress, [tracker.callbacks(run_id)])
         tracker.log_checkpoint(run_id, result["checkpoint"], "checkpoint")
     return {**result, "run_id": run_id}
 
@@ -281,15 +307,57 @@ def _log_stage_inputs(tracker: ExperimentTracker, run_id: str, workspace: Path, 
                          data.val_features, "validation")
 
 
-def _train(run_config, data, out_dir: Path, device: str, resume: bool, progress: bool, callbacks=()) -> dict:
+def _train(workspace: Path, run_config, data, out_dir: Path, device: str, resume: bool, progress: bool,
+           callbacks=()) -> dict:
     from ituning.training import train_run
 
     [stage_config] = run_config.stages
+    _empty_unless_trained_from(out_dir / stage_config.name, _trained_from(workspace, run_config, stage_config, data),
+                              resume)
     [result] = train_run(run_config, {stage_config.name: data}, out_dir, callbacks=callbacks, device=device,
                          resume=resume, progress=progress)
     best = result.best_dir or _existing_best(out_dir / stage_config.name)
     best_cider = result.best_cider if result.best_cider is not None else _recorded_cider(best)
     return {"checkpoint": str(best or result.final_dir), "best_cider": best_cider, "steps": _steps(result)}
+
+
+def stage_splits(workspace: Path, config: str, stage: str) -> list[tuple[str, str]]:
+    """The catalog splits a training stage reads: its training split and its validation split."""
+    return _splits_of(_stage_named(resolve_config(config, workspace), stage, None))
+
+
+def _splits_of(stage_config) -> list[tuple[str, str]]:
+    return [(stage_config.dataset, split) for split in (stage_config.train_split, stage_config.val_split) if split]
+
+
+def _trained_from(workspace: Path, run_config, stage_config, data) -> dict:
+    """What a stage's checkpoints come from besides the code: its settings, the catalog's contents of
+    its splits, the feature caches it reads and the checkpoint it starts from."""
+    from ituning.config import config_to_dict
+
+    readers = [data.features] + ([data.val_features] if stage_config.val_split else [])
+    return {"settings": config_to_dict(run_config),
+            "data": catalog_fingerprint(workspace, _splits_of(stage_config)),
+            "features": [dict(reader.attrs) for reader in readers],
+            "init_from": content_digest(stage_config.init_from) if stage_config.init_from else None}
+
+
+def _empty_unless_trained_from(stage_dir: Path, trained_from: dict, resume: bool = True) -> None:
+    """Keep a stage folder's checkpoints (to resume, or to reuse a finished stage) only when they
+    were trained from the same settings and data; otherwise remove them, so the stage trains afresh.
+    Under torchrun every process does this before the process group forms, to the same effect."""
+    expected = json.loads(json.dumps(trained_from, sort_keys=True))
+    record = stage_dir / TRAINED_FROM
+    if resume and record.is_file() and json.loads(record.read_text()) == expected:
+        return
+    if stage_dir.is_dir():
+        for child in stage_dir.iterdir():
+            if not child.name.startswith(TRAINED_FROM):  # other processes' records being written
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    temporary = stage_dir / f"{TRAINED_FROM}.tmp-{os.getpid()}"
+    temporary.write_text(json.dumps(expected, indent=1, sort_keys=True))
+    temporary.replace(record)
 
 
 def _existing_best(stage_dir: Path) -> Path | None:

@@ -2,19 +2,23 @@
 
 A cached result must not outlive the files it names, so every cache key also carries the
 workspace's identity (a random token written once into the workspace; a deleted and recreated
-workspace gets a new one) and the content of the run configuration the task reads.
+workspace gets a new one), the content of the run configuration the task reads, and what the
+checkpoint or feature cache it is given holds now. Tasks that read catalog splits add the
+catalog's current contents of those splits (CatalogContents): new images or captions, a split
+prepared again or an image marked unusable make them, and the tasks after them, run again.
 """
 
 import hashlib
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 import requests
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
+from storage import stages
 from storage.downloads import TransientFailure
 
 IDENTITY_FILE = ".workspace-id"
@@ -56,7 +60,45 @@ class WorkspaceState(CachePolicy):
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-EXPENSIVE = INPUTS + TASK_SOURCE + WorkspaceState()
+@dataclass
+class InputContents(CachePolicy):
+    """Keys on what path inputs hold now, so a checkpoint trained again or a feature cache rebuilt
+    at the same path does not pass for the old one."""
+
+    names: tuple[str, ...] = ("checkpoint", "init_from", "features")
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        paths = [path for name in self.names for path in _as_list(inputs.get(name))]
+        if not paths:
+            return None
+        return hashlib.sha256("|".join(stages.content_digest(path) for path in paths).encode()).hexdigest()
+
+
+def the_split(inputs: dict[str, Any]) -> list:
+    """The split a task names with its `dataset` and `split` inputs."""
+    return [(inputs["dataset"], inputs["split"])]
+
+
+@dataclass
+class CatalogContents(CachePolicy):
+    """Keys on the catalog's current contents of the (dataset, split) pairs that `splits` names from
+    the task's inputs (by default its `dataset` and `split`); captions=False for a task that reads
+    the images only."""
+
+    splits: Callable[[dict[str, Any]], list] = the_split
+    captions: bool = True
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        if "workspace" not in inputs:
+            return None
+        return stages.catalog_fingerprint(inputs["workspace"], self.splits(inputs), self.captions)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+EXPENSIVE = INPUTS + TASK_SOURCE + WorkspaceState() + InputContents()
 
 TRANSIENT = (httpx.TransportError, requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)
 # MLflow's REST client gives up with an MlflowException carrying one of these.

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import stages
-from tasks.caching import EXPENSIVE, retry_transient
+from tasks.caching import EXPENSIVE, CatalogContents, retry_transient
 from tasks.plan import PipelinePlan, plan_for_config
 
 
@@ -34,7 +34,11 @@ def build_catalog(workspace: Path, datasets: list[str], downloads: list[dict] | 
     return stages.build_catalog(workspace, datasets)
 
 
-@task(name="build-demo-backbones", cache_policy=EXPENSIVE, persist_result=True)
+def standin_split(inputs: dict) -> list:
+    return [stages.STANDIN_SPLIT]
+
+
+@task(name="build-demo-backbones", cache_policy=EXPENSIVE + CatalogContents(splits=standin_split), persist_result=True)
 def build_demo_backbones(workspace: Path, catalog: dict, seed: int = 0, steps: int = 100) -> dict:
     return stages.build_demo_backbones(workspace, seed=seed, vision_steps=steps, language_steps=steps)
 

@@ -6,7 +6,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import stages
-from tasks.caching import EXPENSIVE
+from tasks.caching import EXPENSIVE, CatalogContents
+
+# A shard reads its split's image list; the captions do not change its tokens.
+SHARD_CACHE = EXPENSIVE + CatalogContents(captions=False)
 
 
 @task(name="list-feature-shards", cache_policy=NO_CACHE, task_run_name="shards-{dataset}-{split}")
@@ -16,7 +19,7 @@ def feature_shards(workspace: Path, dataset: str, split: str, backbones: dict, s
     return stages.feature_shards(workspace, dataset, split, backbones, shard_size=shard_size)
 
 
-@task(name="cache-feature-shard", cache_policy=EXPENSIVE, persist_result=True,
+@task(name="cache-feature-shard", cache_policy=SHARD_CACHE, persist_result=True,
       task_run_name="features-{dataset}-{split}-{shard}")
 def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: dict, shard: int, shard_size: int,
                         device: str = "auto") -> str:

@@ -6,17 +6,25 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import stages
-from tasks.caching import EXPENSIVE, retry_transient
+from tasks.caching import EXPENSIVE, CatalogContents, retry_transient
 
 # A new pipeline run has a new MLflow parent run; the work it would redo is the same.
 STAGE_CACHE = EXPENSIVE - "parent_run_id"
+
+
+def stage_splits(inputs: dict) -> list:
+    return stages.stage_splits(inputs["workspace"], inputs["config"], inputs["stage"])
+
+
+TRAIN_CACHE = STAGE_CACHE + CatalogContents(splits=stage_splits)
+EVALUATION_CACHE = STAGE_CACHE + CatalogContents()
 
 TRACKING_RETRIES = dict(retries=3, retry_delay_seconds=[5, 20, 80], retry_jitter_factor=0.5,
                         retry_condition_fn=retry_transient)
 
 
 # Never retried: a failed training run resumes from its own last checkpoint when run again.
-@task(name="train-stage", cache_policy=STAGE_CACHE, persist_result=True, task_run_name="train-{stage}")
+@task(name="train-stage", cache_policy=TRAIN_CACHE, persist_result=True, task_run_name="train-{stage}")
 def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | None = None,
                 init_from: str | None = None, device: str = "auto", features: list[str] | None = None) -> dict:
     """`features` (the entry points this stage reads) orders it after the feature cache."""
@@ -24,7 +32,7 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
                               device=device)
 
 
-@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, task_run_name="evaluate-{dataset}-{split}")
+@task(name="evaluate", cache_policy=EVALUATION_CACHE, persist_result=True, task_run_name="evaluate-{dataset}-{split}")
 def evaluate_checkpoint(workspace: Path, checkpoint: str, dataset: str, split: str, parent_run_id: str | None = None,
                         gallery_size: int = 50, device: str = "auto", features: list[str] | None = None) -> dict:
     return stages.evaluate(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,

@@ -1,6 +1,14 @@
-"""The flows under one Prefect test server for the whole session: parameter checks, and the full
-pipeline twice on a small synthetic corpus (the second run reuses every finished stage)."""
+"""The flows under one Prefect test server for the whole session: parameter checks, the full
+pipeline on a small synthetic corpus (run again unchanged it reuses every finished stage; run after
+a catalog change it redoes what reads the changed split), and feature shards on Dask worker processes."""
 
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
@@ -9,6 +17,7 @@ from prefect.utilities.schema_tools import ValidationError, validate
 
 from flows.full_pipeline import full_pipeline
 from flows.parameters import PRESETS
+from storage.features import FeatureReader
 from tests.flow_fixtures import SMALL_RUN
 
 pytestmark = pytest.mark.slow
@@ -72,6 +81,33 @@ def test_rerun_with_nothing_changed_reuses_every_stage_and_says_so(pipeline_runs
     assert {run.info.run_id for run in runs} >= {first["parent_run_id"], first["stages"][0]["run_id"]}
 
 
+def test_rerun_after_the_catalog_changed_redoes_what_reads_the_changed_split_and_reuses_the_rest(pipeline_runs,
+                                                                                                tmp_path):
+    from mlflow import MlflowClient
+
+    from storage.catalog import Catalog
+    from storage.tracking import tracking_uri
+
+    workspace, _, _ = pipeline_runs
+    with Catalog(workspace / "catalog.duckdb") as catalog:  # a test image found unusable after the runs
+        test_images = [image.image_id for image in catalog.usable_images("coco", "test")]
+        catalog.connection.execute("UPDATE images SET status = 'unreadable', reason = 'marked by hand' "
+                                   "WHERE dataset = 'coco' AND split = 'test' AND image_id = ?", [test_images[0]])
+    # registered under another name, so that the champion of the other tests stays as it was
+    state = full_pipeline(workspace=str(workspace), **SMALL_RUN, register_as="after-catalog-change", return_state=True)
+    third = state.result()
+    assert {record["stage"]: record["cached"] for record in third["stages"]} == \
+        {"finetune": True, "evaluate coco/test": False}
+    shards = {run.name: run.state.name for run in recorded_task_runs(state.state_details.flow_run_id)
+              if run.task_key.startswith("cache_feature_shard")}
+    encoded_again = {name for name, result in shards.items() if result != "Cached"}
+    assert encoded_again and encoded_again == {name for name in shards if name.startswith("features-coco-test-")}
+    evaluation = next(record for record in third["stages"] if record["stage"] == "evaluate coco/test")
+    captions = MlflowClient(tracking_uri(workspace)).download_artifacts(
+        evaluation["run_id"], "captions/coco_test.json", str(tmp_path))
+    assert sorted(json.loads(Path(captions).read_text())) == test_images[1:]
+
+
 def test_summary_artifact_lists_stages_and_reuse(pipeline_runs, prefect_server):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -98,25 +134,69 @@ def test_prefect_yaml_deploys_the_demo_every_preset_and_a_scheduled_retrain():
         assert Path(entry.split(":")[0]).exists()
 
 
-def test_data_flows_then_feature_shards_on_a_local_dask_cluster(prefect_server, tmp_path):
-    from prefect_dask import DaskTaskRunner
+def test_feature_shards_run_in_dask_worker_processes_that_report_to_the_prefect_server(prefect_server, tmp_path,
+                                                                                     monkeypatch):
+    from distributed import Client, LocalCluster, get_task_stream
 
-    from flows.cache_features import cache_features
+    from flows.cache_features import cache_features, shard_task_runner
     from flows.download_datasets import download_datasets
     from flows.prepare_splits import prepare_splits
-    from storage.features import FeatureReader
+    from storage import stages
 
     workspace = str(tmp_path / "ws")
     [report] = download_datasets(datasets=["coco"], workspace=workspace, synthetic_images=30)
     assert report["dataset"] == "coco" and report["fetched"] and not report["failures"]
     assert prepare_splits(datasets=["coco"], workspace=workspace)["coco"]
-    on_dask = cache_features.with_options(task_runner=DaskTaskRunner(
-        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False}))
-    entries = on_dask(dataset="coco", splits=["train", "test"], workspace=workspace, shard_size=4, device="cpu",
-                      backbone_steps=5)
-    with FeatureReader(entries["coco/train"]) as train, FeatureReader(entries["coco/test"]) as test:
-        assert len(train) > 4 and len(test) > 0  # several shards each
-        assert set(train.image_ids).isdisjoint(test.image_ids)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster, Client(cluster) as client:
+        worker_pids = client.run(os.getpid)
+        monkeypatch.setenv("ITUNING_DASK_ADDRESS", cluster.scheduler_address)
+        with get_task_stream(client) as stream:
+            state = cache_features.with_options(task_runner=shard_task_runner())(
+                dataset="coco", splits=["train", "test"], workspace=workspace, shard_size=4, device="cpu",
+                backbone_steps=5, return_state=True)
+    entries = state.result()
+    shard_workers = [task["worker"] for task in stream.data if task["key"].startswith("cache_feature_shard-")]
+    assert os.getpid() not in worker_pids.values()
+    assert not any(psutil.pid_exists(pid) for pid in worker_pids.values())  # the cluster closed its workers
+    shards = {split: stages.feature_shards(workspace, "coco", split, {}, shard_size=4) for split in ("train", "test")}
+    assert len(shards["train"]) > 1 and len(shard_workers) == sum(len(indices) for indices in shards.values())
+    assert set(shard_workers) <= set(worker_pids)
+    shard_runs = [run for run in recorded_task_runs(state.state_details.flow_run_id)
+                  if run.task_key.startswith("cache_feature_shard")]
+    assert sorted(run.name for run in shard_runs) == sorted(f"features-coco-{split}-{shard}"
+                                                            for split, indices in shards.items() for shard in indices)
+    assert all(run.state.is_completed() for run in shard_runs)
+    for split in shards:
+        with FeatureReader(entries[f"coco/{split}"]) as features:
+            expected = [image_id for image_id, _ in stages.split_images(workspace, "coco", split)]
+            assert sorted(features.image_ids) == expected
+            tokens = [features[image_id] for image_id in expected]
+        assert len({array.shape for array in tokens}) == 1 and all(np.isfinite(array).all() for array in tokens)
+
+
+def test_dask_workers_setting_starts_worker_processes_and_closing_stops_them(monkeypatch):
+    from flows.cache_features import shard_task_runner
+
+    monkeypatch.setenv("ITUNING_DASK_WORKERS", "2")
+    with shard_task_runner() as runner:
+        worker_pids = set(runner.client.run(os.getpid).values())
+    assert len(worker_pids) == 2 and os.getpid() not in worker_pids
+    assert not any(psutil.pid_exists(pid) for pid in worker_pids)
+
+
+def recorded_task_runs(flow_run_id, timeout: float = 30.0) -> list:
+    """The flow run's task runs as the Prefect server recorded them, once their final states arrived
+    (task runs report as events, which the server records a little later)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if (runs and all(run.state.is_final() for run in runs)) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.5)
 
 
 def test_retrain_registers_a_new_version_and_records_the_comparison(pipeline_runs):

@@ -73,3 +73,92 @@ def test_summary_markdown_has_a_row_per_stage_links_and_samples(tmp_path, monkey
     assert "| evaluate coco/test | ran | CIDEr 0.610, BLEU-4 0.200 | [f00](http://127.0.0.1:5000/#/runs/f00) |" in text
     assert "| 7 | a red circle |" in text and "- note" in text
     assert metrics_cell({}) == "—"
+
+
+# ---- cache keys follow the catalog's contents and what path inputs hold ---------------------------
+
+
+def small_catalog(workspace):
+    """coco train (t1, t2), val (v1) and test (e1, e2), two captions each; no image files needed."""
+    from storage.catalog import Catalog
+    from storage.workspace import catalog_path
+
+    images = [(split, image_id) for split, ids in (("train", "t1 t2"), ("val", "v1"), ("test", "e1 e2"))
+              for image_id in ids.split()]
+    captions = [(split, image_id, 2 * n + k) for n, (split, image_id) in enumerate(images) for k in range(2)]
+    with Catalog(catalog_path(workspace)) as catalog:
+        catalog.replace_dataset("coco", {
+            "image_id": [i for _, i in images], "split": [s for s, _ in images],
+            "path": [f"/images/{i}.jpg" for _, i in images], "width": [8] * len(images),
+            "height": [8] * len(images), "domain": [None] * len(images), "status": ["ok"] * len(images),
+            "reason": [None] * len(images)}, {
+            "image_id": [i for _, i, _ in captions], "caption_id": [c for _, _, c in captions],
+            "text": [f"caption {c} of {i}" for _, i, c in captions], "split": [s for s, _, _ in captions]}, 0)
+
+
+def task_keys(workspace, config, checkpoint) -> dict[str, str]:
+    """The full cache key of each data-reading task, as Prefect computes it before a run."""
+    from types import SimpleNamespace
+
+    from tasks.data import build_demo_backbones
+    from tasks.features import cache_feature_shard
+    from tasks.training import evaluate_checkpoint, train_stage
+
+    shard = {"workspace": workspace, "backbones": {"vision_model": "ViT-B-16"}, "shard": 0, "shard_size": 4}
+    calls = {"backbones": (build_demo_backbones, {"workspace": workspace, "catalog": {}}),
+             "train shard": (cache_feature_shard, {**shard, "dataset": "coco", "split": "train"}),
+             "test shard": (cache_feature_shard, {**shard, "dataset": "coco", "split": "test"}),
+             "training": (train_stage, {"workspace": workspace, "config": str(config), "stage": "finetune"}),
+             "evaluation": (evaluate_checkpoint, {"workspace": workspace, "checkpoint": str(checkpoint),
+                                                  "dataset": "coco", "split": "test"})}
+    return {name: task.cache_policy.compute_key(SimpleNamespace(task=task), inputs, {})
+            for name, (task, inputs) in calls.items()}
+
+
+def test_cache_keys_change_with_the_catalog_contents_a_task_reads_and_only_those(tmp_path):
+    from storage.catalog import Catalog
+    from storage.workspace import catalog_path
+
+    workspace, config, checkpoint = tmp_path / "ws", tmp_path / "run.yaml", tmp_path / "checkpoint"
+    small_catalog(workspace)
+    config.write_text("name: run\nmodel: {vision_model: ViT-B-16, vision_pretrained: openai, language_model: gpt2}\n"
+                      "stages: [{name: finetune, dataset: coco, epochs: 1}]\n")
+    checkpoint.mkdir()
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+    before = task_keys(workspace, config, checkpoint)
+    assert task_keys(workspace, config, checkpoint) == before  # nothing changed: every key is the same
+
+    def changed() -> set[str]:
+        after = task_keys(workspace, config, checkpoint)
+        return {name for name in before if after[name] != before[name]}
+
+    with Catalog(catalog_path(workspace)) as catalog:  # a caption added to a training image
+        catalog.connection.execute("INSERT INTO captions VALUES ('coco', 't1', 99, 'one more caption', 'train')")
+    assert changed() == {"backbones", "training"}  # the shard's tokens do not depend on captions
+    before = task_keys(workspace, config, checkpoint)
+    with Catalog(catalog_path(workspace)) as catalog:  # a test image found unusable
+        catalog.connection.execute("UPDATE images SET status = 'unreadable' WHERE split = 'test' AND image_id = 'e2'")
+    assert changed() == {"test shard", "evaluation"}
+    before = task_keys(workspace, config, checkpoint)
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights trained again")
+    assert changed() == {"evaluation"}
+
+
+def test_catalog_fingerprints_are_the_feature_cache_digest_and_cover_captions(tmp_path):
+    from storage.catalog import Catalog
+    from storage.features import image_list_fingerprint
+    from storage.stages import catalog_fingerprint, split_images
+
+    workspace = tmp_path / "ws"
+    assert catalog_fingerprint(workspace, [("coco", "train")]) == "no catalog"
+    small_catalog(workspace)
+    with Catalog(workspace / "catalog.duckdb", read_only=True) as catalog:
+        for split in ("train", "val", "test"):
+            assert catalog.image_list_fingerprint("coco", split) == \
+                image_list_fingerprint(split_images(workspace, "coco", split))
+        assert catalog.image_list_fingerprint("coco", "nothing") == image_list_fingerprint([])
+        assert catalog.split_fingerprint("coco", "train") != catalog.image_list_fingerprint("coco", "train")
+    train = catalog_fingerprint(workspace, [("coco", "train")])
+    assert train == catalog_fingerprint(workspace, [("coco", "train")])
+    assert len({train, catalog_fingerprint(workspace, [("coco", "train")], captions=False),
+                catalog_fingerprint(workspace, [("coco", "train"), ("coco", "val")])}) == 3

@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,10 +18,10 @@ TINY_STAGE = {"name": "finetune", "dataset": "coco", "epochs": 2, "batch_size": 
               "precision": "fp32", "val_images": 4, "seed": 3, "captions": "random"}
 
 
-def write_tiny_config(path, **stage):
+def write_tiny_config(path, backbones="backbones", **stage):
     config = {"name": "tiny", "device": "cpu",
-              "model": {"vision_model": "local-dir:backbones/vision", "vision_pretrained": None,
-                        "language_model": "backbones/language"},
+              "model": {"vision_model": f"local-dir:{backbones}/vision", "vision_pretrained": None,
+                        "language_model": f"{backbones}/language"},
               "stages": [{**TINY_STAGE, **stage}]}
     path.write_text(yaml.safe_dump(config))
     return path
@@ -173,6 +175,30 @@ def test_training_is_a_child_run_with_config_data_and_metrics(pipeline):
     assert {key: again[key] for key in ("checkpoint", "best_cider", "steps")} == \
         {key: trained[key] for key in ("checkpoint", "best_cider", "steps")}  # a finished stage is not redone
     assert again["run_id"] != trained["run_id"]
+
+
+@pytest.mark.slow
+def test_a_finished_stage_is_reused_for_the_same_data_and_trained_afresh_for_changed_data(pipeline, tmp_path):
+    workspace = tmp_path / "workspace"  # a copy: the catalog changes below
+    shutil.copytree(pipeline["workspace"], workspace)
+    config = str(write_tiny_config(workspace / "same-backbones.yaml", backbones=pipeline["workspace"] / "backbones"))
+    tracker = ExperimentTracker(workspace=workspace)
+
+    def trained_steps(result) -> list[int]:
+        return [m.step for m in tracker.client.get_metric_history(result["run_id"], "loss")]
+
+    reused = stages.train_stage(workspace, config, "finetune")  # the fixture trained it from the same
+    assert trained_steps(reused) == [] and reused["checkpoint"] == str(workspace / "runs/tiny/finetune/best")
+    with Catalog(workspace / "catalog.duckdb") as catalog:
+        image_id = catalog.usable_images("coco", "train")[0].image_id
+        catalog.connection.execute("INSERT INTO captions VALUES ('coco', ?, 1000000000, 'a caption added later', "
+                                   "'train')", [image_id])
+    changed = stages.train_stage(workspace, config, "finetune")
+    assert trained_steps(changed) == [1, 2, 3, 4, 5, 6]  # not the finished checkpoint of the old data
+    record = json.loads((Path(changed["checkpoint"]).parent / stages.TRAINED_FROM).read_text())
+    assert record["data"] == stages.catalog_fingerprint(workspace, [("coco", "train"), ("coco", "val")])
+    again = stages.train_stage(workspace, config, "finetune")
+    assert trained_steps(again) == [] and again["checkpoint"] == changed["checkpoint"]
 
 
 @pytest.mark.slow

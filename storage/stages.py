@@ -309,11 +309,13 @@ def _log_stage_inputs(tracker: ExperimentTracker, run_id: str, workspace: Path, 
 
 def _train(workspace: Path, run_config, data, out_dir: Path, device: str, resume: bool, progress: bool,
            callbacks=()) -> dict:
+    from ituning.distributed import is_main_process
     from ituning.training import train_run
 
     [stage_config] = run_config.stages
-    _empty_unless_trained_from(out_dir / stage_config.name, _trained_from(workspace, run_config, stage_config, data),
-                              resume)
+    if is_main_process():  # the other processes of a torchrun launch wait for it when they join
+        _empty_unless_trained_from(out_dir / stage_config.name,
+                                  _trained_from(workspace, run_config, stage_config, data), resume)
     [result] = train_run(run_config, {stage_config.name: data}, out_dir, callbacks=callbacks, device=device,
                          resume=resume, progress=progress)
     best = result.best_dir or _existing_best(out_dir / stage_config.name)
@@ -345,14 +347,14 @@ def _trained_from(workspace: Path, run_config, stage_config, data) -> dict:
 def _empty_unless_trained_from(stage_dir: Path, trained_from: dict, resume: bool = True) -> None:
     """Keep a stage folder's checkpoints (to resume, or to reuse a finished stage) only when they
     were trained from the same settings and data; otherwise remove them, so the stage trains afresh.
-    Under torchrun every process does this before the process group forms, to the same effect."""
+    Under torchrun rank 0 alone does this, before the process group forms."""
     expected = json.loads(json.dumps(trained_from, sort_keys=True))
     record = stage_dir / TRAINED_FROM
     if resume and record.is_file() and json.loads(record.read_text()) == expected:
         return
     if stage_dir.is_dir():
         for child in stage_dir.iterdir():
-            if not child.name.startswith(TRAINED_FROM):  # other processes' records being written
+            if not child.name.startswith(TRAINED_FROM):
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     temporary = stage_dir / f"{TRAINED_FROM}.tmp-{os.getpid()}"

@@ -1,8 +1,8 @@
 """One COCO-sized training epoch at gpt2 size from cached features, through the real trainer.
 
-    python benchmarks/training_epoch.py --device cuda                       # the whole epoch
-    python benchmarks/training_epoch.py --device cuda --steps 10            # the first 10 steps only
-    .venv/bin/python benchmarks/training_epoch.py --images 512 --steps 2 --batch 256   # a CPU smoke run
+    python benchmarks/training_epoch.py --device cuda --micro-batch 256     # the whole epoch
+    python benchmarks/training_epoch.py --device cuda --images 4096         # 5 steps' worth
+    .venv/bin/python benchmarks/training_epoch.py --images 300 --batch 128 --micro-batch 32   # CPU smoke run
 
 The data have COCO's Karpathy-train shape: 113,287 images with 5 captions each (566,435 captions,
 every one visited once: `captions: all`), the paper's effective batch of 4096 by accumulation of
@@ -13,10 +13,11 @@ by row from an HDF5 file with one image per chunk, as the feature cache stores t
 holds --distinct-features different rows, and image i reads row i modulo that number, so the file
 stays small while every read still goes through HDF5.
 
-Besides the epoch (StageTrainer: collate in the main process, forward/backward per micro-batch,
-clipping, AdamW, the epoch-end checkpoint), the same micro-batches are timed in two halves to
-find the bottleneck: `collate` alone (tokenize, read features, stack, on the CPU) and `compute`
-alone (micro-batches already on the device: forward, backward, optimizer step).
+Besides the epoch (StageTrainer.run: micro-batches collated ahead by --data-workers processes,
+forward/backward per micro-batch, clipping, AdamW, the epoch-end checkpoint), the first step's
+micro-batches are timed in two halves to find the bottleneck: `collate` alone in one process
+(tokenize, read features, stack) and `compute` alone (micro-batches already on the device:
+forward, backward, optimizer step).
 """
 
 import argparse
@@ -44,13 +45,16 @@ COCO_TRAIN_IMAGES = 113_287
 
 
 class PooledFeatures(Mapping):
-    """image id -> (197, 768) float16 row of an HDF5 file, image i reading row i % rows."""
+    """image id -> (197, 768) float16 row of an HDF5 file, image i reading row i % rows. Like the
+    feature cache's reader, each process opens the file on first use (it travels to workers)."""
 
-    def __init__(self, path: Path, image_ids: list[str]):
-        self.tokens = h5py.File(path, "r")["tokens"]
-        self.row = {image_id: index % len(self.tokens) for index, image_id in enumerate(image_ids)}
+    def __init__(self, path: Path, image_ids: list[str], rows: int):
+        self.path, self.tokens = path, None
+        self.row = {image_id: index % rows for index, image_id in enumerate(image_ids)}
 
     def __getitem__(self, image_id: str) -> np.ndarray:
+        if self.tokens is None:
+            self.tokens = h5py.File(self.path, "r")["tokens"]
         return self.tokens[self.row[image_id]]
 
     def __iter__(self):
@@ -58,6 +62,9 @@ class PooledFeatures(Mapping):
 
     def __len__(self) -> int:
         return len(self.row)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "tokens": None}
 
 
 def write_features(path: Path, rows: int) -> None:
@@ -118,7 +125,7 @@ def main():
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4096, help="effective batch (accumulated)")
     parser.add_argument("--micro-batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=0, help="time only the first N steps (0: the whole epoch)")
+    parser.add_argument("--data-workers", type=int, help="collating processes (default: the trainer's)")
     parser.add_argument("--distinct-features", type=int, default=4096)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -127,11 +134,12 @@ def main():
     captions = coco_shaped_captions(args.images, args.captions_per_image)
     tokenizer = train_tokenizer([text for texts in list(captions.values())[:20_000] for text in texts], 2000)
     stage = StageConfig(name="finetune", dataset="coco", epochs=1, val_split=None, batch_size=args.batch,
-                        micro_batch_size=args.micro_batch)
+                        micro_batch_size=args.micro_batch, data_workers=args.data_workers)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        write_features(scratch / "features.h5", min(args.distinct_features, args.images))
-        data = StageData(PooledFeatures(scratch / "features.h5", list(captions)), captions)
+        rows = min(args.distinct_features, args.images)
+        write_features(scratch / "features.h5", rows)
+        data = StageData(PooledFeatures(scratch / "features.h5", list(captions), rows), captions)
         model = gpt2_captioner("gpt2").to(device)
         trainer = StageTrainer(model, tokenizer, BackboneSpec("ViT-B-16", None, "gpt2"), stage, data,
                                scratch / "run", progress=True)
@@ -140,22 +148,14 @@ def main():
         split = halves(trainer, samples[: args.batch], stage, device)
         trainer = StageTrainer(gpt2_captioner("gpt2").to(device), tokenizer, BackboneSpec("ViT-B-16", None, "gpt2"),
                                stage, data, scratch / "run", progress=True)
-        if args.steps:
-            trainer.start(resume=False)
-            trainer.model.eval()
-            chunks = [samples[i * args.batch : (i + 1) * args.batch] for i in range(args.steps)]
-            seconds = timed(lambda: [trainer.train_step(chunk) for chunk in chunks], device)
-            captions_done = sum(len(chunk) for chunk in chunks)
-        else:
-            seconds = timed(lambda: trainer.run(resume=False), device)
-            captions_done = len(samples)
-    rate = captions_done / seconds
+        seconds = timed(lambda: trainer.run(resume=False), device)
+    rate = len(samples) / seconds
     result = {
         "machine": machine(), "images": args.images, "captions_per_epoch": len(samples),
         "batch": args.batch, "micro_batch": args.micro_batch, "precision": stage.precision,
-        "steps_timed": args.steps or trainer.steps_per_epoch, "setup_s": round(setup_s, 1),
-        "seconds": round(seconds, 1), "captions_per_s": round(rate, 1),
-        "epoch_minutes": round(len(samples) / rate / 60, 2), "measured_whole_epoch": not args.steps,
+        "data_workers": args.data_workers, "steps": trainer.steps_per_epoch, "setup_s": round(setup_s, 1),
+        "epoch_s": round(seconds, 1), "captions_per_s": round(rate, 1),
+        "coco_epoch_minutes_at_this_rate": round(566_435 / rate / 60, 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         **split,
     }

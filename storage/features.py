@@ -140,16 +140,18 @@ def build_shard(shard: int, images, spec: BackboneSpec, out_dir: Path, settings:
 
 
 def discard_stale(out_dir: Path, identity: dict) -> bool:
-    """Delete every shard and entry point built with a different identity; True if any was."""
+    """Delete the entry point and every finished shard built with a different identity; True if any
+    was. Shards of this identity stay, and so do temporary files: shard tasks running side by side
+    after a change each rebuild their own shards and must not remove one another's work (a task
+    clears its own shards' leftovers before it encodes them)."""
     entry = out_dir / ENTRY_NAME
-    shards = sorted(out_dir.glob("shard-*.h5"))
-    stale = entry.is_file() and json.loads(entry.read_text())["identity"] != identity
-    stale = stale or any(read_identity(path) != identity for path in shards)
+    stale = [entry] if entry.is_file() and json.loads(entry.read_text())["identity"] != identity else []
+    stale += [path for path in sorted(out_dir.glob("shard-*.h5")) if read_identity(path) != identity]
     if stale:
         log.warning("feature cache %s was built from another encoder or image list: rebuilding", out_dir)
-        for path in [entry, *shards, *out_dir.glob("shard-*.h5.tmp-*")]:
+        for path in stale:
             path.unlink(missing_ok=True)
-    return stale
+    return bool(stale)
 
 
 def write_entry(out_dir: Path, plan: ShardPlan, identity: dict) -> Path:

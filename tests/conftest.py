@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -13,6 +14,17 @@ from ituning.model import ITuningCaptioner, ITuningConfig  # noqa: E402
 VISUAL_WIDTH = 24
 VISUAL_TOKENS = 5
 VOCAB = 120
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_tracked_in_the_working_directory():
+    """Every test tracks into a workspace of its own; MLflow's defaults (./mlflow.db, ./mlartifacts,
+    ./mlruns) appearing means some code lost its tracking URI."""
+    defaults = [Path.cwd() / name for name in ("mlflow.db", "mlartifacts", "mlruns")]
+    before = {path for path in defaults if path.exists()}
+    yield
+    appeared = [str(path) for path in defaults if path.exists() and path not in before]
+    assert not appeared, f"MLflow wrote to its default store in the working directory: {appeared}"
 
 
 @pytest.fixture(autouse=True)

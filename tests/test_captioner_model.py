@@ -61,9 +61,11 @@ def expected_caption(standin_checkpoint):
 
 
 @pytest.fixture
-def model_store(logged_model):
+def model_store(logged_model, monkeypatch):
     """MLflow's module-level API pointed at the test store, for loading by runs:/ URI."""
     saved = mlflow.get_tracking_uri()
+    # set_tracking_uri also writes $MLFLOW_TRACKING_URI; monkeypatch puts the variable back as it was.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged_model[0].uri)
     mlflow.set_tracking_uri(logged_model[0].uri)
     yield
     mlflow.set_tracking_uri(saved)

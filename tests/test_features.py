@@ -236,6 +236,26 @@ def test_changed_image_list_or_encoder_rebuilds_instead_of_mixing(images, spec, 
     assert not np.array_equal(new_reader["0000"], old_reader["0000"])
 
 
+def test_shard_tasks_after_a_change_keep_one_anothers_work(images, spec, encoder, reference, tmp_path):
+    """Parallel shard tasks after the image list changed: when one starts, another has already
+    rebuilt shard 0 and is writing shard 1, while the old shards 1 and 2 are still there."""
+    out, fewer = tmp_path / "cache", images[:-1]
+    extract_features(fewer, spec, out, SETTINGS, shards=[0], encoder=encoder)
+    for name in (ENTRY_NAME, "shard-00001.h5", "shard-00002.h5"):
+        shutil.copy(reference / name, out / name)
+    in_progress = out / "shard-00001.h5.tmp-999999"
+    in_progress.write_bytes(b"another task's shard being written")
+    rebuilt = (out / "shard-00000.h5").stat().st_mtime_ns
+    report = extract_features(fewer, spec, out, SETTINGS, shards=[2], encoder=encoder)
+    assert report.discarded_stale and report.encoded_shards == [2] and report.entry is None
+    assert (out / "shard-00000.h5").stat().st_mtime_ns == rebuilt and in_progress.exists()
+    assert not (out / "shard-00001.h5").exists()  # the old one
+    in_progress.unlink()
+    finished = extract_features(fewer, spec, out, SETTINGS, shards=[1], encoder=encoder)
+    assert finished.entry == out / ENTRY_NAME
+    assert_same_cache(out, build_feature_cache(fewer, spec, tmp_path / "whole", SETTINGS, encoder=encoder).parent)
+
+
 def plant_nan(shard: Path):
     with h5py.File(shard, "r+") as handle:
         handle["tokens"][3, 7, 11] = np.nan

@@ -75,8 +75,8 @@ class CaptionerModel(PythonModel):
         from ituning.decoding import DecodingConfig
 
         settings = context.model_config or {}
-        self.captioner = Captioner.from_checkpoint(relocated_checkpoint(context.artifacts),
-                                                   device=settings.get("device", "auto"))
+        device = settings.get("serving_device", settings.get("device", "auto"))  # "device": older models
+        self.captioner = Captioner.from_checkpoint(relocated_checkpoint(context.artifacts), device=device)
         self.decoding = DecodingConfig(**settings.get("decoding", {}))
         self.accept_file_paths = bool(settings.get("accept_file_paths", False))
 

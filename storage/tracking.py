@@ -204,7 +204,9 @@ class ExperimentTracker:
         from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
 
-        settings = {"decoding": flatten_decoding(decoding), "accept_file_paths": accept_file_paths, "device": "auto"}
+        # MLflow also logs these as run params: "serving_device" keeps clear of the run's own "device".
+        settings = {"decoding": flatten_decoding(decoding), "accept_file_paths": accept_file_paths,
+                    "serving_device": "auto"}
         signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
         with tempfile.TemporaryDirectory() as staging:
             artifacts = bundled_artifacts(Path(checkpoint), Path(staging))

@@ -38,6 +38,17 @@ def median_seconds(run, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def seconds_on(device: torch.device, run) -> float:
+    """Wall time of run(), waiting for the device's queued work before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -27,7 +27,6 @@ import random
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 
 import h5py
@@ -39,7 +38,8 @@ from torch.utils.data import DataLoader
 import ituning  # noqa: F401  (makes torchvision importable before open_clip is)
 from ituning.backbones import BackboneSpec, load_vision_encoder
 from ituning.images import open_rgb
-from storage.feature_shards import EncodeSettings, ImageFiles, image_size, split_preprocess
+from common import seconds_on
+from storage.feature_shards import EncodeSettings, ImageFiles, autocast, image_size, split_preprocess
 from storage.features import FeatureSettings, extract_features
 from storage.scenes import random_scene, render_scene
 
@@ -63,28 +63,17 @@ def render_images(folder: Path, count: int, width: int, height: int, textured: b
     return images
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def compute_context(device: torch.device, precision: str):
-    if device.type != "cuda" or precision == "float32":
-        return nullcontext()
-    return torch.autocast("cuda", dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[precision])
-
-
 def bare_encoder(encoder, images, batch_size: int, device: torch.device, precision: str) -> float:
     """The forward pass alone, on batches decoded, preprocessed and moved to the device beforehand."""
     pixels = torch.stack([encoder.preprocess(open_rgb(path)) for _, path in images])  # (N, 3, 224, 224)
     batches = [pixels[i : i + batch_size].to(device) for i in range(0, len(pixels), batch_size)]
-    synchronize(device)
-    start = time.perf_counter()
-    with torch.inference_mode(), compute_context(device, precision):
-        for batch in batches:
-            encoder(batch).half()
-    synchronize(device)
-    return len(images) / (time.perf_counter() - start)
+
+    def encode_all():
+        with torch.inference_mode(), autocast(device, precision):
+            for batch in batches:
+                encoder(batch).half()
+
+    return len(images) / seconds_on(device, encode_all)
 
 
 def decode_only(encoder, images, batch_size: int, workers: int) -> float:
@@ -128,7 +117,7 @@ def pipeline(encoder, spec, images, out_dir: Path, encode: EncodeSettings) -> fl
 
 def one_image_per_forward(encoder, images, device: torch.device, precision: str) -> float:
     start, kept = time.perf_counter(), []
-    with torch.inference_mode(), compute_context(device, precision):
+    with torch.inference_mode(), autocast(device, precision):
         for _, path in images:
             pixels = encoder.preprocess(open_rgb(path)).unsqueeze(0).to(device)  # (1, 3, 224, 224)
             kept.append(encoder(pixels).half().cpu().numpy())

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import ituning  # noqa: F401  (torchvision importable before transformers)
-from common import CLIP_TOKENS, CLIP_WIDTH, gpt2_captioner, machine
+from common import CLIP_TOKENS, CLIP_WIDTH, gpt2_captioner, machine, seconds_on
 from ituning.backbones import BackboneSpec
 from ituning.config import StageConfig
 from ituning.data import collate, epoch_samples
@@ -82,16 +82,6 @@ def coco_shaped_captions(images: int, per_image: int) -> dict[str, list[str]]:
     return {f"{index:012d}": describe(random_scene(rng), rng, per_image) for index in range(images)}
 
 
-def timed(run, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def halves(trainer: StageTrainer, samples, stage: StageConfig, device: torch.device) -> dict:
     """Collate alone, then forward/backward/AdamW alone on the same micro-batches held on the device."""
     micro = stage.micro_batch_size
@@ -102,7 +92,7 @@ def halves(trainer: StageTrainer, samples, stage: StageConfig, device: torch.dev
         batches.extend(collate(chunk, data.captions, data.features, tokenizer, stage.max_caption_tokens)
                        for chunk in chunks)
 
-    collate_s = timed(collate_all, device)
+    collate_s = seconds_on(device, collate_all)
     on_device = [batch.to(device) for batch in batches]
     tokens = sum(batch.target_tokens for batch in batches)
 
@@ -114,7 +104,7 @@ def halves(trainer: StageTrainer, samples, stage: StageConfig, device: torch.dev
         trainer.optimizer.zero_grad(set_to_none=True)
 
     compute()  # warm-up
-    compute_s = timed(compute, device)
+    compute_s = seconds_on(device, compute)
     return {"collate_captions_per_s": round(len(samples) / collate_s, 1),
             "compute_captions_per_s": round(len(samples) / compute_s, 1)}
 
@@ -148,7 +138,7 @@ def main():
         split = halves(trainer, samples[: args.batch], stage, device)
         trainer = StageTrainer(gpt2_captioner("gpt2").to(device), tokenizer, BackboneSpec("ViT-B-16", None, "gpt2"),
                                stage, data, scratch / "run", progress=True)
-        seconds = timed(lambda: trainer.run(resume=False), device)
+        seconds = seconds_on(device, lambda: trainer.run(resume=False))
     rate = len(samples) / seconds
     result = {
         "machine": machine(), "images": args.images, "captions_per_epoch": len(samples),

@@ -72,8 +72,8 @@ def train_from_catalog(config: Path, workspace: Path, out: Path | None, device: 
 def missing_features(workspace: Path, stage, backbones: dict) -> list[str]:
     from storage import stages
 
-    return [split for split in filter(None, (stage.train_split, stage.val_split))
-            if not stages.feature_entry(workspace, stage.dataset, split, backbones).is_file()]
+    return [split for dataset, split in stages.splits_of(stage)
+            if not stages.feature_entry(workspace, dataset, split, backbones).is_file()]
 
 
 def encode_missing_features(workspace: Path, stage, backbones: dict, device: str) -> None:

@@ -32,7 +32,7 @@ from ituning.backbones import BackboneSpec, load_language_model, vision_width
 from ituning.captioner import resolve_device
 from ituning.checkpoint import CONFIG_FILE, load_weights_into, save_checkpoint
 from ituning.config import RunConfig, StageConfig, config_to_dict
-from ituning.data import (CaptionBatch, MicroBatches, collate, epoch_samples, feature_batches, micro_batch_count,
+from ituning.data import (CaptionBatch, MicroBatches, epoch_samples, feature_batches, micro_batch_count,
                           micro_batch_loader, samples_per_epoch)
 from ituning.decoding import CachedStep, DecodingConfig, generate
 from ituning.distributed import (barrier, data_parallel, gradient_sync, is_main_process, join_from_environment,
@@ -93,7 +93,8 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 def caption_loss_sum(model: ITuningCaptioner, batch: CaptionBatch) -> torch.Tensor:
     """Σ over the batch's caption tokens of -log P(token | prefix, image)."""
-    logits = model(batch.input_ids, visual=batch.visual.float(), attention_mask=batch.attention_mask).logits
+    visual = batch.visual.float()  # on the device when the batch is: cached tokens travel as float16
+    logits = model(batch.input_ids, visual=visual, attention_mask=batch.attention_mask).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), reduction="sum"
     )  # position t predicts token t + 1
@@ -224,9 +225,11 @@ class StageTrainer:
         workers = self.stage.data_workers
         if workers is None:
             workers = 4 if self.device.type == "cuda" else 0
-        batches = MicroBatches(shares, self.stage.micro_batch_size, self.data.captions, self.data.features,
-                               self.tokenizer, self.stage.max_caption_tokens)
-        return micro_batch_loader(batches, workers, pin_memory=self.device.type == "cuda")
+        return micro_batch_loader(self.micro_batch_set(shares), workers, pin_memory=self.device.type == "cuda")
+
+    def micro_batch_set(self, steps: list[list[tuple[str, int]]]) -> MicroBatches:
+        return MicroBatches(steps, self.stage.micro_batch_size, self.data.captions, self.data.features,
+                            self.tokenizer, self.stage.max_caption_tokens)
 
     def train_step(self, samples: list[tuple[str, int]], batches: list[CaptionBatch] | None = None) -> dict:
         """One optimizer step on `samples`; `batches`, when given, are this process's share of them,
@@ -257,12 +260,9 @@ class StageTrainer:
                 "captions_per_s": len(samples) / seconds, "epoch": float(self.state.epoch)}
 
     def micro_batches(self, samples: list[tuple[str, int]]) -> list[CaptionBatch]:
-        micro = self.stage.micro_batch_size
-        return [
-            collate(samples[i : i + micro], self.data.captions, self.data.features, self.tokenizer,
-                    self.stage.max_caption_tokens)
-            for i in range(0, len(samples), micro)
-        ]
+        """One step's micro-batches, collated here and now."""
+        batches = self.micro_batch_set([samples])
+        return [batches[index] for index in range(len(batches))]
 
     def backward(self, batch: CaptionBatch, tokens: float, share: int) -> torch.Tensor:
         with autocast_for(self.device, self.stage.precision):

@@ -325,10 +325,11 @@ def _train(workspace: Path, run_config, data, out_dir: Path, device: str, resume
 
 def stage_splits(workspace: Path, config: str, stage: str) -> list[tuple[str, str]]:
     """The catalog splits a training stage reads: its training split and its validation split."""
-    return _splits_of(_stage_named(resolve_config(config, workspace), stage, None))
+    return splits_of(_stage_named(resolve_config(config, workspace), stage, None))
 
 
-def _splits_of(stage_config) -> list[tuple[str, str]]:
+def splits_of(stage_config) -> list[tuple[str, str]]:
+    """(dataset, split) of a stage's training split and, when it has one, its validation split."""
     return [(stage_config.dataset, split) for split in (stage_config.train_split, stage_config.val_split) if split]
 
 
@@ -339,7 +340,7 @@ def _trained_from(workspace: Path, run_config, stage_config, data) -> dict:
 
     readers = [data.features] + ([data.val_features] if stage_config.val_split else [])
     return {"settings": config_to_dict(run_config),
-            "data": catalog_fingerprint(workspace, _splits_of(stage_config)),
+            "data": catalog_fingerprint(workspace, splits_of(stage_config)),
             "features": [dict(reader.attrs) for reader in readers],
             "init_from": content_digest(stage_config.init_from) if stage_config.init_from else None}
 

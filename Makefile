@@ -6,6 +6,12 @@ INSTALLED := $(VENV)/.installed
 # torch goes first and pinned: an unpinned torch pulls the newest CUDA build and several GB of
 # nvidia packages. With 2.13.0 present, the constraints keep everything else from replacing it.
 TORCH := torch==2.13.0
+# No usage reports from the tools under test (MLflow, Prefect, the Hugging Face hub); exported to every
+# recipe, so to the servers the tests start too.
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: install demo test test-fast bench serve stop clean
 

@@ -2,13 +2,15 @@
 
 from prefect import flow
 
-from flows.parameters import Dataset, Source, SyntheticImages, Workspace, resolve_workspace
-from flows.steps import fetch_datasets
+from flows.parameters import Corpora, Dataset, Manifests, Source, SyntheticImages, Workspace, resolve_workspace
+from flows.steps import DataSources, fetch_datasets
 
 
 @flow(name="download-datasets", log_prints=True)
 def download_datasets(datasets: list[Dataset] = ["coco", "flickr30k", "vg", "nocaps"], source: Source = "synthetic",
                       workspace: Workspace = None, synthetic_images: SyntheticImages = 600,
-                      flickr30k_images: str | None = None) -> list[dict]:
-    futures = fetch_datasets(resolve_workspace(workspace), list(datasets), source, synthetic_images, flickr30k_images)
+                      flickr30k_images: str | None = None, manifests: Manifests = None,
+                      corpora: Corpora = None) -> list[dict]:
+    data = DataSources(source, synthetic_images, flickr30k_images, manifests or {}, corpora or {})
+    futures = fetch_datasets(resolve_workspace(workspace), list(datasets), data)
     return [future.result() for future in futures]

@@ -8,9 +8,10 @@ in the log and in the run's summary artifact.
 
 from prefect import flow
 
-from flows.parameters import Evaluation, GallerySize, Preset, ShardSize, Source, SyntheticImages, Workspace, resolve_workspace
-from flows.parameters import BackboneSteps, Device
-from flows.steps import backbones_for, encode_splits, evaluate_all, fetch_datasets, prepare, stage_record, train_in_order
+from flows.parameters import (BackboneSteps, Corpora, Device, Evaluation, GallerySize, Manifests, ModelName, Preset,
+                              ShardSize, Source, SyntheticImages, Workspace, resolve_workspace)
+from flows.steps import (DataSources, backbones_for, encode_splits, evaluate_all, fetch_datasets, prepare,
+                         promotion_note, stage_record, train_in_order)
 from tasks.data import plan_pipeline
 from tasks.reports import publish_report
 from tasks.training import finish_pipeline_run, promote_if_better, register_captioner, start_pipeline_run
@@ -20,15 +21,15 @@ from tasks.training import finish_pipeline_run, promote_if_better, register_capt
 def full_pipeline(config: Preset = "demo", source: Source = "synthetic", workspace: Workspace = None,
                   synthetic_images: SyntheticImages = 600, shard_size: ShardSize = 1024,
                   evaluate_on: list[Evaluation] = ["test"], device: Device = "auto", gallery_size: GallerySize = 50,
-                  register_as: str = "ituning-captioner", flickr30k_images: str | None = None,
-                  backbone_steps: BackboneSteps = 100) -> dict:
+                  register_as: ModelName = None, flickr30k_images: str | None = None,
+                  backbone_steps: BackboneSteps = 100, manifests: Manifests = None, corpora: Corpora = None) -> dict:
     root = resolve_workspace(workspace)
     plan = plan_pipeline(config, evaluate_on)
-    run_id = start_pipeline_run(root, f"full-pipeline-{config}", {"config": config, "source": source,
-                                                                   "synthetic_images": synthetic_images})
+    data = DataSources(source, synthetic_images, flickr30k_images, manifests or {}, corpora or {})
+    run_id = start_pipeline_run(root, f"full-pipeline-{config}", {"config": config, **data.parameters()})
     try:
-        outcome = _run_plan(root, plan, run_id, source, synthetic_images, shard_size, device, gallery_size,
-                            register_as, flickr30k_images, backbone_steps)
+        outcome = _run_plan(root, plan, run_id, data, shard_size, device, gallery_size,
+                            register_as or plan["model_name"], backbone_steps)
     except BaseException:
         finish_pipeline_run(root, run_id, failed=True)
         raise
@@ -36,10 +37,9 @@ def full_pipeline(config: Preset = "demo", source: Source = "synthetic", workspa
     return outcome
 
 
-def _run_plan(root, plan, run_id, source, synthetic_images, shard_size, device, gallery_size, register_as,
-              flickr30k_images, backbone_steps) -> dict:
+def _run_plan(root, plan, run_id, data, shard_size, device, gallery_size, register_as, backbone_steps) -> dict:
     # ---- data: datasets in parallel, then the catalog, then the backbones that encode it
-    downloads = fetch_datasets(root, plan["datasets"], source, synthetic_images, flickr30k_images)
+    downloads = fetch_datasets(root, plan["datasets"], data)
     catalog = prepare(root, plan["datasets"], downloads)
     backbones = backbones_for(root, plan["config"], plan["demo_backbones"], catalog, backbone_steps)
     # ---- feature cache: every shard of every split at once
@@ -48,14 +48,13 @@ def _run_plan(root, plan, run_id, source, synthetic_images, shard_size, device, 
     trained = train_in_order(root, plan["config"], plan["stages"], entries, run_id, device)
     final = trained[-1].result()
     evaluations = evaluate_all(root, final["checkpoint"], plan["evaluations"], entries, run_id, gallery_size, device)
-    # ---- registry: register the checkpoint, make it champion when it scores best
+    # ---- registry: register the checkpoint, make it champion when it scores best on the same task
     records = [stage_record(stage["name"], future) for stage, future in zip(plan["stages"], trained)]
     records += [stage_record(f"evaluate {d}/{s}", future) for (d, s), future in zip(plan["evaluations"], evaluations)]
     first = evaluations[0].result()
     model = register_captioner(root, final["checkpoint"], final["run_id"], register_as)
-    promotion = promote_if_better(root, model["name"], model["version"], "CIDEr", first["metrics"].get("CIDEr"))
-    notes = [f"registered {model['name']} version {model['version']}; champion moved: {promotion['promoted']}",
-             f"pipeline parent run: {run_id}"]
+    promotion = promote_if_better(root, model["name"], model["version"], first)
+    notes = [promotion_note(model, promotion), f"pipeline parent run: {run_id}"]
     publish_report(f"full-pipeline ({plan['config']})", records, root, first.get("sample", [])[:5], notes)
     return {"parent_run_id": run_id, "stages": records, "test": first["metrics"], "model": model,
             "promotion": promotion, "sample": first.get("sample", [])[:5]}

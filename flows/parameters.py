@@ -25,3 +25,9 @@ BackboneSteps = Annotated[int, Field(ge=1, le=100_000, description="training ste
 
 def resolve_workspace(workspace: str | None) -> Path:
     return workspace_root(workspace).resolve()
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] | None
+Manifests = Annotated[dict[Dataset, str] | None,
+                      Field(description="per dataset, a manifest JSON file replacing the built-in download list")]
+Corpora = Annotated[dict[Dataset, str] | None,
+                    Field(description="per dataset, a folder already holding its files in the published layout "
+                                      "(e.g. dataset_coco.json and its images), used in place")]

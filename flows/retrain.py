@@ -1,43 +1,50 @@
-"""retrain: the scheduled retraining. Fine-tunes on the current catalog and feature cache (afresh
-when they or the settings changed since the stage was last trained), evaluates, registers the new
-version and moves the "champion" alias only when its CIDEr beats the champion's; the comparison is
-kept on the model version (tags) and in the run's summary artifact."""
+"""retrain: the scheduled retraining. Refreshes the feature cache where the catalog changed, trains
+the preset's last stage again on the current catalog (from the stage before it as the workspace
+holds it, or from `init_from`), evaluates, registers the new version and moves the "champion" alias
+only when it beats the champion on the same task; the comparison is kept on the model version
+(tags) and in the run's summary artifact. The parent MLflow run ends FAILED when anything fails."""
 
 from prefect import flow
 
-from flows.parameters import Device, Preset, Workspace, resolve_workspace
-from flows.steps import stage_record
-from tasks.data import plan_pipeline
+from flows.parameters import Device, GallerySize, ModelName, Preset, ShardSize, Workspace, resolve_workspace
+from flows.steps import encode_splits, evaluate_all, promotion_note, stage_record, train_in_order
+from tasks.data import configured_backbones, plan_pipeline
 from tasks.reports import publish_report
-from tasks.training import (evaluate_checkpoint, finish_pipeline_run, promote_if_better, register_captioner,
-                            start_pipeline_run, train_stage)
+from tasks.training import finish_pipeline_run, promote_if_better, register_captioner, start_pipeline_run
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(config: Preset = "demo", workspace: Workspace = None, init_from: str | None = None,
-            device: Device = "auto", register_as: str = "ituning-captioner") -> dict:
+            device: Device = "auto", register_as: ModelName = None, shard_size: ShardSize = 1024,
+            gallery_size: GallerySize = 50) -> dict:
     root = resolve_workspace(workspace)
     plan = plan_pipeline(config, ["test"])
-    stage, (dataset, split) = plan["stages"][-1], plan["evaluations"][0]
-    run_id = start_pipeline_run(root, f"retrain-{config}", {"config": config, "stage": stage["name"]})
-    # A schedule asks for new weights: the cache is refreshed, never read.
-    trained = train_stage.with_options(refresh_cache=True).submit(root, config, stage["name"], parent_run_id=run_id,
-                                                                   init_from=init_from, device=device)
-    checkpoint = trained.result()["checkpoint"]
-    scored = evaluate_checkpoint.with_options(refresh_cache=True).submit(root, checkpoint, dataset, split,
-                                                                         parent_run_id=run_id, device=device)
-    model = register_captioner(root, checkpoint, trained.result()["run_id"], register_as)
-    cider = scored.result()["metrics"].get("CIDEr")
-    promotion = promote_if_better(root, model["name"], model["version"], "CIDEr", cider)
+    run_id = start_pipeline_run(root, f"retrain-{config}", {"config": config, "init_from": init_from})
+    try:
+        outcome = _retrain(root, plan, run_id, init_from, device, register_as or plan["model_name"], shard_size,
+                           gallery_size)
+    except BaseException:
+        finish_pipeline_run(root, run_id, failed=True)
+        raise
     finish_pipeline_run(root, run_id)
-    publish_report(f"retrain ({config})", [stage_record(stage["name"], trained),
-                                           stage_record(f"evaluate {dataset}/{split}", scored)], root,
-                   notes=[comparison_note(model, promotion)], key="retrain-summary")
-    return {"model": model, "promotion": promotion}
+    return outcome
 
 
-def comparison_note(model: dict, promotion: dict) -> str:
-    champion = promotion.get("champion")
-    before = "no champion yet" if champion is None else f"champion CIDEr {champion:.4f} (version {promotion.get('champion_version')})"
-    verdict = "promoted to champion" if promotion["promoted"] else "champion kept"
-    return f"{model['name']} version {model['version']}: CIDEr {promotion['candidate']} vs {before}: {verdict}"
+def _retrain(root, plan, run_id, init_from, device, register_as, shard_size, gallery_size) -> dict:
+    stage = plan["stages"][-1]
+    # ---- feature cache of what the stage and the test read (reused where the catalog is unchanged)
+    splits = [[stage["dataset"], split] for split in stage["splits"]] + plan["evaluations"]
+    entries = encode_splits(root, splits, configured_backbones(root, plan["config"]), shard_size, device)
+    # ---- a schedule asks for new weights: the training and evaluation caches are refreshed, never read
+    [trained] = train_in_order(root, plan["config"], [stage], entries, run_id, device, init_from=init_from,
+                               refresh_last=True)
+    checkpoint = trained.result()["checkpoint"]
+    [scored] = evaluate_all(root, checkpoint, plan["evaluations"], entries, run_id, gallery_size, device, refresh=True)
+    # ---- registry
+    model = register_captioner(root, checkpoint, trained.result()["run_id"], register_as)
+    promotion = promote_if_better(root, model["name"], model["version"], scored.result())
+    dataset, split = plan["evaluations"][0]
+    publish_report(f"retrain ({plan['config']})", [stage_record(stage["name"], trained),
+                                                   stage_record(f"evaluate {dataset}/{split}", scored)], root,
+                   notes=[promotion_note(model, promotion)], key="retrain-summary")
+    return {"model": model, "promotion": promotion, "checkpoint": checkpoint, "metrics": scored.result()["metrics"]}

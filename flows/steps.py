@@ -1,11 +1,13 @@
 """Pieces the flows share. Each only submits tasks and wires their futures; no work happens here."""
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import unmapped
 from prefect.futures import PrefectFuture, wait
 
-from tasks.data import build_catalog, build_demo_backbones, configured_backbones, download_dataset, write_demo_corpus
+from tasks.data import (build_catalog, build_demo_backbones, configured_backbones, download_dataset, use_local_corpus,
+                        write_demo_corpus)
 from tasks.features import cache_feature_shard, feature_shards, finish_feature_cache
 from tasks.reports import advance_progress, open_progress
 from tasks.training import evaluate_checkpoint, train_stage
@@ -16,22 +18,44 @@ def was_cached(future: PrefectFuture) -> bool:
     return future.state.name == "Cached"
 
 
-def fetch_datasets(workspace: Path, datasets: list[str], source: str, synthetic_images: int,
-                   flickr30k_images: str | None = None) -> list[PrefectFuture]:
-    """One download per dataset, side by side; the synthetic corpus first when that is the source."""
-    manifests = write_demo_corpus(workspace, synthetic_images) if source == "synthetic" else {}
-    return [download_dataset.submit(workspace, dataset, manifest=manifests.get(dataset),
-                                    images=flickr30k_images if dataset == "flickr30k" else None)
+@dataclass(frozen=True)
+class DataSources:
+    """Where a flow's datasets come from: the synthetic corpus or the downloads (built-in manifests,
+    or the workspace's earlier verified download of a dataset), with manifests and local corpora
+    given per dataset taking their place."""
+
+    source: str = "synthetic"
+    synthetic_images: int = 600
+    flickr30k_images: str | None = None
+    manifests: dict[str, str] = field(default_factory=dict)
+    corpora: dict[str, str] = field(default_factory=dict)
+
+    def parameters(self) -> dict:
+        return {"source": self.source, "synthetic_images": self.synthetic_images, "manifests": self.manifests,
+                "corpora": self.corpora}
+
+
+def fetch_datasets(workspace: Path, datasets: list[str], data: DataSources) -> list[PrefectFuture]:
+    """One download (or local corpus) per dataset, side by side; the synthetic corpus first when that
+    is the source."""
+    manifests = write_demo_corpus(workspace, data.synthetic_images) if data.source == "synthetic" else {}
+    manifests = {**manifests, **data.manifests}
+    return [use_local_corpus.submit(workspace, dataset, data.corpora[dataset]) if dataset in data.corpora else
+            download_dataset.submit(workspace, dataset, manifest=manifests.get(dataset),
+                                    images=data.flickr30k_images if dataset == "flickr30k" else None)
             for dataset in datasets]
 
 
 def prepare(workspace: Path, datasets: list[str], downloads: list[PrefectFuture]) -> PrefectFuture:
+    """The catalog once every download has finished; a failed download stops the run with its own error."""
+    for future in downloads:
+        future.result()
     return build_catalog.submit(workspace, datasets, downloads=downloads)
 
 
 def backbones_for(workspace: Path, config: str, demo: bool, catalog: PrefectFuture | None,
                   steps: int = 100) -> dict:
-    return build_demo_backbones(workspace, catalog, steps=steps) if demo else configured_backbones(config)
+    return build_demo_backbones(workspace, catalog, steps=steps) if demo else configured_backbones(workspace, config)
 
 
 def encode_splits(workspace: Path, splits: list[list[str]], backbones: dict, shard_size: int, device: str,
@@ -59,22 +83,26 @@ def _report_shard_progress(shard_futures: dict) -> None:
 
 
 def train_in_order(workspace: Path, config: str, stages: list[dict], entries: dict, parent_run_id: str | None,
-                   device: str, init_from: str | None = None) -> list[PrefectFuture]:
-    """Stages one after the other, each starting from the previous one's best checkpoint."""
-    futures = []
-    for stage in stages:
+                   device: str, init_from: str | None = None, refresh_last: bool = False) -> list[PrefectFuture]:
+    """Stages one after the other, each starting from the previous one's checkpoint (the first from
+    `init_from` when given); `refresh_last` trains the last one again even if its inputs are unchanged."""
+    futures, previous = [], None
+    for index, stage in enumerate(stages):
         features = [entries[(stage["dataset"], split)] for split in stage["splits"]]
-        future = train_stage.submit(workspace, config, stage["name"], parent_run_id=parent_run_id,
-                                    init_from=init_from, device=device, features=features)
-        init_from = future.result()["checkpoint"]
+        refresh = refresh_last and index == len(stages) - 1
+        future = train_stage.with_options(refresh_cache=refresh or None).submit(
+            workspace, config, stage["name"], parent_run_id=parent_run_id, init_from=init_from if index == 0 else None,
+            device=device, features=features, previous=previous)
+        previous = future.result()["checkpoint"]
         futures.append(future)
     return futures
 
 
 def evaluate_all(workspace: Path, checkpoint: str, evaluations: list[list[str]], entries: dict,
-                 parent_run_id: str | None, gallery_size: int, device: str) -> list[PrefectFuture]:
-    return [evaluate_checkpoint.submit(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
-                                       gallery_size=gallery_size, device=device, features=[entries[(dataset, split)]])
+                 parent_run_id: str | None, gallery_size: int, device: str, refresh: bool = False) -> list[PrefectFuture]:
+    evaluate = evaluate_checkpoint.with_options(refresh_cache=refresh or None)
+    return [evaluate.submit(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
+                            gallery_size=gallery_size, device=device, features=[entries[(dataset, split)]])
             for dataset, split in evaluations]
 
 
@@ -83,3 +111,8 @@ def stage_record(stage: str, future: PrefectFuture) -> dict:
     metrics = result.get("metrics") or {"best CIDEr": result.get("best_cider"), "steps": result.get("steps")}
     metrics = {name: value for name, value in metrics.items() if isinstance(value, (int, float))}
     return {"stage": stage, "cached": was_cached(future), "metrics": metrics, "run_id": result.get("run_id")}
+
+
+def promotion_note(model: dict, promotion: dict) -> str:
+    verdict = "promoted to champion" if promotion["promoted"] else "champion kept"
+    return f"{model['name']} version {model['version']}: {verdict} ({promotion['reason']})"

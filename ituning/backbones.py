@@ -1,8 +1,10 @@
 """The frozen backbones: an open_clip vision encoder and a GPT-2-family language model.
 
-Both load from a hub name (cached or downloaded) or a local path. When the weights are neither
-cached nor reachable, loading fails at once with one message naming the model and how to pass a
-local copy, instead of retrying for half a minute.
+Both load from a hub name or a local path. A name (`gpt2`, `ViT-B-16` with the `openai` tag, an
+`hf-hub:org/name` open_clip repo) is downloaded from the Hugging Face hub (HF_ENDPOINT) into its cache
+(HF_HOME) on first use and read from that cache afterwards, also offline (HF_HUB_OFFLINE=1). When the
+weights are neither cached nor reachable, loading fails at once with one message naming the model and
+how to pass a local copy, instead of retrying for half a minute.
 """
 
 import json
@@ -20,6 +22,8 @@ from ituning.compat import ensure_torchvision_importable, quiet_transformers
 
 HUB_PROBE_TIMEOUT_S = 3.0
 LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 # (n_embd, n_layer, n_head) of the published GPT-2 checkpoints, for counting without a download.
 GPT2_ARCHITECTURES = {
@@ -73,10 +77,15 @@ class VisionEncoder(nn.Module):
 
 
 def hub_reachable() -> bool:
-    """One short connection attempt to the Hugging Face endpoint (honours HF_HUB_OFFLINE)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+    """One short connection attempt to the Hugging Face endpoint that huggingface_hub uses (HF_ENDPOINT,
+    read when it is imported). False in offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    import huggingface_hub.constants as hub_constants
+
+    if hub_constants.is_offline_mode() or any(
+        os.environ.get(name, "").lower() in {"1", "true", "yes", "on"} for name in OFFLINE_VARIABLES
+    ):
         return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    endpoint = urlparse(hub_constants.ENDPOINT)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
@@ -112,26 +121,36 @@ def load_vision_encoder(spec: BackboneSpec = BackboneSpec(), device: str = "cpu"
     name, pretrained = spec.vision_model, spec.vision_pretrained
     if name.startswith(LOCAL_DIR) and not (Path(name[len(LOCAL_DIR) :]) / "open_clip_config.json").is_file():
         raise BackboneUnavailable(f"{name}: no open_clip_config.json in that folder")
-    if pretrained and _looks_like_path(pretrained) and not Path(pretrained).is_file():
+    if name.startswith((LOCAL_DIR, HF_HUB)):
+        pretrained = None  # the folder or hub repo holds its own weights
+    elif pretrained and _looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise BackboneUnavailable(f"vision weights file not found: {pretrained}")
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # URL downloads in open_clip have no timeout of their own
     try:
         with _hub_offline_unless_reachable():
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=None if name.startswith(LOCAL_DIR) else pretrained, device=device
+                name, pretrained=pretrained, device=device, **_weight_options(open_clip, name, pretrained)
             )
     except (OSError, RuntimeError, ValueError) as error:
         if "not found" in str(error) and "config" in str(error).lower():
             raise BackboneUnavailable(f"unknown open_clip model '{name}': {error}") from error
         raise _unavailable(
-            "vision encoder", f"{name} ({pretrained})", error,
+            "vision encoder", f"{name} ({pretrained})" if pretrained else name, error,
             "Pass a local copy: --vision local-dir:/path/to/open_clip_folder, or "
             "--vision-pretrained /path/to/weights.safetensors.",
         ) from error
     finally:
         socket.setdefaulttimeout(previous_timeout)
     return VisionEncoder(model, preprocess, spec).to(device)
+
+
+def _weight_options(open_clip, name: str, pretrained: str | None) -> dict:
+    """Named weights must load: for a hub repo open_clip only logs a failed weights download and goes
+    on with random ones. Weights trained with QuickGELU (OpenAI's) run with it: open_clip only warns."""
+    tag = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+    return {"require_pretrained": bool(pretrained) or name.startswith(HF_HUB),
+            "force_quick_gelu": bool(tag.get("quick_gelu", False))}
 
 
 def load_language_model(name_or_path: str, device: str = "cpu"):
@@ -182,7 +201,12 @@ def vision_width(model_name: str) -> int:
         ensure_torchvision_importable()
         import open_clip
 
-        config = open_clip.get_model_config(model_name)
+        try:
+            with _hub_offline_unless_reachable():  # an hf-hub: name downloads its open_clip_config.json
+                config = open_clip.get_model_config(model_name)
+        except (OSError, RuntimeError) as error:
+            raise _unavailable("vision encoder configuration", model_name, error,
+                               "Pass a local copy: --vision local-dir:/path/to/open_clip_folder.") from error
         if config is None:
             raise BackboneUnavailable(f"unknown open_clip model '{model_name}'")
     return config["vision_cfg"]["width"]

@@ -18,20 +18,15 @@ def download(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ):
     """Download, verify and unpack a dataset into the workspace (resumes; skips verified files)."""
-    from storage.acquire import download_dataset
+    from storage.acquire import choose_manifest, download_dataset
     from storage.downloads import DownloadError
     from storage.extract import UnsafeArchive
     from storage.jsonfields import MalformedInput
-    from storage.manifests import ManifestError, built_in_manifest, load_manifest, user_file
     from storage.workspace import workspace_root
 
     try:
-        chosen = load_manifest(manifest) if manifest else built_in_manifest(dataset)
-        if chosen.dataset != dataset:
-            raise ManifestError(f"{manifest}: describes {chosen.dataset!r}, not {dataset!r}")
-        if images:
-            chosen = chosen.with_file(user_file(images))
-        elif dataset == "flickr30k" and manifest is None:
+        chosen = choose_manifest(workspace_root(workspace), dataset, manifest, images)
+        if dataset == "flickr30k" and not images and manifest is None:
             typer.echo("note: Flickr30k images are access-gated; pass --images URL_OR_ARCHIVE to fetch them", err=True)
         report = download_dataset(chosen, workspace_root(workspace), concurrency=concurrency, progress=progress)
     except (DownloadError, MalformedInput, UnsafeArchive, OSError) as error:

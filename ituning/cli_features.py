@@ -1,12 +1,13 @@
 """`ituning features`: frozen vision tokens of a split, cached in HDF5 (see storage/features.py).
 
     ituning features --dataset coco --split train                 # encode, resume or reuse
-    ituning features --dataset coco --split train --part 1/4 --device cuda:1   # one of four workers
+    ituning features --dataset coco --split train --part 1/4 --device cuda:1   # the second of four workers (0/4 to 3/4)
     ituning features verify --dataset coco --split train
 """
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,29 @@ SplitOption = Annotated[str | None, typer.Option(help="train, val, test or pretr
 WorkspaceOption = Annotated[Path | None, typer.Option(help="default ./workspace or $ITUNING_WORKSPACE")]
 VisionOption = Annotated[str, typer.Option(help="open_clip model name or local-dir:PATH")]
 PretrainedOption = Annotated[str, typer.Option(help="open_clip pretrained tag or weights file; 'none' for random")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
+DtypeOption = Annotated[str, typer.Option(help="float16 or float32 storage")]
+PrecisionOption = Annotated[str, typer.Option(help="auto, float32, bfloat16, float16 (autocast on CUDA)")]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Part `index` of `count` (from 0): the shards k with k % count == index."""
+
+    index: int
+    count: int
+
+    def shards(self, total: int) -> list[int]:
+        return [shard for shard in range(total) if shard % self.count == self.index]
+
+
+def parse_part(value: str | Part) -> Part:
+    if isinstance(value, Part):
+        return value
+    index, _, count = str(value).partition("/")
+    if not (index.isdecimal() and count.isdecimal() and 0 <= int(index) < int(count)):
+        raise typer.BadParameter(f"{value!r} is not I/N with 0 <= I < N")
+    return Part(int(index), int(count))
 
 
 @features_app.callback()
@@ -30,29 +54,27 @@ def features(
     workspace: WorkspaceOption = None,
     vision: VisionOption = "ViT-B-16",
     vision_pretrained: PretrainedOption = "openai",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     workers: Annotated[int | None, typer.Option(min=0, help="decoding processes; default from the CPU count")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="images per HDF5 shard")] = 1024,
-    dtype: Annotated[str, typer.Option(help="float16 or float32 storage")] = "float16",
-    precision: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16 (autocast on CUDA)")] = "auto",
-    part: Annotated[str, typer.Option(help="I/N: build only shards k with k % N == I")] = "0/1",
+    dtype: DtypeOption = "float16",
+    precision: PrecisionOption = "auto",
+    part: Annotated[Part, typer.Option(parser=parse_part, metavar="I/N",
+                                       help="build part I of N (from 0): the shards k with k % N == I")] = "0/1",
 ):
-    """Encode every usable image of a split into the feature cache: resumes an interrupted build,
-    reuses a finished one, rebuilds one made from another encoder or image list."""
+    """Encode every usable image of a split into the feature cache of the device's precision:
+    resumes an interrupted build, reuses a finished one, rebuilds one made from another encoder or
+    image list. Caches of other precisions are kept."""
     if ctx.invoked_subcommand is not None:
         return
-    from ituning.captioner import resolve_device
-    from storage.feature_shards import EncodeSettings
-    from storage.features import FeatureSettings, extract_features
+    from storage.feature_shards import ShardPlan
+    from storage.features import FeatureSettings, extract_features, split_cache_dir
 
-    if dtype not in {"float16", "float32"} or precision not in {"auto", "float32", "bfloat16", "float16"}:
-        _fail(ValueError(f"unknown --dtype {dtype!r} or --precision {precision!r}"))
-    images, out_dir, spec = _split_images(workspace, dataset, split, vision, vision_pretrained)
-    device = resolve_device(device)
-    encode = EncodeSettings(batch_size, _default_workers(device) if workers is None else workers, device, dtype,
-                            precision)
-    shards = _part_shards(part, images, shard_size)
+    encode = _encode_settings(device, dtype, precision, batch_size, workers)
+    images, root, spec = _split_images(workspace, dataset, split, vision, vision_pretrained)
+    out_dir = split_cache_dir(root, dataset, split, spec, encode)
+    shards = part.shards(ShardPlan(tuple(images), shard_size).count)
     _show_progress()
     try:
         report = extract_features(images, spec, out_dir, FeatureSettings(shard_size, encode), shards=shards)
@@ -73,12 +95,18 @@ def verify(
     workspace: WorkspaceOption = None,
     vision: VisionOption = "ViT-B-16",
     vision_pretrained: PretrainedOption = "openai",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float16",
+    precision: PrecisionOption = "auto",
 ):
-    """Check the cache against the catalog: rows, ids, NaN/Inf. Exits 1 on any problem."""
-    from storage.features import ENTRY_NAME, verify_feature_cache
+    """Check the cache that training and evaluation on this device read (the one of its precision,
+    else another finished one) against the catalog: rows, ids, NaN/Inf. Exits 1 on any problem."""
+    from storage.features import find_feature_entry, verify_feature_cache
 
-    images, out_dir, _ = _split_images(workspace, dataset, split, vision, vision_pretrained)
-    report = verify_feature_cache(out_dir / ENTRY_NAME, [image_id for image_id, _ in images])
+    images, root, spec = _split_images(workspace, dataset, split, vision, vision_pretrained)
+    entry = find_feature_entry(root, dataset, split, spec, _encode_settings(device, dtype, precision))
+    typer.echo(f"cache: {entry.parent}")
+    report = verify_feature_cache(entry, [image_id for image_id, _ in images])
     typer.echo(f"{report.rows} rows for {report.expected} usable images; {len(report.unreadable)} unreadable")
     for problem in report.problems:
         typer.echo(f"problem: {problem}", err=True)
@@ -88,30 +116,29 @@ def verify(
 
 
 def _split_images(workspace, dataset, split, vision, vision_pretrained):
-    """The split's usable images as (image_id, path), its cache folder and the encoder spec."""
+    """The split's usable images as (image_id, path), the workspace folder and the encoder spec."""
     if not dataset or not split:
         _fail(ValueError("--dataset and --split are required"))
     from ituning.backbones import BackboneSpec
     from storage.catalog import Catalog
-    from storage.features import split_cache_dir
     from storage.workspace import workspace_root
 
     root = workspace_root(workspace)
     spec = BackboneSpec(vision, None if vision_pretrained.lower() in {"", "none"} else vision_pretrained)
     usable = Catalog(root / "catalog.duckdb", read_only=True).usable_images(dataset, split)
     images = [(image.image_id, image.path if image.path.is_absolute() else root / image.path) for image in usable]
-    return images, split_cache_dir(root, dataset, split, spec), spec
+    return images, root, spec
 
 
-def _part_shards(part: str, images: list, shard_size: int) -> list[int]:
-    from storage.feature_shards import ShardPlan
+def _encode_settings(device: str, dtype: str, precision: str, batch_size: int = 256, workers: int | None = None):
+    from ituning.captioner import resolve_device
+    from storage.feature_shards import EncodeSettings
 
-    try:
-        index, count = (int(number) for number in part.split("/"))
-        assert 0 <= index < count
-    except (ValueError, AssertionError):
-        _fail(ValueError(f"--part must be I/N with 0 <= I < N, not {part!r}"))
-    return [shard for shard in range(ShardPlan(tuple(images), shard_size).count) if shard % count == index]
+    if dtype not in {"float16", "float32"} or precision not in {"auto", "float32", "bfloat16", "float16"}:
+        _fail(ValueError(f"unknown --dtype {dtype!r} or --precision {precision!r}"))
+    device = resolve_device(device)
+    return EncodeSettings(batch_size, _default_workers(device) if workers is None else workers, device, dtype,
+                          precision)
 
 
 def _show_progress() -> None:

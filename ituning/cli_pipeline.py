@@ -1,6 +1,7 @@
 """`ituning demo` / `ituning pipeline`: the full pipeline in this process (a temporary Prefect
 server starts by itself when PREFECT_API_URL is unset), then what came out and where to look."""
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -8,32 +9,116 @@ from typing import Annotated
 import typer
 
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-         "HF_HUB_OFFLINE": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
+         "PREFECT_LOGGING_LEVEL": "WARNING"}
+DEMO = "demo"
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
+
+
+def pipeline_environment(config: str, workspace: Path) -> dict[str, str]:
+    """What `pipeline` sets where the environment leaves it unset, before Prefect and huggingface_hub
+    read it. A config whose backbones are stand-ins built in the workspace (the demo) runs offline;
+    every other downloads its backbones (GPT-2, CLIP) from the Hugging Face hub on first use, into
+    HF_HOME's cache."""
+    return {**QUIET, **(OFFLINE if uses_standins(config) else {}), "PREFECT_HOME": str(workspace / "prefect")}
+
+
+def uses_standins(config: str) -> bool:
+    from ituning.config import ConfigError, load_config
+    from storage.stages import config_file
+
+    try:
+        return load_config(config_file(config)).model.standins
+    except (ConfigError, OSError) as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from error
 
 
 def pipeline(
-    config: Annotated[str, typer.Option(help="a preset of configs/")] = "demo",
+    config: Annotated[str, typer.Option(help="a preset of configs/")] = DEMO,
     source: Annotated[str, typer.Option(help="synthetic (offline corpus) or download")] = "synthetic",
     workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = Path("workspace"),
     synthetic_images: Annotated[int, typer.Option()] = 600,
     device: Annotated[str, typer.Option()] = "auto",
+    manifest: Annotated[list[str] | None, typer.Option(
+        help="DATASET=FILE: a manifest JSON replacing the dataset's built-in downloads (repeatable)")] = None,
+    corpus: Annotated[list[str] | None, typer.Option(
+        help="DATASET=FOLDER: the dataset already on disk in its published layout, used in place (repeatable)")] = None,
+    register_as: Annotated[str | None, typer.Option(help="registered model name; default ituning-<preset>")] = None,
 ):
-    """Run full-pipeline: data, catalog, features, training, evaluation, registration."""
+    """Run full-pipeline: data, catalog, features, training, evaluation, registration. Backbones are
+    downloaded from the Hugging Face hub on first use (the demo's are built locally, offline).
+    Datasets already downloaded and verified in the workspace are reused."""
+    manifests, corpora = dataset_paths(manifest, "--manifest", "file"), dataset_paths(corpus, "--corpus", "dir")
     workspace = workspace.resolve()
     (workspace / "prefect").mkdir(parents=True, exist_ok=True)
-    for key, value in {**QUIET, "PREFECT_HOME": str(workspace / "prefect")}.items():
+    for key, value in pipeline_environment(config, workspace).items():
         os.environ.setdefault(key, value)  # read when prefect is first imported, just below
     from flows.full_pipeline import full_pipeline
 
+    console_errors_on_one_line()
     typer.echo(f"Running full-pipeline ({config}) in {workspace}; finished stages are reused ...")
-    outcome = full_pipeline(config=config, source=source, workspace=str(workspace),
-                            synthetic_images=synthetic_images, device=device)
+    try:
+        outcome = full_pipeline(config=config, source=source, workspace=str(workspace), synthetic_images=synthetic_images,
+                                device=device, manifests=manifests, corpora=corpora, register_as=register_as)
+    except Exception as error:  # the whole traceback stays in the flow run's log
+        typer.echo(f"error: {first_line(error)}", err=True)
+        typer.echo("The flow run's full log: `make serve`, then the Prefect UI at http://127.0.0.1:4200", err=True)
+        raise typer.Exit(1)
     print_outcome(outcome, workspace)
+
+
+DATASETS = ("coco", "flickr30k", "vg", "nocaps")
+
+
+def dataset_paths(values: list[str] | None, option: str, kind: str) -> dict[str, str]:
+    """["coco=/data/x.json", ...] as {"coco": "/data/x.json"}, each name and path checked."""
+    chosen = {}
+    for value in values or ():
+        dataset, separator, path = value.partition("=")
+        if not separator or dataset not in DATASETS:
+            raise typer.BadParameter(f"{value!r}: expected DATASET=PATH with DATASET one of {', '.join(DATASETS)}",
+                                     param_hint=option)
+        found = Path(path).expanduser()
+        if not (found.is_file() if kind == "file" else found.is_dir()):
+            raise typer.BadParameter(f"{path}: no such {'file' if kind == 'file' else 'folder'}", param_hint=option)
+        chosen[dataset] = str(found.resolve())
+    return chosen
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def console_errors_on_one_line() -> None:
+    """Prefect's console shows a failed task or flow as one line; its traceback still goes to the
+    flow run's log on the server."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger(name) for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs")):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setFormatter(OneLineFormatter(handler.formatter))
+
+
+class OneLineFormatter(logging.Formatter):
+    """The wrapped formatter's text without the exception's traceback."""
+
+    def __init__(self, wrapped: logging.Formatter | None):
+        super().__init__()
+        self.wrapped = wrapped or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.wrapped.format(record).splitlines()[0]
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
 
 
 def demo(workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = Path("workspace")):
     """The offline demo: full-pipeline on the synthetic corpus with the demo backbones."""
-    pipeline(config="demo", source="synthetic", workspace=workspace, synthetic_images=600, device="auto")
+    pipeline(config=DEMO, source="synthetic", workspace=workspace, synthetic_images=600, device="auto")
 
 
 def print_outcome(outcome: dict, workspace: Path) -> None:
@@ -51,7 +136,7 @@ def print_outcome(outcome: dict, workspace: Path) -> None:
         typer.echo(f"  {image_id}\t{caption}")
     model, promotion = outcome["model"], outcome["promotion"]
     typer.echo(f"Registered {model['name']} version {model['version']} ({model['model_uri']}); "
-               f"champion {'moved to it' if promotion['promoted'] else 'kept'}")
+               f"champion {'moved to it' if promotion['promoted'] else 'kept'} ({promotion['reason']})")
     uri = tracking_uri(workspace)
     typer.echo("Where to look:")
     typer.echo(f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")

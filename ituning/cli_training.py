@@ -57,8 +57,8 @@ def train_from_catalog(config: Path, workspace: Path, out: Path | None, device: 
     try:
         for stage in run_config.stages:
             encode_missing_features(workspace, stage, backbones, device)
-            result = stages.train_stage(workspace, str(config), stage.name, parent, stage.init_from or previous,
-                                        device, resume=not fresh, out_dir=out and str(out), progress=True)
+            result = stages.train_stage(workspace, str(config), stage.name, parent, None, device, resume=not fresh,
+                                        out_dir=out and str(out), progress=True, previous=previous)
             previous = result["checkpoint"]
             cider = "" if result["best_cider"] is None else f", best val CIDEr {result['best_cider']:.3f}"
             lines.append(f"{stage.name}: modules at {result['checkpoint']}{cider} (MLflow run {result['run_id']})")

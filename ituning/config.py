@@ -16,7 +16,11 @@ import yaml
 from ituning.backbones import BackboneSpec
 from ituning.model import ITuningConfig
 
-DATASETS = ("coco", "flickr30k", "vg", "synthetic")
+# What a stage trains and validates on: catalog splits with captions (storage/sources.py). There
+# is no "synthetic" dataset: the synthetic corpus is written in these datasets' formats and
+# catalogued under their names. NoCaps has no training split; it is only evaluated.
+TRAIN_SPLITS = {"coco": "train", "flickr30k": "train", "vg": "pretrain"}
+VAL_SPLITS = {"coco": "val", "flickr30k": "val"}  # VG pre-training has no validation split
 
 
 class ConfigError(ValueError):
@@ -31,6 +35,9 @@ class ModelSettings:
     bottleneck: int | None = None  # r; None means d_model // 2
     scale: float = 4.0  # λ
     drop_first: int = 0  # I-Tuning Dropping
+    # The backbones are stand-ins the pipeline trains into the workspace (the offline demo), at the
+    # relative local paths above; nothing is fetched from the hub.
+    standins: bool = False
 
     def checks(self):
         yield "bottleneck", self.bottleneck is None or self.bottleneck > 0, "must be positive"
@@ -47,7 +54,7 @@ class ModelSettings:
 @dataclass(frozen=True)
 class StageConfig:
     name: str
-    dataset: Literal["coco", "flickr30k", "vg", "synthetic"]
+    dataset: str  # a key of TRAIN_SPLITS
     epochs: int
     train_split: str = "train"
     val_split: str | None = "val"  # None: no validation (VG pre-training)
@@ -71,6 +78,14 @@ class StageConfig:
 
     def checks(self):
         yield "name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"
+        trains_on, validates_on = TRAIN_SPLITS.get(self.dataset), VAL_SPLITS.get(self.dataset)
+        yield "dataset", trains_on is not None, (f"must be one of {', '.join(TRAIN_SPLITS)} (a synthetic corpus "
+                                                 f"is catalogued under these names; nocaps is only evaluated)")
+        if trains_on is not None:
+            yield "train_split", self.train_split == trains_on, f"{self.dataset} trains on {trains_on!r}"
+            yield "val_split", self.val_split in (None, validates_on), (
+                f"{self.dataset} validates on {validates_on!r} or null" if validates_on
+                else f"{self.dataset} has no validation split, so it must be null")
         for key in ("epochs", "batch_size", "micro_batch_size", "max_caption_tokens", "validate_every_epochs",
                     "val_beams", "val_max_length"):
             yield key, getattr(self, key) > 0, "must be positive"

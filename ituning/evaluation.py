@@ -7,10 +7,13 @@ Values are pycocoevalcap's raw ones (CIDEr 1.17 is the paper's 117); presentatio
 
 CIDEr weighs n-grams by their document frequency over the references being scored, so a score
 depends on which images are scored together: NoCaps domains are each scored on their own images,
-as the NoCaps evaluation server does.
+as the NoCaps evaluation server does. NoCaps domains are not in its image-info files (val domains
+may come with the images of nocaps_val_4500_captions.json; test domains only from the server):
+images without a known domain count in "overall" alone, and a note says so.
 """
 
 import json
+import logging
 import shutil
 import subprocess
 import warnings
@@ -21,6 +24,8 @@ METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
 NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
 OVERALL = "overall"
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+log = logging.getLogger(__name__)
 
 
 def spice_library_dir() -> Path:
@@ -163,12 +168,29 @@ def score_by_group(candidates: Mapping[str, str], references: Mapping[str, list[
 
 
 def score_by_domain(candidates: Mapping[str, str], references: Mapping[str, list[str]],
-                    domains: Mapping[str, str], metrics: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
-    """NoCaps-style scores: "in-domain", "near-domain", "out-domain" (those present) and "overall"."""
-    unknown = {domains.get(key) for key in candidates} - set(NOCAPS_DOMAINS)
+                    domains: Mapping[str, str | None],
+                    metrics: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+    """NoCaps-style scores: "in-domain", "near-domain", "out-domain" (those present) and "overall".
+
+    An image without a domain (absent or None) counts in "overall" only; see missing_domains_note."""
+    known = {key: domains[key] for key in candidates if domains.get(key) is not None}
+    unknown = set(known.values()) - set(NOCAPS_DOMAINS)
     if unknown:
         raise ValueError(f"images with unknown domains {sorted(map(str, unknown))}; expected {NOCAPS_DOMAINS}")
-    return score_by_group(candidates, references, domains, metrics, NOCAPS_DOMAINS)
+    return score_by_group(candidates, references, known, metrics, NOCAPS_DOMAINS)
+
+
+def missing_domains_note(image_ids: Iterable[str], domains: Mapping[str, str | None]) -> str | None:
+    """What NoCaps scores of these images lack for want of domains; None when every image has one."""
+    image_ids = list(image_ids)
+    missing = sum(domains.get(key) is None for key in image_ids)
+    if not missing:
+        return None
+    if missing < len(image_ids):
+        return (f"NoCaps domain unknown for {missing} of {len(image_ids)} images: they count in the overall "
+                "scores only, and the per-domain scores cover the other images")
+    return (f"NoCaps domains unknown for all {missing} images: overall scores only (val domains come with the "
+            "images of nocaps_val_4500_captions.json; test domains only from the evaluation server)")
 
 
 def domain_table(scores: Mapping[str, Mapping[str, float]], metrics=("CIDEr", "SPICE")) -> str:
@@ -231,11 +253,15 @@ def save_json(value, path: str | Path) -> Path:
 
 
 def evaluate_split(captioner, visual_tokens: Mapping, references: Mapping[str, list[str]],
-                   domains: Mapping[str, str] | None = None, decoding=None, metrics: Iterable[str] | None = None,
+                   domains: Mapping[str, str | None] | None = None, decoding=None, metrics: Iterable[str] | None = None,
                    batch_size: int = 32) -> tuple[dict[str, str], dict]:
     """Caption every referenced image from its cached visual tokens and score the captions:
-    (captions, scores), the scores by NoCaps domain when `domains` is given."""
+    (captions, scores), the scores by NoCaps domain when `domains` is given (a warning is logged
+    for images without one)."""
     captions = generate_captions(captioner, visual_tokens, sorted(references), decoding, batch_size)
     if domains is None:
         return captions, score_captions(captions, references, metrics)
+    note = missing_domains_note(captions, domains)
+    if note:
+        log.warning(note)
     return captions, score_by_domain(captions, references, domains, metrics)

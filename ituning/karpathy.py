@@ -25,9 +25,11 @@ class KarpathyImage:
 
 def read_karpathy_split(json_path: str | Path, image_root: str | Path, split: str) -> list[KarpathyImage]:
     """The images of one split (train includes restval), sorted by image id: COCO-style entries
-    (with cocoid) by str(cocoid) at root/filepath/filename, others by file-name stem at root/filename.
-    The file is read by the catalog's own reader, so both agree on ids, paths and splits."""
-    from storage.sources import read_karpathy
+    (with cocoid) by str(cocoid) at root/filepath/filename, others (Flickr30k) by file-name stem at
+    root/flickr30k-images/filename. A file not there is looked for by name anywhere under root
+    (e.g. Flickr30k images unpacked without their folder). The file is read by the catalog's own
+    reader and paths resolved alike, so both agree on ids, paths and splits."""
+    from storage.sources import read_karpathy, resolve_image_paths
 
     entries = json.loads(Path(json_path).read_text()).get("images") or [{}]
     records = read_karpathy(Path(json_path), "coco" if "cocoid" in entries[0] else "flickr30k")
@@ -35,8 +37,9 @@ def read_karpathy_split(json_path: str | Path, image_root: str | Path, split: st
     for image_id, caption_split, _, text in records.captions:
         if caption_split == split:
             captions.setdefault(image_id, []).append(text)
-    images = [KarpathyImage(row.image_id, Path(image_root) / row.path, captions.get(row.image_id, []))
-              for row in records.images if row.split == split]
+    rows = [row for row in records.images if row.split == split]
+    paths = resolve_image_paths(Path(image_root), [row.path for row in rows])
+    images = [KarpathyImage(row.image_id, Path(path), captions.get(row.image_id, [])) for row, path in zip(rows, paths)]
     if not images:
         raise ValueError(f"{json_path}: no images in split '{split}'")
     return sorted(images, key=lambda image: image.image_id)

@@ -325,11 +325,13 @@ def build_model(config: RunConfig, device: str = "auto"):
 
 
 def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path, score: Scorer | None = None,
-              callbacks=(), device: str = "auto", resume: bool = True, progress: bool = True) -> list[StageResult]:
+              callbacks=(), device: str = "auto", resume: bool = True, progress: bool = True,
+              whole_config: RunConfig | None = None) -> list[StageResult]:
     """Every stage of `config` in order, each on `data[stage.name]`, under out_dir/<stage>/.
 
     A stage whose final checkpoint exists is not trained again (its modules are loaded), a stage
-    with a `last` checkpoint continues from it.
+    with a `last` checkpoint continues from it. out_dir/config.json records `whole_config` (default
+    `config`): the run's every stage, when `config` holds only the ones trained now.
     """
     missing = [stage.name for stage in config.stages if stage.name not in data]
     if missing:
@@ -342,7 +344,7 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
     replica = data_parallel(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
+    (out_dir / "config.json").write_text(json.dumps(config_to_dict(whole_config or config), indent=1))
     results = []
     for stage in config.stages:
         stage_dir = out_dir / stage.name

@@ -1,5 +1,6 @@
 """From nothing on disk to a dataset's files, verified and unpacked, in the workspace layout."""
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,8 +11,11 @@ from tqdm import tqdm
 from storage.downloads import DownloadError, Ledger, RetryPolicy, check_free_space, fetch_verified
 from storage.extract import check_entry_name, unpack
 from storage.jsonfields import load_json, required
-from storage.manifests import ImageList, Manifest, RemoteFile
+from storage.manifests import (ImageList, Manifest, ManifestError, RemoteFile, built_in_manifest, load_manifest,
+                               manifest_to_json, user_file)
 from storage.workspace import data_dir, downloads_dir
+
+RECORDED_MANIFEST = "manifest.json"  # beside verified.json: what the verified files were fetched from
 
 
 @dataclass
@@ -37,6 +41,7 @@ def download_dataset(manifest: Manifest, root: Path, policy: RetryPolicy = Retry
                 fetch_verified(client, remote, folder / remote.name, ledger, policy, progress)
                 report.fetched.append(remote.name)
                 ledger.save()
+            record_manifest(folder, manifest)
             for image_list in manifest.image_lists:
                 _fetch_image_list(client, image_list, folder, target, policy, concurrency, progress, report)
         finally:
@@ -45,6 +50,35 @@ def download_dataset(manifest: Manifest, root: Path, policy: RetryPolicy = Retry
         if remote.should_unpack and unpack(folder / remote.name, target):
             report.unpacked.append(remote.name)
     return report
+
+
+def choose_manifest(root: Path, dataset: str, manifest: Path | None = None, images: str | None = None) -> Manifest:
+    """What to download: the manifest file given; else the manifest the workspace's verified download
+    of this dataset came from, while every one of its files is still verified (a mirror or a
+    synthetic corpus fetched earlier is reused, not fetched again from the built-in URLs); else the
+    built-in one. `images` adds a file (the access-gated Flickr30k archive)."""
+    chosen = load_manifest(manifest) if manifest else recorded_manifest(root, dataset) or built_in_manifest(dataset)
+    if chosen.dataset != dataset:
+        raise ManifestError(f"{manifest}: describes {chosen.dataset!r}, not {dataset!r}")
+    return chosen.with_file(user_file(images)) if images else chosen
+
+
+def record_manifest(folder: Path, manifest: Manifest) -> None:
+    temporary = folder / f"{RECORDED_MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest_to_json(manifest), indent=1))
+    temporary.replace(folder / RECORDED_MANIFEST)
+
+
+def recorded_manifest(root: Path, dataset: str) -> Manifest | None:
+    """The manifest of the dataset's last download in this workspace, if all its files are verified."""
+    folder = downloads_dir(root, dataset)
+    if not (folder / RECORDED_MANIFEST).is_file():
+        return None
+    recorded = load_manifest(folder / RECORDED_MANIFEST)
+    ledger = Ledger(folder)
+    current = recorded.dataset == dataset and all(ledger.is_current(remote, folder / remote.name)
+                                                  for remote in recorded.files)
+    return recorded if current else None
 
 
 def image_list_files(info_path: Path, into: str) -> list[RemoteFile]:

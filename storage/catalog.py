@@ -5,7 +5,8 @@ Tables
   captions  (dataset, image_id, caption_id, text, split)   -- NoCaps val and test reuse image ids
   downloads (name, url, bytes, checksum, verified_at, dataset)
   builds    (dataset, built_at, images, usable, captions, excluded)
-status is "ok" for usable images; see storage/image_check.py for the others.
+status is "ok" for usable images; see storage/image_check.py for the others. domain is a NoCaps
+image's domain where its files name one (val, in the images of its captions file), else null.
 """
 
 import hashlib
@@ -81,10 +82,13 @@ class Catalog:
         return result
 
     def image_list_fingerprint(self, dataset: str, split: str) -> str:
-        """sha256 over the usable images' "image_id<TAB>path" lines in image-id order, the same digest
-        as storage.features.image_list_fingerprint of that list (computed here in the database)."""
-        return self._sha256("image_id || chr(9) || path", "image_id",
-                            "FROM images WHERE dataset = ? AND split = ? AND status = 'ok'", [dataset, split])
+        """storage.image_lists.image_list_fingerprint of the usable images, the digest the feature
+        cache records; a relative path is taken from the catalog's folder, the workspace."""
+        from storage.image_lists import image_list_fingerprint
+
+        rows = self.connection.execute("SELECT image_id, path FROM images WHERE dataset = ? AND split = ? "
+                                       "AND status = 'ok'", [dataset, split]).fetchall()
+        return image_list_fingerprint(rows, base=self.path.parent)
 
     def captions_fingerprint(self, dataset: str, split: str) -> str:
         """sha256 over the usable images' "image_id<TAB>caption" lines in caption order."""

@@ -1,13 +1,12 @@
 """Building the catalog from a workspace's downloaded and unpacked files."""
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage.catalog import Catalog
 from storage.downloads import LEDGER, Ledger
 from storage.image_check import inspect_images
-from storage.sources import SourceRecords, read_karpathy, read_nocaps, read_visual_genome
+from storage.sources import SourceRecords, read_karpathy, read_nocaps, read_visual_genome, resolve_image_paths
 from storage.workspace import data_dir, downloads_dir
 
 BUILD_ORDER = ("coco", "flickr30k", "vg", "nocaps")  # vg needs coco's val/test ids
@@ -61,7 +60,7 @@ def build_dataset(root: Path, dataset: str, catalog: Catalog, check_images: bool
     """Read a dataset's annotations, check its image files and replace its rows in the catalog."""
     records = read_sources(root, dataset, catalog)
     base = data_dir(root, dataset).absolute()
-    paths = _resolve_paths(base, [row.path for row in records.images], locate=check_images)
+    paths = resolve_image_paths(base, [row.path for row in records.images], locate=check_images)
     to_check = [index for index, row in enumerate(records.images) if row.status is None]
     if check_images:
         results = inspect_images([Path(paths[index]) for index in to_check], workers)
@@ -83,22 +82,6 @@ def build_dataset(root: Path, dataset: str, catalog: Catalog, check_images: bool
     for row in rows:
         by_split[row.split] = by_split.get(row.split, 0) + (row.status == "ok")
     return BuildSummary(dataset, len(rows), sum(by_split.values()), len(records.captions), records.excluded, by_split)
-
-
-def _resolve_paths(base: Path, relative: list[str], locate: bool) -> list[str]:
-    """base/relative where that file exists; otherwise the file of that name anywhere under base."""
-    prefix = f"{base}{os.sep}"
-    paths = [prefix + item for item in relative]  # plain strings: Path objects cost seconds at COCO size
-    if not locate:
-        return paths
-    index: dict[str, str] | None = None
-    for position, path in enumerate(paths):
-        if os.path.isfile(path):
-            continue
-        if index is None:
-            index = {name: os.path.join(folder, name) for folder, _, names in os.walk(base) for name in names}
-        paths[position] = index.get(os.path.basename(path), path)
-    return paths
 
 
 def _verified_files(root: Path, dataset: str):

@@ -142,7 +142,9 @@ def _fetch_part(client, remote: RemoteFile, part: Path, policy: RetryPolicy, pro
             return
         except (TransientFailure, httpx.TransportError) as error:
             if attempt == policy.attempts - 1:
-                raise DownloadError(f"{remote.name}: gave up after {policy.attempts} attempts ({error})") from error
+                raise DownloadError(f"{remote.name}: could not fetch {remote.url} after {policy.attempts} attempts "
+                                    f"({error or type(error).__name__}); check the network, or give a manifest "
+                                    f"naming a mirror or a local copy") from error
             time.sleep(policy.wait(attempt))
 
 
@@ -159,7 +161,8 @@ def _stream_once(client: httpx.Client, remote: RemoteFile, part: Path, progress:
         if status >= 500 or status == 429:
             raise TransientFailure(f"HTTP {status}")
         if status >= 400:
-            raise DownloadError(f"{remote.name}: HTTP {status} from {remote.url} (not retried)")
+            raise DownloadError(f"{remote.name}: HTTP {status} from {remote.url} (not retried); correct the URL, "
+                                f"or give a manifest naming a mirror or a local copy")
         if offset and status != 206:
             offset = 0  # the server ignored the Range header: the body is the whole file
         with open(part, "ab" if offset else "wb") as out, \

@@ -3,10 +3,18 @@
 A cache folder holds fixed-size HDF5 shards (see storage/feature_shards.py) and one entry point,
 features.json, written only when every shard is finished. It names the shards, their image ids
 and the cache identity: encoder name, pretrained tag, a digest of the encoder's weights, image
-size, a fingerprint of the image list and the storage settings.
+size, a fingerprint of the image list (storage/image_lists.py) and the storage settings.
+
+A split keeps one cache per encoder and precision, side by side:
+workspace/features/<dataset>/<split>/<encoder>/<precision>/, the precision being the compute
+precision and the storage dtype, e.g. `bfloat16-float16` (bfloat16 autocast on a GPU, stored as
+float16) or `float32-float16` (on the CPU). Encoding on another device therefore builds or reuses
+the cache of that device's precision and leaves the other one alone.
 
 - A finished cache whose identity matches is reused as it is.
 - A cache built from another encoder or image list is deleted and rebuilt, never mixed.
+- A cache that an earlier version built in <encoder>/ itself is still read for the precision it
+  was made at, and moved into its precision's folder the first time that precision is built.
 - An interrupted build resumes: finished shards are kept, only missing ones are encoded.
 - Shards are independent: `shards=[k]` (or the command line's --part I/N) builds a subset, so
   several processes or GPUs can fill one cache; whoever finishes last writes the entry point.
@@ -28,9 +36,13 @@ import torch
 
 from ituning.backbones import LOCAL_DIR, BackboneSpec, load_vision_encoder
 from storage.feature_shards import EncodeSettings, ShardPlan, encode_shards, image_size, read_identity
+from storage.image_lists import image_list_fingerprint
 
 ENTRY_NAME = "features.json"
 FORMAT_VERSION = 1
+# When the precision asked for has no cache, readers take another, most precise first.
+COMPUTE_PRECISIONS = ("float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("float32", "float16")
 log = logging.getLogger(__name__)
 
 
@@ -61,16 +73,49 @@ def encoder_slug(spec: BackboneSpec) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}-{pretrained}")
 
 
-def split_cache_dir(workspace: Path, dataset: str, split: str, spec: BackboneSpec) -> Path:
+def precision_key(encode: EncodeSettings) -> str:
+    """The folder name of a precision: the compute precision `encode` resolves to on its device,
+    then the storage dtype, e.g. `bfloat16-float16`."""
+    encode = resolved_encode(encode)
+    return f"{encode.precision}-{encode.dtype}"
+
+
+def identity_precision_key(identity: dict) -> str:
+    return f"{identity['compute_precision']}-{identity['dtype']}"
+
+
+def encoder_cache_dir(workspace: Path, dataset: str, split: str, spec: BackboneSpec) -> Path:
+    """The split's caches of one encoder, one subfolder per precision."""
     return Path(workspace) / "features" / dataset / split / encoder_slug(spec)
 
 
-def image_list_fingerprint(images) -> str:
-    """sha256 over the sorted (image_id, path) pairs."""
-    digest = hashlib.sha256()
-    for image_id, path in sorted((str(i), str(p)) for i, p in images):
-        digest.update(f"{image_id}\t{path}\n".encode())
-    return digest.hexdigest()
+def split_cache_dir(workspace: Path, dataset: str, split: str, spec: BackboneSpec, encode: EncodeSettings) -> Path:
+    """Where the split's cache for this encoder is built at the precision `encode` resolves to."""
+    return encoder_cache_dir(workspace, dataset, split, spec) / precision_key(encode)
+
+
+def find_feature_entry(workspace: Path, dataset: str, split: str, spec: BackboneSpec, encode: EncodeSettings) -> Path:
+    """The entry point to read: the finished cache at `encode`'s precision; else a finished one at
+    another precision (the most precise, with a warning); else where the first would be."""
+    wanted = split_cache_dir(workspace, dataset, split, spec, encode)
+    finished = finished_caches(wanted.parent)
+    exact = [entry for entry, key in finished if key == wanted.name]
+    if exact or not finished:
+        return exact[0] if exact else wanted / ENTRY_NAME
+    entry, key = min(finished, key=lambda found: _precision_rank(found[1]))
+    log.warning("%s: no feature cache at %s; reading the one at %s", wanted.parent, wanted.name, key)
+    return entry
+
+
+def finished_caches(encoder_dir: Path) -> list[tuple[Path, str]]:
+    """(entry point, precision key) of the encoder folder's finished caches: those in precision
+    folders, then one an earlier version left in the encoder folder itself."""
+    found = []
+    for entry in [*sorted(Path(encoder_dir).glob(f"*/{ENTRY_NAME}")), Path(encoder_dir) / ENTRY_NAME]:
+        identity = _entry_identity(entry)
+        if identity is not None:
+            found.append((entry, identity_precision_key(identity)))
+    return found
 
 
 def encoder_weights_digest(encoder) -> str:
@@ -82,12 +127,19 @@ def encoder_weights_digest(encoder) -> str:
     return digest.hexdigest()
 
 
+def encoder_layers_digest(encoder) -> str:
+    """sha256 over the encoder's layer types in order: the same weights run with another activation
+    (QuickGELU, as OpenAI's CLIP was trained, or GELU) give other tokens."""
+    return hashlib.sha256(",".join(type(module).__name__ for module in encoder.modules()).encode()).hexdigest()
+
+
 def cache_identity(encoder, images, settings: FeatureSettings) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "encoder_name": encoder.spec.vision_model,
         "encoder_pretrained": encoder.spec.vision_pretrained or "",
         "encoder_weights_sha256": encoder_weights_digest(encoder),
+        "encoder_layers": encoder_layers_digest(encoder),
         "image_size": list(image_size(encoder)),
         "image_list_fingerprint": image_list_fingerprint(images),
         "image_count": len(images),
@@ -103,7 +155,9 @@ def extract_features(images, spec: BackboneSpec, out_dir: Path, settings: Featur
     is already finished for the same encoder and image list."""
     out_dir = Path(out_dir)
     plan = ShardPlan(_sorted_unique(images), settings.shard_size)
-    settings = replace(settings, encode=_resolved(settings.encode))
+    settings = replace(settings, encode=resolved_encode(settings.encode))
+    if out_dir.name == precision_key(settings.encode):
+        adopt_earlier_cache(out_dir)
     encoder = encoder if encoder is not None else load_vision_encoder(spec, settings.encode.device)
     identity = cache_identity(encoder, plan.images, settings)
     entry = out_dir / ENTRY_NAME
@@ -137,6 +191,27 @@ def build_shard(shard: int, images, spec: BackboneSpec, out_dir: Path, settings:
     """Build shard `shard` alone: the unit of parallel work."""
     extract_features(images, spec, out_dir, settings, shards=[shard], encoder=encoder)
     return ShardPlan((), settings.shard_size).path(Path(out_dir), shard)
+
+
+def adopt_earlier_cache(out_dir: Path) -> list[str]:
+    """Move the files of out_dir's precision that an earlier version wrote straight into the
+    encoder folder (out_dir's parent) into out_dir, the entry point last; returns their names.
+    Other precisions' files stay, still readable, until their own precision is built. A file
+    another process moved first, or one whose name out_dir already holds, is left alone."""
+    moved = []
+    for path in [*sorted(out_dir.parent.glob("shard-*.h5")), out_dir.parent / ENTRY_NAME]:
+        identity = _entry_identity(path) if path.name == ENTRY_NAME else read_identity(path)
+        if identity is None or identity_precision_key(identity) != out_dir.name or (out_dir / path.name).exists():
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, out_dir / path.name)
+        except FileNotFoundError:
+            continue
+        moved.append(path.name)
+    if moved:
+        log.info("feature cache %s: moved %d file(s) of an earlier layout in", out_dir, len(moved))
+    return moved
 
 
 def discard_stale(out_dir: Path, identity: dict) -> bool:
@@ -301,12 +376,25 @@ def _sorted_unique(images) -> tuple[tuple[str, Path], ...]:
     return ordered
 
 
-def _resolved(encode: EncodeSettings) -> EncodeSettings:
+def resolved_encode(encode: EncodeSettings) -> EncodeSettings:
     """`auto` precision: bfloat16 autocast where the GPU supports it, float32 otherwise."""
     if encode.precision != "auto":
         return encode
     cuda = encode.device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return replace(encode, precision="bfloat16" if cuda else "float32")
+
+
+def _entry_identity(entry: Path) -> dict | None:
+    try:
+        return json.loads(Path(entry).read_text())["identity"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _precision_rank(key: str) -> tuple[int, int]:
+    compute, _, dtype = key.partition("-")
+    return (COMPUTE_PRECISIONS.index(compute) if compute in COMPUTE_PRECISIONS else len(COMPUTE_PRECISIONS),
+            STORAGE_DTYPES.index(dtype) if dtype in STORAGE_DTYPES else len(STORAGE_DTYPES))
 
 
 def _short_hash(text: str) -> str:

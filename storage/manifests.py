@@ -63,7 +63,9 @@ class Manifest:
     image_lists: tuple[ImageList, ...] = field(default=())
 
     def with_file(self, extra: RemoteFile) -> "Manifest":
-        return Manifest(self.dataset, self.files + (extra,), self.image_lists)
+        """The manifest with `extra` added (in place of a file of the same name)."""
+        kept = tuple(item for item in self.files if item.name != extra.name)
+        return Manifest(self.dataset, kept + (extra,), self.image_lists)
 
 
 def _coco() -> Manifest:

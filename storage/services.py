@@ -58,15 +58,23 @@ class ServiceSettings:
 
 def start_all(settings: ServiceSettings) -> None:
     settings.directory.mkdir(parents=True, exist_ok=True)
-    _start(settings, "prefect-server", [_bin("prefect"), "server", "start", "--host", settings.host,
-                                        "--port", str(settings.prefect_port)])
-    _start(settings, "mlflow", _mlflow_command(settings))
-    _wait_healthy(f"{settings.prefect_api_url}/health", "Prefect server", settings)
-    _run(settings, [_bin("prefect"), "work-pool", "create", settings.work_pool, "--type", "process", "--overwrite"])
-    _run(settings, [_bin("prefect"), "--no-prompt", "deploy", "--all"])
+    _start(settings, "mlflow", _mlflow_command(settings))  # starts meanwhile; checked last
+    start_prefect(settings)
     _start(settings, "worker", [_bin("prefect"), "worker", "start", "--pool", settings.work_pool])
     _wait_healthy(f"{settings.mlflow_url}/health", "MLflow server", settings)
     _write_env_file(settings)
+
+
+def start_prefect(settings: ServiceSettings, deployments: tuple[str, ...] = ()) -> None:
+    """The Prefect server, the work pool and the deployments of prefect.yaml (the named ones, or all);
+    returns once they are registered. The server's scheduler then creates the scheduled runs."""
+    settings.directory.mkdir(parents=True, exist_ok=True)
+    _start(settings, "prefect-server", [_bin("prefect"), "server", "start", "--host", settings.host,
+                                        "--port", str(settings.prefect_port)])
+    _wait_healthy(f"{settings.prefect_api_url}/health", "Prefect server", settings)
+    _run(settings, [_bin("prefect"), "work-pool", "create", settings.work_pool, "--type", "process", "--overwrite"])
+    names = [option for name in deployments for option in ("--name", name)] or ["--all"]
+    _run(settings, [_bin("prefect"), "--no-prompt", "deploy", *names])
 
 
 def start_mlflow(settings: ServiceSettings) -> None:
@@ -159,13 +167,22 @@ def _alive(pid: int) -> bool:
 
 
 def _stop_process_group(pid: int, timeout_s: float) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+    """SIGINT to the service's own process, then SIGTERM and SIGKILL to its whole process group while it lives.
+
+    The first signal goes to the leader alone: `mlflow server` forwards SIGINT to its uvicorn, which takes
+    a second SIGINT (the group's) as "quit now" and skips its application's shutdown. What the leader
+    leaves behind (a worker's flow-run processes) is terminated once it is gone."""
+    for send, sig in ((os.kill, signal.SIGINT), (os.killpg, signal.SIGTERM), (os.killpg, signal.SIGKILL)):
         try:
-            os.killpg(pid, sig)
+            send(pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout_s / 3
         while time.monotonic() < deadline:
             if not _alive(pid):
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
                 return
             time.sleep(0.2)

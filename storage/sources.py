@@ -4,6 +4,7 @@ Each returns image rows (with a path relative to the dataset's data folder) and 
 a file that lacks a needed field raises MalformedInput naming the file and the field.
 """
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
@@ -13,6 +14,7 @@ from storage.jsonfields import MalformedInput, load_json, one_of, required
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
+FLICKR30K_FOLDER = "flickr30k-images"  # the Flickr30k image archive's top folder
 
 
 @dataclass
@@ -42,7 +44,9 @@ class SourceRecords:
 
 
 def read_karpathy(path: Path, dataset: str) -> SourceRecords:
-    """dataset_coco.json or dataset_flickr30k.json: train (+ restval), val and test."""
+    """dataset_coco.json or dataset_flickr30k.json: train (+ restval), val and test. COCO images
+    lie at <filepath>/<filename>; Flickr30k's, which have no filepath, at flickr30k-images/<filename>,
+    where its archive unpacks them (resolve_image_paths also finds them without that folder)."""
     records = SourceRecords()
     for index, entry in enumerate(required(load_json(path), "images", list, path)):
         where = f"images[{index}]"
@@ -52,7 +56,7 @@ def read_karpathy(path: Path, dataset: str) -> SourceRecords:
             image_id = str(required(entry, "cocoid", int, path, where))
             relative = f"{required(entry, 'filepath', str, path, where)}/{filename}"
         else:
-            image_id, relative = PurePosixPath(filename).stem, filename
+            image_id, relative = PurePosixPath(filename).stem, f"{FLICKR30K_FOLDER}/{filename}"
         split = KARPATHY_SPLITS[split]
         records.add_image(ImageRow(image_id, split, relative), path, where)
         for number, sentence in enumerate(required(entry, "sentences", list, path, where)):
@@ -91,22 +95,60 @@ def read_visual_genome(image_data: Path, regions: Path, held_out: dict[str, str]
 
 
 def read_nocaps(info: Path, split: str, captions: Path | None = None) -> SourceRecords:
-    """NoCaps image info (with domains) and, for val, the reference captions."""
+    """NoCaps image info and, for val, the reference captions (COCO layout).
+
+    The image-info files carry no domain: test domains are private to the evaluation server, and
+    val domains come, where they come at all, with the images of the val captions file. A domain
+    is read from either file when present and checked; images without one keep domain None."""
     records = SourceRecords()
+    caption_data = load_json(captions) if captions is not None else None
+    domains = _nocaps_domains(caption_data, captions) if caption_data is not None else {}
     for index, entry in enumerate(required(load_json(info), "images", list, info)):
         where = f"images[{index}]"
-        domain = one_of(entry, "domain", NOCAPS_DOMAINS, info, where)
+        image_id = str(required(entry, "id", int, info, where))
+        domain = one_of(entry, "domain", NOCAPS_DOMAINS, info, where) if "domain" in entry else None
+        if domain and domains.get(image_id, domain) != domain:
+            raise MalformedInput(f"{info}: {where} (image {image_id}) is {domain}, but {captions} says "
+                                 f"{domains[image_id]}")
         file_name = required(entry, "file_name", str, info, where)
         check_entry_name(info, file_name)
-        records.add_image(ImageRow(str(required(entry, "id", int, info, where)), split, f"{split}/{file_name}",
-                                   entry.get("width"), entry.get("height"), domain), info, where)
-    if captions is not None:
-        for index, entry in enumerate(required(load_json(captions), "annotations", list, captions)):
+        records.add_image(ImageRow(image_id, split, f"{split}/{file_name}", entry.get("width"),
+                                   entry.get("height"), domain or domains.get(image_id)), info, where)
+    if caption_data is not None:
+        for index, entry in enumerate(required(caption_data, "annotations", list, captions)):
             where = f"annotations[{index}]"
             records.captions.append((str(required(entry, "image_id", int, captions, where)), split,
                                      required(entry, "id", int, captions, where),
                                      required(entry, "caption", str, captions, where).strip()))
     return records
+
+
+def _nocaps_domains(caption_data, captions: Path) -> dict[str, str]:
+    """image id -> domain for the images of a NoCaps captions file that name their domain."""
+    domains = {}
+    for index, entry in enumerate(caption_data.get("images", []) if isinstance(caption_data, dict) else []):
+        if isinstance(entry, dict) and "domain" in entry:
+            where = f"images[{index}]"
+            domains[str(required(entry, "id", int, captions, where))] = one_of(entry, "domain", NOCAPS_DOMAINS,
+                                                                              captions, where)
+    return domains
+
+
+def resolve_image_paths(base: Path, relative: list[str], locate: bool = True) -> list[str]:
+    """base/relative where that file exists; otherwise the file of that name anywhere under base
+    (an archive unpacked with or without its top folder), else base/relative still."""
+    prefix = f"{base}{os.sep}"
+    paths = [prefix + item for item in relative]  # plain strings: Path objects cost seconds at COCO size
+    if not locate:
+        return paths
+    index: dict[str, str] | None = None
+    for position, path in enumerate(paths):
+        if os.path.isfile(path):
+            continue
+        if index is None:
+            index = {name: os.path.join(folder, name) for folder, _, names in os.walk(base) for name in names}
+        paths[position] = index.get(os.path.basename(path), path)
+    return paths
 
 
 def _as_list(raw, path: Path) -> list:

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from storage.catalog import Catalog
@@ -39,16 +39,33 @@ def write_demo_corpus(workspace: Path, images: int = 600, seed: int = 0) -> dict
 
 def download(workspace: Path, dataset: str, manifest: str | None = None, images: str | None = None) -> dict:
     """Fetch, verify and unpack a dataset (its built-in manifest unless one is given)."""
-    from storage.acquire import download_dataset
-    from storage.manifests import built_in_manifest, load_manifest, user_file
+    from storage.acquire import choose_manifest, download_dataset
 
-    chosen = load_manifest(Path(manifest)) if manifest else built_in_manifest(dataset)
-    if chosen.dataset != dataset:
-        raise ValueError(f"{manifest}: describes {chosen.dataset!r}, not {dataset!r}")
-    if images:
-        chosen = chosen.with_file(user_file(images))
+    chosen = choose_manifest(Path(workspace), dataset, manifest and Path(manifest), images)
     report = download_dataset(chosen, Path(workspace))
     return asdict(report)
+
+
+def use_local_corpus(workspace: Path, dataset: str, folder: str) -> dict:
+    """A dataset already on disk in its published layout (e.g. a Karpathy-format dataset_coco.json
+    with its images at <filepath>/<filename> beside it), used in place: data/<dataset> in the
+    workspace becomes a link to it. Returns a download-style report with the corpus's digest (its
+    top-level files), so that the catalog is rebuilt when the corpus changes."""
+    from storage.workspace import data_dir
+
+    source, link = Path(folder).expanduser().resolve(), data_dir(Path(workspace), dataset)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{dataset}: corpus folder {folder} does not exist")
+    if link.is_symlink() and link.resolve() != source:
+        link.unlink()
+    if link.exists() and not link.is_symlink():
+        raise FileExistsError(f"{dataset}: {link} already holds downloaded files; use another workspace for the "
+                              f"corpus at {source}, or remove {link}")
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(source, target_is_directory=True)
+    return {"dataset": dataset, "fetched": [], "unpacked": [], "images": 0, "failures": [], "corpus": str(source),
+            "digest": content_digest(source)}
 
 
 def build_catalog(workspace: Path, datasets: list[str]) -> dict[str, dict]:
@@ -136,11 +153,20 @@ def _feature_settings(shard_size: int, device: str):
     return FeatureSettings(shard_size, EncodeSettings(device=resolve_device(device)))
 
 
-def feature_entry(workspace: Path, dataset: str, split: str, backbones: dict) -> Path:
-    """Where the split's feature cache for these backbones has its entry point."""
-    from storage.features import ENTRY_NAME, split_cache_dir
+def feature_entry(workspace: Path, dataset: str, split: str, backbones: dict, device: str = "auto") -> Path:
+    """The entry point of the split's feature cache for these backbones: the one of `device`'s
+    precision, else a finished one of another precision (storage.features.find_feature_entry)."""
+    from storage.features import find_feature_entry
 
-    return split_cache_dir(Path(workspace), dataset, split, _spec(backbones)) / ENTRY_NAME
+    encode = _feature_settings(1024, device).encode  # the shard size plays no part in where a cache lives
+    return find_feature_entry(Path(workspace), dataset, split, _spec(backbones), encode)
+
+
+def feature_dir(workspace: Path, dataset: str, split: str, backbones: dict, settings) -> Path:
+    """Where the split's feature cache is built at the precision of `settings`."""
+    from storage.features import split_cache_dir
+
+    return split_cache_dir(Path(workspace), dataset, split, _spec(backbones), settings.encode)
 
 
 def feature_shards(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int = 1024) -> list[int]:
@@ -155,9 +181,9 @@ def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: di
     """Encode one shard of the split's cache (reused when already finished); returns its file."""
     from storage.features import build_shard
 
-    out_dir = feature_entry(workspace, dataset, split, backbones).parent
-    return str(build_shard(shard, split_images(workspace, dataset, split), _spec(backbones), out_dir,
-                           _feature_settings(shard_size, device)))
+    settings = _feature_settings(shard_size, device)
+    out_dir = feature_dir(workspace, dataset, split, backbones, settings)
+    return str(build_shard(shard, split_images(workspace, dataset, split), _spec(backbones), out_dir, settings))
 
 
 def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int = 1024,
@@ -168,8 +194,9 @@ def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: d
     from storage.features import build_feature_cache, verify_feature_cache
 
     images = split_images(workspace, dataset, split)
-    out_dir = feature_entry(workspace, dataset, split, backbones).parent
-    entry = build_feature_cache(images, _spec(backbones), out_dir, _feature_settings(shard_size, device))
+    settings = _feature_settings(shard_size, device)
+    out_dir = feature_dir(workspace, dataset, split, backbones, settings)
+    entry = build_feature_cache(images, _spec(backbones), out_dir, settings)
     report = verify_feature_cache(entry, [image_id for image_id, _ in images])
     if not report.ok:
         raise RuntimeError(f"{entry}: " + "; ".join(report.problems))
@@ -184,11 +211,19 @@ def resolve_config(config: str, workspace: Path):
     one is taken from the workspace when it exists there (e.g. backbones/vision)."""
     from ituning.config import load_config
 
-    path = Path(config)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{config}.yaml"
-    run_config = load_config(path)
+    run_config = load_config(config_file(config))
     return replace(run_config, model=replace(run_config.model, **_workspace_backbones(run_config.model, workspace)))
+
+
+def config_file(config: str) -> Path:
+    """A preset's YAML file (configs/<config>.yaml), or the YAML file `config` names."""
+    path = Path(config)
+    return path if path.suffix else CONFIG_DIR / f"{config}.yaml"
+
+
+def workspace_backbones(workspace: Path, config: str) -> dict:
+    """The config's backbones as training and evaluation load them: local paths taken from the workspace."""
+    return resolve_config(config, workspace).model.backbones().to_dict()
 
 
 def _workspace_backbones(model, workspace: Path) -> dict:
@@ -208,11 +243,12 @@ def _workspace_backbones(model, workspace: Path) -> dict:
     return changed
 
 
-def split_data(workspace: Path, dataset: str, split: str, backbones: dict):
-    """(FeatureReader, captions of the images it holds) for a split, checked against the catalog."""
+def split_data(workspace: Path, dataset: str, split: str, backbones: dict, device: str = "auto"):
+    """(FeatureReader, captions of the images it holds) for a split, checked against the catalog;
+    the feature cache is the one of `device`'s precision when there is one."""
     from storage.features import FeatureReader
 
-    entry = feature_entry(workspace, dataset, split, backbones)
+    entry = feature_entry(workspace, dataset, split, backbones, device)
     if not entry.is_file():
         raise FileNotFoundError(f"{dataset}/{split}: no feature cache at {entry}; build it first "
                                 f"(`ituning features --dataset {dataset} --split {split} ...`)")
@@ -235,29 +271,37 @@ def log_split_inputs(tracker: ExperimentTracker, run_id: str, workspace: Path, d
 
 def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | None = None,
                 init_from: str | None = None, device: str = "auto", resume: bool = True,
-                out_dir: str | None = None, progress: bool = False) -> dict:
+                out_dir: str | None = None, progress: bool = False, previous: str | None = None) -> dict:
     """Train one stage of a config on the catalog's captions and the feature cache, tracked as a
     child run of `parent_run_id` (of a pipeline run of its own when None). Checkpoints go to
     <out_dir>/<stage>/, by default workspace/runs/<config name>/<stage>/; a rerun continues from
     the stage's last checkpoint unless resume is False or its settings or data changed since. Under
-    torchrun every process trains and rank 0 alone tracks (the others return run_id None)."""
+    torchrun every process trains and rank 0 alone tracks (the others return run_id None).
+
+    The stage starts from, in this order: `init_from`, the stage's own `init_from` in the config,
+    `previous` (the checkpoint the stage before it just produced), or that stage's checkpoint in
+    the run folder; the first stage of a config starts from fresh modules."""
     from ituning.config import config_to_dict
     from ituning.distributed import is_main_process
 
     workspace = Path(workspace)
     run_config = resolve_config(config, workspace)
-    stage_config = _stage_named(run_config, stage, init_from)
-    run_config = replace(run_config, stages=[stage_config])
     out = Path(out_dir) if out_dir else workspace / "runs" / run_config.name
+    start = starting_point(run_config, stage, out, init_from, previous)
+    if start and not Path(start).exists():  # before anything in the stage folder is touched
+        raise FileNotFoundError(f"{run_config.name}/{stage}: no checkpoint at {start} to start from")
+    stage_config = _stage_named(run_config, stage, start)
+    whole = replace(run_config, stages=[stage_config if item.name == stage else item for item in run_config.stages])
+    run_config = replace(run_config, stages=[stage_config])
     if not is_main_process():
-        data = _stage_inputs(workspace, run_config, stage_config)
-        return {**_train(workspace, run_config, data, out, device, resume, progress=False), "run_id": None}
+        data = _stage_inputs(workspace, run_config, stage_config, device)
+        return {**_train(workspace, run_config, data, out, device, resume, False, whole=whole), "run_id": None}
     tracker = ExperimentTracker(workspace=workspace)
     settings = config_to_dict(run_config)
     with child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed) as run_id:
-        data = _stage_inputs(workspace, run_config, stage_config)
+        data = _stage_inputs(workspace, run_config, stage_config, device)
         _log_stage_inputs(tracker, run_id, workspace, stage_config, data)
-        result = _train(workspace, run_config, data, out, device, resume, progress, [tracker.callbacks(run_id)])
+        result = _train(workspace, run_config, data, out, device, resume, progress, [tracker.callbacks(run_id)], whole)
         tracker.log_checkpoint(run_id, result["checkpoint"], "checkpoint")
     return {**result, "run_id": run_id}
 
@@ -288,14 +332,39 @@ def _stage_named(run_config, stage: str, init_from: str | None):
     return replace(found[0], init_from=init_from) if init_from else found[0]
 
 
-def _stage_inputs(workspace: Path, run_config, stage_config):
+def starting_point(run_config, stage: str, out_dir: Path, init_from: str | None = None,
+                   previous: str | None = None) -> str | None:
+    """The module checkpoint a stage starts from (None: fresh modules). One rule for the command
+    line and the flows: what the caller names, else the config's, else the stage before it."""
+    stage_config = _stage_named(run_config, stage, None)
+    chosen = init_from or stage_config.init_from or previous
+    if chosen:
+        return str(chosen)
+    names = [item.name for item in run_config.stages]
+    index = names.index(stage)
+    return None if index == 0 else str(stage_checkpoint(Path(out_dir), run_config.name, names[index - 1]))
+
+
+def stage_checkpoint(out_dir: Path, config_name: str, stage: str) -> Path:
+    """The checkpoint a finished stage hands on: its best by validation CIDEr, else its final one."""
+    stage_dir = Path(out_dir) / stage
+    from ituning.checkpoint import WEIGHTS_FILE
+
+    chosen = _existing_best(stage_dir) or stage_dir / "final"
+    if not (chosen / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{config_name}: stage {stage!r} has not been trained in {out_dir} (no {chosen}); "
+                                f"train it first (the full-pipeline flow, or `ituning train`), or pass init_from")
+    return chosen
+
+
+def _stage_inputs(workspace: Path, run_config, stage_config, device: str = "auto"):
     from ituning.training import StageData
 
     backbones = run_config.model.backbones().to_dict()
-    data = StageData(*split_data(workspace, stage_config.dataset, stage_config.train_split, backbones))
+    data = StageData(*split_data(workspace, stage_config.dataset, stage_config.train_split, backbones, device))
     if stage_config.val_split:
         data.val_features, data.val_captions = split_data(workspace, stage_config.dataset, stage_config.val_split,
-                                                          backbones)
+                                                          backbones, device)
     return data
 
 
@@ -308,7 +377,7 @@ def _log_stage_inputs(tracker: ExperimentTracker, run_id: str, workspace: Path, 
 
 
 def _train(workspace: Path, run_config, data, out_dir: Path, device: str, resume: bool, progress: bool,
-           callbacks=()) -> dict:
+           callbacks=(), whole=None) -> dict:
     from ituning.distributed import is_main_process
     from ituning.training import train_run
 
@@ -317,7 +386,7 @@ def _train(workspace: Path, run_config, data, out_dir: Path, device: str, resume
         _empty_unless_trained_from(out_dir / stage_config.name,
                                   _trained_from(workspace, run_config, stage_config, data), resume)
     [result] = train_run(run_config, {stage_config.name: data}, out_dir, callbacks=callbacks, device=device,
-                         resume=resume, progress=progress)
+                         resume=resume, progress=progress, whole_config=whole)
     best = result.best_dir or _existing_best(out_dir / stage_config.name)
     best_cider = result.best_cider if result.best_cider is not None else _recorded_cider(best)
     return {"checkpoint": str(best or result.final_dir), "best_cider": best_cider, "steps": _steps(result)}
@@ -395,7 +464,7 @@ def evaluate(workspace: Path, checkpoint: str, dataset: str, split: str, parent_
     workspace = Path(workspace)
     captioner = Captioner.from_checkpoint(checkpoint, device)
     decoding = DecodingConfig(num_beams=num_beams)
-    reader, references = split_data(workspace, dataset, split, captioner.backbones.to_dict())
+    reader, references = split_data(workspace, dataset, split, captioner.backbones.to_dict(), device)
     tracker = ExperimentTracker(workspace=workspace)
     settings = {"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "decoding": asdict(decoding),
                 "backbones": captioner.backbones.to_dict()}
@@ -404,34 +473,49 @@ def evaluate(workspace: Path, checkpoint: str, dataset: str, split: str, parent_
         log_split_inputs(tracker, run_id, workspace, dataset, split, reader, "evaluation")
         result = _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references, dataset, split,
                                    decoding, gallery_size, blind_baseline)
-    return {**result, "run_id": run_id}
+    return {**result, "run_id": run_id, "task": evaluation_task(workspace, dataset, split)}
+
+
+def evaluation_task(workspace: Path, dataset: str, split: str) -> str:
+    """What an evaluation's scores are comparable on: the split and the catalog's images and
+    references of it (CIDEr depends on the whole reference set), e.g. "coco/test@3f2a...". The
+    synthetic corpus's "coco" and the real COCO are different tasks."""
+    return f"{dataset}/{split}@{catalog_fingerprint(workspace, [(dataset, split)])[:16]}"
 
 
 def _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references, dataset, split, decoding,
                       gallery_size, blind_baseline) -> dict:
-    from ituning.evaluation import evaluate_split, generate_captions, write_nocaps_submission
+    from ituning.evaluation import evaluate_split, generate_captions, missing_domains_note, write_nocaps_submission
     from ituning.report import write_report
 
     images = dict(split_images(workspace, dataset, split))
     out_dir = workspace / "evaluations" / run_id / f"{dataset}-{split}"
+    notes = []
     if references:
         domains = _domains(workspace, dataset, split) if dataset == "nocaps" else None
         captions, scores = evaluate_split(captioner, reader, references, domains, decoding)
+        notes.append(domains is not None and missing_domains_note(sorted(reader.image_ids), domains))
     else:
         captions, scores = generate_captions(captioner, reader, sorted(reader.image_ids), decoding), {}
+        notes.append(f"{dataset}/{split} has no public references: captions only, no scores")
     if dataset == "nocaps" and split == "test":
         submission = write_nocaps_submission(captions, out_dir / "nocaps_test_submission.json", reader.image_ids)
         tracker.client.log_artifact(run_id, str(submission), "submission")
+        notes.append("submission/nocaps_test_submission.json is in the evaluation server's format")
+    notes = [note for note in notes if note]
+    if notes:
+        tracker.set_tags(run_id, {"ituning.notes": "; ".join(notes)})
     if blind_baseline and references:
         scores = {**scores, "blind": _blind_scores(captioner, reader, references, decoding)}
     report = write_report(out_dir, f"{dataset} {split}", captions, scores, references, images, captioner,
                           gallery_size)
     tracker.log_evaluation(run_id, f"{dataset}_{split}", captions, scores, report.gallery, report.heatmaps)
     sample = [[image_id, captions[image_id]] for image_id in sorted(captions)[:SAMPLE_SIZE]]
-    return {"metrics": scores, "captions_path": str(report.captions), "sample": sample}
+    return {"metrics": scores, "captions_path": str(report.captions), "sample": sample, "notes": notes}
 
 
-def _domains(workspace: Path, dataset: str, split: str) -> dict[str, str]:
+def _domains(workspace: Path, dataset: str, split: str) -> dict[str, str | None]:
+    """NoCaps domain by image id; None where the files named none (all of test, val without them)."""
     with open_catalog(workspace) as catalog:
         return {image.image_id: image.domain for image in catalog.usable_images(dataset, split)}
 
@@ -456,25 +540,74 @@ def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str 
     return {"name": name, "version": str(version.version), "model_uri": model_uri}
 
 
+def promotion_metric(scores: dict) -> tuple[str, float] | None:
+    """The score a champion is chosen by: CIDEr, or the overall CIDEr of scores by NoCaps domain;
+    None when there is none (NoCaps test has no public references)."""
+    if isinstance(scores.get("CIDEr"), (int, float)):
+        return "CIDEr", float(scores["CIDEr"])
+    overall = scores.get("overall")
+    if isinstance(overall, dict) and isinstance(overall.get("CIDEr"), (int, float)):
+        return "overall/CIDEr", float(overall["CIDEr"])
+    return None
+
+
+def promote_evaluated(workspace: Path, name: str, version: str, evaluation: dict) -> dict:
+    """promote_if_better with the metric and task of an evaluation's result; when it has no score
+    to compare (NoCaps test), the champion stays and the result says why."""
+    chosen = promotion_metric(evaluation.get("metrics") or {})
+    if chosen is None:
+        reason = (f"{evaluation.get('task', 'this evaluation')} has no CIDEr to compare (no public references); "
+                  f"champion left as it was. Set it by hand if wanted: "
+                  f"MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, {str(version)!r})")
+        return {"promoted": False, "candidate": None, "champion": None, "champion_version": None, "reason": reason}
+    metric, value = chosen
+    return promote_if_better(name, version, metric, value, workspace, task=evaluation.get("task"))
+
+
 def promote_if_better(name: str, version: str, metric: str = "CIDEr", value: float | None = None,
-                      workspace: Path | None = None) -> dict:
+                      workspace: Path | None = None, task: str | None = None) -> dict:
     """Point alias "champion" at `version` when its `metric` beats the champion's (or there is no
-    champion). `value` defaults to the metric as logged in the version's run. The comparison is
-    recorded as tags on the candidate version."""
+    champion). `value` defaults to the metric as logged in the version's run. `task` says what the
+    value was scored on (evaluation_task); a champion scored on another task, or with another
+    metric, is not comparable and gives way to the candidate. The comparison is recorded as tags
+    on the candidate version, the reason included."""
     client = ExperimentTracker(workspace=workspace).client
     if value is None:
         value = _run_metric(client, name, version, metric)
-    champion_version, champion_value = _champion(client, name, metric)
-    promoted = champion_value is None or value > champion_value
+    champion = _champion(client, name, metric)
+    promoted, reason = _verdict(champion, value, task)
     tags = {f"metric.{metric}": value, "promotion.metric": metric, "promotion.candidate": value,
-            "promotion.champion": "none" if champion_value is None else champion_value,
-            "promotion.champion_version": champion_version or "none", "promotion.promoted": promoted}
+            "promotion.champion": "none" if champion.value is None else champion.value,
+            "promotion.champion_version": champion.version or "none", "promotion.promoted": promoted,
+            "promotion.reason": reason}
+    if task:
+        tags["promotion.task"] = task
     for key, tag in tags.items():
         client.set_model_version_tag(name, str(version), key, str(tag))
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, str(version))
-    return {"promoted": promoted, "candidate": value, "champion": champion_value,
-            "champion_version": str(version) if promoted else champion_version}
+    return {"promoted": promoted, "candidate": value, "champion": champion.value,
+            "champion_version": str(version) if promoted else champion.version, "reason": reason}
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str | None = None
+    value: float | None = None  # its recorded metric; None when it has none under this metric
+    task: str | None = None
+
+
+def _verdict(champion: Champion, value: float, task: str | None) -> tuple[bool, str]:
+    if champion.version is None:
+        return True, "no champion yet"
+    if champion.value is None:
+        return True, f"the champion (version {champion.version}) has no score under this metric"
+    if task and champion.task and champion.task != task:
+        return True, (f"the champion (version {champion.version}) was scored on {champion.task}, "
+                      f"not on {task}: not comparable, the candidate takes over")
+    if value > champion.value:
+        return True, f"{value:.4f} beats the champion's {champion.value:.4f}"
+    return False, f"{value:.4f} does not beat the champion's {champion.value:.4f} (version {champion.version})"
 
 
 def _run_metric(client, name: str, version: str, metric: str) -> float:
@@ -485,16 +618,16 @@ def _run_metric(client, name: str, version: str, metric: str) -> float:
     return float(metrics[metric])
 
 
-def _champion(client, name: str, metric: str) -> tuple[str | None, float | None]:
-    """The champion's version and its recorded metric; (None, None) without a champion."""
+def _champion(client, name: str, metric: str) -> Champion:
+    """The champion's version, its recorded metric and task; Champion() without a champion."""
     from mlflow.exceptions import MlflowException
 
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
+        found = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return None, None
-    recorded = champion.tags.get(f"metric.{metric}")
-    return str(champion.version), None if recorded is None else float(recorded)
+        return Champion()
+    recorded = found.tags.get(f"metric.{metric}")
+    return Champion(str(found.version), None if recorded is None else float(recorded), found.tags.get("promotion.task"))
 
 
 # ---- pipeline runs --------------------------------------------------------------------------

@@ -170,24 +170,30 @@ def _write_visual_genome(writer: _Writer, count: int, coco_splits: dict[str, str
 
 
 def _write_nocaps(writer: _Writer, count: int):
-    """Image info for val and test (one URL per image, three domains) and val captions (10 each)."""
+    """Image info for val and test as NoCaps ships it (one URL per image, no domain) and the val
+    captions in COCO layout (10 per image, some with a trailing space) whose images name their
+    domain, the only place a NoCaps file does."""
     files, splits = [], {}
-    for split in ("val", "test"):
+    header = {"licenses": [{"url": "https://creativecommons.org/licenses/by/2.0/", "id": 0,
+                            "name": "Attribution 2.0 Generic (CC BY 2.0)"}]}
+    for split, first_id in (("val", 0), ("test", count)):  # test ids follow val's, as NoCaps numbers them
         images, annotations = [], []
-        for image_id in range(count):
+        for image_id in range(first_id, first_id + count):
             image, captions = writer.scene(count=10)
             file_name = f"{writer.rng.getrandbits(64):016x}.jpg"
             writer.write(f"nocaps/{split}/{file_name}", _payload(image, None))
             images.append({"id": image_id, "open_images_id": file_name[:-4], "file_name": file_name,
                            "coco_url": writer.url(f"nocaps/{split}/{file_name}"), "height": writer.size,
-                           "width": writer.size, "domain": NOCAPS_DOMAINS[image_id % 3]})
-            annotations += [{"image_id": image_id, "id": 10 * image_id + k, "caption": text}
+                           "width": writer.size, "license": 0, "date_captured": "2018-11-06 11:04:33"})
+            annotations += [{"image_id": image_id, "id": 10 * image_id + k, "caption": text + " " * (k == 0)}
                             for k, text in enumerate(captions)]
             splits.setdefault(split, []).append(str(image_id))
-        files.append(writer.write(f"nocaps/nocaps_{split}_image_info.json", json.dumps({"images": images}).encode()))
+        info = {**header, "info": {"description": f"nocaps {split} dataset", "version": "0.2"}, "images": images}
+        files.append(writer.write(f"nocaps/nocaps_{split}_image_info.json", json.dumps(info).encode()))
         if split == "val":
-            files.append(writer.write("nocaps/nocaps_val_4500_captions.json",
-                                      json.dumps({"images": images, "annotations": annotations}).encode()))
+            with_domains = [{**entry, "domain": NOCAPS_DOMAINS[entry["id"] % 3]} for entry in images]
+            captions_file = {**info, "images": with_domains, "annotations": annotations}
+            files.append(writer.write("nocaps/nocaps_val_4500_captions.json", json.dumps(captions_file).encode()))
     return files, splits
 
 

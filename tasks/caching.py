@@ -19,7 +19,7 @@ import requests
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 from storage import stages
-from storage.downloads import TransientFailure
+from storage.downloads import DownloadError, TransientFailure
 
 IDENTITY_FILE = ".workspace-id"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ class InputContents(CachePolicy):
     """Keys on what path inputs hold now, so a checkpoint trained again or a feature cache rebuilt
     at the same path does not pass for the old one."""
 
-    names: tuple[str, ...] = ("checkpoint", "init_from", "features")
+    names: tuple[str, ...] = ("checkpoint", "init_from", "previous", "features")
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         paths = [path for name in self.names for path in _as_list(inputs.get(name))]
@@ -107,6 +107,8 @@ TRANSIENT_MESSAGES = ("Max retries exceeded", "Connection refused", "Read timed 
 
 def is_transient(exception: BaseException) -> bool:
     """Connection cuts, timeouts and server-side (5xx) answers; never a 4xx or a bad file."""
+    if isinstance(exception, DownloadError):  # already retried with back-off inside the download
+        return False
     if isinstance(exception, TRANSIENT):
         return True
     if isinstance(exception, httpx.HTTPStatusError):

@@ -7,7 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage import stages
 from tasks.caching import EXPENSIVE, CatalogContents, retry_transient
-from tasks.plan import PipelinePlan, plan_for_config
+from tasks.plan import plan_for_config
 
 
 @task(name="plan-pipeline", cache_policy=NO_CACHE)
@@ -28,6 +28,11 @@ def download_dataset(workspace: Path, dataset: str, manifest: str | None = None,
     return stages.download(workspace, dataset, manifest=manifest, images=images)
 
 
+@task(name="use-local-corpus", cache_policy=NO_CACHE, task_run_name="corpus-{dataset}")
+def use_local_corpus(workspace: Path, dataset: str, folder: str) -> dict:
+    return stages.use_local_corpus(workspace, dataset, folder)
+
+
 @task(name="build-catalog", cache_policy=EXPENSIVE, persist_result=True)
 def build_catalog(workspace: Path, datasets: list[str], downloads: list[dict] | None = None) -> dict[str, dict]:
     """`downloads` only orders this after the downloads and keys the cache on what they fetched."""
@@ -44,5 +49,6 @@ def build_demo_backbones(workspace: Path, catalog: dict, seed: int = 0, steps: i
 
 
 @task(name="configured-backbones", cache_policy=NO_CACHE)
-def configured_backbones(config: str) -> dict:
-    return PipelinePlan.backbones_of(config)
+def configured_backbones(workspace: Path, config: str) -> dict:
+    """The config's backbones, its relative local paths taken from the workspace (the demo's stand-ins)."""
+    return stages.workspace_backbones(workspace, config)

@@ -5,8 +5,6 @@ from dataclasses import asdict, dataclass
 from ituning.config import load_config
 from tasks.caching import config_path
 
-# The offline demo trains on the synthetic corpus's COCO-format dataset.
-CATALOG_DATASET = {"synthetic": "coco"}
 # The Visual Genome split leaves out COCO's val and test images, so it is built after COCO.
 NEEDS = {"vg": ("coco",)}
 
@@ -19,20 +17,19 @@ class PipelinePlan:
     evaluations: list[list[str]]      # [[dataset, split]] scored with the final checkpoint
     datasets: list[str]
     demo_backbones: bool
+    # The registered model its captioners go to by default: one per preset, so that only captioners
+    # of the same task compete for its champion (the demo never meets a real model).
+    model_name: str
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @staticmethod
-    def backbones_of(config: str) -> dict:
-        return load_config(config_path(config)).model.backbones().to_dict()
 
 
 def plan_for_config(config: str, evaluate_on: list[str]) -> PipelinePlan:
     run = load_config(config_path(config))
     stages, splits = [], []
     for stage in run.stages:
-        dataset = CATALOG_DATASET.get(stage.dataset, stage.dataset)
+        dataset = stage.dataset
         stage_splits = [s for s in (stage.train_split, stage.val_split) if s]
         stages.append({"name": stage.name, "dataset": dataset, "splits": stage_splits})
         splits += [[dataset, split] for split in stage_splits]
@@ -40,8 +37,8 @@ def plan_for_config(config: str, evaluate_on: list[str]) -> PipelinePlan:
     evaluations = [_evaluation(item, final) for item in evaluate_on]
     splits += evaluations
     datasets = _with_needs(sorted({dataset for dataset, _ in splits}))
-    demo = "backbones/" in str(run.model.language_model)  # the stand-ins the pipeline builds
-    return PipelinePlan(str(config), stages, _unique(splits), evaluations, datasets, demo)
+    return PipelinePlan(str(config), stages, _unique(splits), evaluations, datasets, run.model.standins,
+                        f"ituning-{run.name}")
 
 
 def _evaluation(item: str, final_dataset: str) -> list[str]:

@@ -26,10 +26,12 @@ TRACKING_RETRIES = dict(retries=3, retry_delay_seconds=[5, 20, 80], retry_jitter
 # Never retried: a failed training run resumes from its own last checkpoint when run again.
 @task(name="train-stage", cache_policy=TRAIN_CACHE, persist_result=True, task_run_name="train-{stage}")
 def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | None = None,
-                init_from: str | None = None, device: str = "auto", features: list[str] | None = None) -> dict:
-    """`features` (the entry points this stage reads) orders it after the feature cache."""
+                init_from: str | None = None, device: str = "auto", features: list[str] | None = None,
+                previous: str | None = None) -> dict:
+    """`features` (the entry points this stage reads) orders it after the feature cache; `previous`
+    is the checkpoint the stage before it produced."""
     return stages.train_stage(workspace, config, stage, parent_run_id=parent_run_id, init_from=init_from,
-                              device=device)
+                              device=device, previous=previous)
 
 
 @task(name="evaluate", cache_policy=EVALUATION_CACHE, persist_result=True, task_run_name="evaluate-{dataset}-{split}")
@@ -45,8 +47,8 @@ def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str)
 
 
 @task(name="promote-if-better", cache_policy=NO_CACHE, **TRACKING_RETRIES)
-def promote_if_better(workspace: Path, name: str, version: str, metric: str, value: float | None) -> dict:
-    return stages.promote_if_better(name, version, metric=metric, value=value, workspace=workspace)
+def promote_if_better(workspace: Path, name: str, version: str, evaluation: dict) -> dict:
+    return stages.promote_evaluated(workspace, name, version, evaluation)
 
 
 @task(name="start-pipeline-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)

@@ -64,3 +64,35 @@ def standin_checkpoint(standin_backbones, tmp_path_factory):
     torch.manual_seed(0)
     captioner = Captioner.from_backbones(standin_backbones, ITuningConfig(zero_init_output=False), device="cpu")
     return captioner.save(tmp_path_factory.mktemp("checkpoint"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_test_server_log(tmp_path_factory):
+    """Prefect's test and ephemeral servers (prefect_test_harness, a flow run with no PREFECT_API_URL)
+    inherit pytest's stdout and stderr, so their errors would land in whichever test's captured output
+    is current, or nowhere. Here they write to one log instead, checked once the session is over."""
+    import sys
+
+    if "prefect" not in sys.modules:  # no test module uses Prefect: no server to watch
+        yield None
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from tests.service_logs import assert_clean_log, output_to
+
+    log = tmp_path_factory.getbasetemp() / "prefect-test-server.log"
+    start_server = SubprocessASGIServer._run_uvicorn_command
+
+    def start_server_logging(server):
+        with output_to(log):
+            return start_server(server)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SubprocessASGIServer, "_run_uvicorn_command", start_server_logging)
+        yield log
+    assert_clean_log(log)
+
+
+# Prefect's test and ephemeral servers otherwise start their usage-report service, which logs an ERROR
+# on every offline machine; `make test` exports the same.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.service_logs import assert_clean_log
 from tests.test_services import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -46,7 +47,7 @@ class PostgresServer:
 
 
 @pytest.fixture
-def postgres():
+def postgres(tmp_path):
     # Outside pytest's tmp_path: its parents are private to the current user, not to postgres.
     data, port = Path(tempfile.mkdtemp(prefix="ituning-pg-")), free_port()
     if os.geteuid() == 0:
@@ -60,4 +61,7 @@ def postgres():
         yield PostgresServer("127.0.0.1", port)
     finally:
         subprocess.run(as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
+        if (data / "log").exists():  # kept beside the test's files: the data folder goes
+            shutil.copy(data / "log", tmp_path / "postgres.log")
         shutil.rmtree(data, ignore_errors=True)
+    assert_clean_log(tmp_path / "postgres.log")

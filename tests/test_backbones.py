@@ -1,3 +1,8 @@
+import json
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -5,11 +10,11 @@ from torch.testing import assert_close
 from ituning.backbones import (
     BackboneSpec,
     BackboneUnavailable,
-    hub_reachable,
     load_language_model,
     load_vision_encoder,
 )
 from ituning.captioner import trainable_count
+from tests.hub_server import hub_environment
 
 PAPER_COUNTS = [("gpt2", 0, 14_178_816), ("gpt2-medium", 0, 44_101_632),
                 ("gpt2-large", 0, 94_487_040), ("gpt2-large", 18, 47_243_520)]
@@ -20,15 +25,34 @@ def test_trainable_counts_equal_the_paper(language_model, drop_first, expected):
     assert trainable_count(language_model, "ViT-B-16", drop_first) == expected
 
 
-@pytest.mark.timeout(60)
-def test_unreachable_hub_fails_fast_with_one_clear_message(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
-    assert not hub_reachable()
-    with pytest.raises(BackboneUnavailable, match=r"'gpt2-not-cached'.*--lm /path/to/gpt2"):
-        load_language_model("gpt2-not-cached")
-    with pytest.raises(BackboneUnavailable, match=r"ViT-B-16 \(openai\).*local-dir:"):
-        load_vision_encoder(BackboneSpec("ViT-B-16", "openai"))
+UNREACHABLE = """
+import json
+from ituning.backbones import BackboneSpec, BackboneUnavailable, hub_reachable, load_language_model, load_vision_encoder
+
+report = {"reachable": hub_reachable()}
+for name, load in (("lm", lambda: load_language_model("gpt2")),
+                   ("vision", lambda: load_vision_encoder(BackboneSpec("ViT-B-16", "openai"))),
+                   ("hf-hub", lambda: load_vision_encoder(BackboneSpec("hf-hub:org/clip", None)))):
+    try:
+        load()
+        report[name] = "loaded"
+    except BackboneUnavailable as error:
+        report[name] = str(error)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_unreachable_hub_fails_fast_with_one_clear_message(tmp_path):
+    """huggingface_hub reads HF_ENDPOINT when imported, so the loaders run in a fresh process."""
+    env = hub_environment("http://127.0.0.1:9", tmp_path / "empty-hf-home")  # discard port: nothing listens
+    done = subprocess.run([sys.executable, "-c", UNREACHABLE], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["reachable"] is False
+    assert re.search(r"'gpt2': it is not in the local cache.*--lm /path/to/gpt2", report["lm"])
+    assert re.search(r"'ViT-B-16 \(openai\)'.*local-dir:", report["vision"])
+    assert re.search(r"'hf-hub:org/clip'.*local-dir:", report["hf-hub"])
 
 
 def test_missing_local_paths_are_named(tmp_path):

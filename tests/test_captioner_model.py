@@ -19,6 +19,7 @@ from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
 from ituning.demo import render_shape_image
 from storage.tracking import ExperimentTracker
+from tests.service_logs import assert_clean_log
 
 DECODING = DecodingConfig(num_beams=2, max_length=8)
 REGISTERED = "ituning-captioner"
@@ -130,6 +131,7 @@ def served_model(logged_model, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+    assert_clean_log(tmp_path / "server.log")
 
 
 def wait_until_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 90) -> None:

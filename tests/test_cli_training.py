@@ -17,7 +17,7 @@ def write_config(path, backbones, **stage):
         "name": "cli", "device": "cpu",
         "model": {"vision_model": backbones.vision_model, "vision_pretrained": None,
                   "language_model": backbones.language_model},
-        "stages": [{"name": "finetune", "dataset": "synthetic", "epochs": 1, "batch_size": 8, "micro_batch_size": 8,
+        "stages": [{"name": "finetune", "dataset": "coco", "epochs": 1, "batch_size": 8, "micro_batch_size": 8,
                     "precision": "fp32", "val_split": None, **stage}],
     }
     path.write_text(yaml.safe_dump(config))

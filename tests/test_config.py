@@ -55,6 +55,30 @@ def test_bad_keys_and_values_are_errors_naming_the_key(data, key):
     assert str(error.value).startswith(f"{key}:")
 
 
+@pytest.mark.parametrize("stage, key, message", [
+    ({"dataset": "synthetic"}, "dataset", "must be one of coco, flickr30k, vg (a synthetic corpus is catalogued under"),
+    ({"dataset": "nocaps"}, "dataset", "nocaps is only evaluated"),
+    ({"train_split": "test"}, "train_split", "coco trains on 'train', got 'test'"),
+    ({"val_split": "test"}, "val_split", "coco validates on 'val' or null, got 'test'"),
+    ({"dataset": "flickr30k", "train_split": "pretrain"}, "train_split", "flickr30k trains on 'train'"),
+    ({"dataset": "vg", "train_split": "pretrain"}, "val_split", "vg has no validation split, so it must be null"),
+    ({"dataset": "vg"}, "train_split", "vg trains on 'pretrain', got 'train'"),
+])
+def test_a_stage_names_a_dataset_and_splits_the_pipeline_trains_on(stage, key, message):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(minimal(**stage))
+    assert str(error.value).startswith(f"stages[0].{key}: ") and message in str(error.value)
+
+
+def test_the_splits_each_dataset_trains_and_validates_on():
+    stages = [minimal(dataset="vg", train_split="pretrain", val_split=None)["stages"][0] | {"name": "pretrain"},
+              minimal(dataset="flickr30k", val_split=None)["stages"][0]]
+    config = config_from_dict({"name": "x", "stages": stages})
+    assert [(s.dataset, s.train_split, s.val_split) for s in config.stages] == [
+        ("vg", "pretrain", None), ("flickr30k", "train", None)]
+    assert config_from_dict(minimal()).stages[0].val_split == "val"
+
+
 def test_yaml_floats_without_a_dot_and_file_errors(tmp_path):
     assert config_from_dict(minimal(learning_rate="1e-4")).stages[0].learning_rate == 1e-4
     path = tmp_path / "bad.yaml"

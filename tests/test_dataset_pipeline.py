@@ -1,6 +1,7 @@
 """The real path, offline: synthetic corpus served over HTTP -> download -> unpack -> split -> catalog."""
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,6 +23,7 @@ from tests.corpus_server import CorpusServer
 
 QUICK = RetryPolicy(attempts=4, first_wait_s=0.01, max_wait_s=0.05)
 IMAGES = 30
+REAL_NOCAPS_TEST_INFO = Path(__file__).parent / "data" / "nocaps" / "nocaps_test_image_info.excerpt.json"
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +100,46 @@ def test_visual_genome_excludes_coco_val_and_test_images(pipeline):
 
 
 def test_nocaps_images_carry_their_domain(pipeline):
-    _, root, _, _, _ = pipeline
+    corpus, root, _, _, _ = pipeline
+    for split in ("val", "test"):  # as in the real files, the image info names no domain
+        info = json.loads((corpus.root / "nocaps" / f"nocaps_{split}_image_info.json").read_text())
+        assert not any("domain" in image for image in info["images"])
     with Catalog(root / "catalog.duckdb", read_only=True) as catalog:
         images = catalog.usable_images("nocaps", "val")
+        test_domains = {image.domain for image in catalog.usable_images("nocaps", "test")}
     assert {image.domain for image in images} == {"in-domain", "near-domain", "out-domain"}
     assert all(image.path.is_file() and image.width == 64 for image in images)
+    assert test_domains == {None}
+
+
+@pytest.mark.parametrize("val_domains", [True, False])
+def test_real_nocaps_image_info_builds_the_catalog(tmp_path, val_domains):
+    """The verbatim head of the real nocaps_test_image_info.json, and val image info in the same
+    layout whose domains come, if at all, with the images of the val captions file."""
+    folder = tmp_path / "data" / "nocaps"
+    folder.mkdir(parents=True)
+    shutil.copy(REAL_NOCAPS_TEST_INFO, folder / "nocaps_test_image_info.json")
+    real = json.loads(REAL_NOCAPS_TEST_INFO.read_text())
+    val_images = [{**image, "id": number, "coco_url": image["coco_url"].replace("/test/", "/val/")}
+                  for number, image in enumerate(real["images"][:3])]
+    (folder / "nocaps_val_image_info.json").write_text(json.dumps({**real, "images": val_images}))
+    domains = ["in-domain", "near-domain", "out-domain"] if val_domains else [None] * 3
+    captions = {**real, "images": [{**image, "domain": domain} if domain else image
+                                   for image, domain in zip(val_images, domains)],
+                "annotations": [{"image_id": i, "id": 10 * i + k, "caption": f"caption {k} of image {i} "}
+                                for i in range(3) for k in range(2)]}
+    (folder / "nocaps_val_4500_captions.json").write_text(json.dumps(captions))
+    result = CliRunner().invoke(app, ["catalog", "build", "nocaps", "--workspace", str(tmp_path), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "nocaps: 8 images (0 usable: val 0, test 0), 6 captions" in result.output
+    with Catalog(tmp_path / "catalog.duckdb", read_only=True) as catalog:
+        _, rows = catalog.query("SELECT split, image_id, domain, path, width, status FROM images "
+                                "ORDER BY split, image_id")
+        _, texts = catalog.query("SELECT DISTINCT text FROM captions WHERE image_id = '2' ORDER BY text")
+    assert [row[:3] for row in rows] == [("test", str(i), None) for i in range(4500, 4505)] + \
+        [("val", str(i), domain) for i, domain in enumerate(domains)]
+    assert rows[0][3:] == (str((folder / "test" / "0003d84e0165d630.jpg").absolute()), 1024, "missing")
+    assert texts == [("caption 0 of image 2",), ("caption 1 of image 2",)]
 
 
 def test_catalog_records_verified_downloads_and_fingerprints_image_lists(pipeline):

@@ -8,6 +8,8 @@ from ituning.evaluation import (
     CORENLP_JARS,
     METRICS,
     domain_table,
+    evaluate_split,
+    missing_domains_note,
     score_by_domain,
     score_captions,
     spice_available,
@@ -94,6 +96,39 @@ def test_each_domain_is_scored_on_its_own_images():
         expected = pycocoevalcap_directly({k: CANDIDATES[k] for k in keys}, REFERENCES, with_meteor=False)
         assert scores == {metric: expected[metric] for metric in NO_METEOR}, domain
     assert by_domain["in-domain"]["CIDEr"] > by_domain["out-domain"]["CIDEr"]
+
+
+def test_images_without_a_domain_count_in_overall_only():
+    overall = score_captions(CANDIDATES, REFERENCES, metrics=["CIDEr"])
+    for domains in ({}, dict.fromkeys(DOMAINS)):  # NoCaps test, or val image info without domains
+        assert score_by_domain(CANDIDATES, REFERENCES, domains, metrics=["CIDEr"]) == {"overall": overall}
+        assert missing_domains_note(CANDIDATES, domains).startswith("NoCaps domains unknown for all 8 images")
+    partial = {key: domain for key, domain in DOMAINS.items() if domain != "out-domain"}
+    scores = score_by_domain(CANDIDATES, REFERENCES, partial, metrics=["CIDEr"])
+    assert list(scores) == ["in-domain", "near-domain", "overall"] and scores["overall"] == overall
+    assert scores["in-domain"] == score_by_domain(CANDIDATES, REFERENCES, DOMAINS, metrics=["CIDEr"])["in-domain"]
+    assert missing_domains_note(CANDIDATES, partial).startswith("NoCaps domain unknown for 2 of 8 images")
+    assert missing_domains_note(CANDIDATES, DOMAINS) is None
+
+
+class ListedCaptioner:
+    """Captions by the image id its one visual token carries."""
+
+    def caption_features(self, visual, decoding):
+        return [CANDIDATES[str(int(row[0, 0]))] for row in visual]
+
+
+def test_evaluating_nocaps_without_domains_logs_why_scores_are_overall_only(caplog):
+    import numpy as np
+
+    tokens = {key: np.full((1, 1), int(key), dtype=np.float32) for key in CANDIDATES}
+    with caplog.at_level("WARNING", logger="ituning.evaluation"):
+        captions, scores = evaluate_split(ListedCaptioner(), tokens, REFERENCES, {}, metrics=["CIDEr"])
+    assert captions == CANDIDATES and list(scores) == ["overall"]
+    assert [record.getMessage() for record in caplog.records] == [missing_domains_note(CANDIDATES, {})]
+    caplog.clear()
+    _, scores = evaluate_split(ListedCaptioner(), tokens, REFERENCES, DOMAINS, metrics=["CIDEr"])
+    assert len(scores) == 4 and not caplog.records
 
 
 def test_domain_table_reports_percentages():

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -22,8 +23,8 @@ from ituning.images import open_rgb
 from ituning.standins import save_vision_standin
 from storage.feature_shards import EncodeSettings, split_preprocess
 from storage.features import (
-    ENTRY_NAME, FeatureReader, FeatureSettings, build_feature_cache, build_shard, encoder_slug,
-    extract_features, image_list_fingerprint, verify_feature_cache,
+    ENTRY_NAME, FeatureReader, FeatureSettings, build_feature_cache, build_shard, encoder_cache_dir, encoder_slug,
+    extract_features, find_feature_entry, image_list_fingerprint, precision_key, split_cache_dir, verify_feature_cache,
 )
 from storage.scenes import random_scene, render_scene
 
@@ -327,3 +328,100 @@ def test_encoder_slug_names_folders_apart():
     assert encoder_slug(BackboneSpec("ViT-B-16", None)) == "ViT-B-16-random"
     first, second = (encoder_slug(BackboneSpec(f"local-dir:/a/{d}/vision", None)) for d in "xy")
     assert first != second and first.startswith("local-vision-") and "/" not in first
+
+
+CPU = EncodeSettings(batch_size=2, num_workers=0)  # auto: float32 on the CPU
+BF16 = EncodeSettings(batch_size=2, num_workers=0, precision="bfloat16")  # what auto picks on a bf16 GPU
+
+
+def test_the_device_decides_the_precision_folder(monkeypatch):
+    assert precision_key(EncodeSettings(device="cpu")) == "float32-float16"
+    assert precision_key(EncodeSettings(device="cpu", dtype="float32")) == "float32-float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert precision_key(EncodeSettings(device="cuda:1")) == "bfloat16-float16"
+    assert precision_key(EncodeSettings(device="cuda", precision="float16")) == "float16-float16"
+
+
+def test_caches_of_two_precisions_live_side_by_side(images, spec, encoder, reference, tmp_path):
+    """Encoding on another device builds that precision's cache and leaves the first one alone;
+    going back reuses the first one as it is."""
+    cpu_dir, bf16_dir = (split_cache_dir(tmp_path, "coco", "train", spec, encode) for encode in (CPU, BF16))
+    assert cpu_dir.parent == bf16_dir.parent == encoder_cache_dir(tmp_path, "coco", "train", spec)
+    assert (cpu_dir.name, bf16_dir.name) == ("float32-float16", "bfloat16-float16")
+    cpu = extract_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
+    bf16 = extract_features(images, spec, bf16_dir, FeatureSettings(5, BF16), encoder=encoder)
+    assert not bf16.discarded_stale and bf16.encoded_shards == [0, 1, 2]
+    assert FeatureReader(bf16.entry).attrs["compute_precision"] == "bfloat16"
+    assert_same_cache(cpu_dir, reference)
+    again = extract_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
+    assert again.encoded_shards == [] and again.reused_shards == [0, 1, 2] and not again.discarded_stale
+    assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == cpu.entry
+    assert find_feature_entry(tmp_path, "coco", "train", spec, BF16) == bf16.entry
+
+
+def test_a_reader_without_its_precision_takes_the_most_precise_finished_cache(images, spec, encoder, reference,
+                                                                              tmp_path):
+    cpu_dir = split_cache_dir(tmp_path, "coco", "train", spec, CPU)
+    assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == cpu_dir / ENTRY_NAME  # where it would be
+    bf16 = extract_features(images, spec, split_cache_dir(tmp_path, "coco", "train", spec, BF16),
+                            FeatureSettings(5, BF16), encoder=encoder)
+    shutil.copytree(reference, cpu_dir)
+    (cpu_dir / ENTRY_NAME).unlink()  # unfinished: not read
+    assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == bf16.entry
+    float32 = replace(CPU, dtype="float32")
+    exact = extract_features(images, spec, split_cache_dir(tmp_path, "coco", "train", spec, float32),
+                             FeatureSettings(5, float32), encoder=encoder)
+    assert find_feature_entry(tmp_path, "coco", "train", spec, replace(CPU, precision="float16")) == exact.entry
+
+
+def test_a_cache_of_the_earlier_layout_is_found_then_moved_into_its_precision(images, spec, encoder, reference,
+                                                                               tmp_path):
+    """Before precision folders, a split's cache lay in the encoder folder itself."""
+    earlier = encoder_cache_dir(tmp_path, "coco", "train", spec)
+    shutil.copytree(reference, earlier)  # built on the CPU: float32-float16
+    cpu_dir, bf16_dir = (split_cache_dir(tmp_path, "coco", "train", spec, encode) for encode in (CPU, BF16))
+    assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == earlier / ENTRY_NAME
+    bf16 = extract_features(images, spec, bf16_dir, FeatureSettings(5, BF16), encoder=encoder)
+    assert bf16.encoded_shards == [0, 1, 2]
+    assert (earlier / ENTRY_NAME).is_file() and len(list(earlier.glob("shard-*.h5"))) == 3  # untouched
+    assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == earlier / ENTRY_NAME
+    assert find_feature_entry(tmp_path, "coco", "train", spec, BF16) == bf16.entry
+    cpu = extract_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
+    assert cpu.encoded_shards == [] and cpu.reused_shards == [0, 1, 2] and cpu.entry == cpu_dir / ENTRY_NAME
+    assert sorted(path.name for path in earlier.iterdir()) == sorted([cpu_dir.name, bf16_dir.name])
+    assert_same_cache(cpu_dir, reference)
+    assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == cpu.entry
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()), reason="needs a bf16 GPU")
+def test_switching_between_gpu_and_cpu_keeps_both_caches(images, spec, encoder, reference, tmp_path):
+    cuda = EncodeSettings(batch_size=2, num_workers=0, device="cuda")
+    gpu_dir, cpu_dir = (split_cache_dir(tmp_path, "coco", "train", spec, encode) for encode in (cuda, CPU))
+    assert (gpu_dir.name, cpu_dir.name) == ("bfloat16-float16", "float32-float16")
+    gpu_encoder = load_vision_encoder(spec, "cuda")
+    gpu = extract_features(images, spec, gpu_dir, FeatureSettings(5, cuda), encoder=gpu_encoder)
+    cpu = extract_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
+    back = extract_features(images, spec, gpu_dir, FeatureSettings(5, cuda), encoder=gpu_encoder)
+    assert back.encoded_shards == [] and not back.discarded_stale and not cpu.discarded_stale
+    assert FeatureReader(gpu.entry).attrs["compute_precision"] == "bfloat16"
+    assert_same_cache(cpu_dir, reference)
+
+
+def test_the_same_weights_with_another_activation_are_another_cache(spec, images):
+    """OpenAI's CLIP runs QuickGELU: its weights under plain GELU give other tokens, so a cache built
+    before the activation was right must not pass for one built after."""
+    from open_clip.transformer import QuickGELU
+
+    from storage.features import cache_identity
+
+    encoder, quick = load_vision_encoder(spec), load_vision_encoder(spec)
+    for module in quick.modules():
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.GELU):
+                setattr(module, name, QuickGELU())
+    assert any(isinstance(module, QuickGELU) for module in quick.modules())
+    plain, changed = cache_identity(encoder, images, SETTINGS), cache_identity(quick, images, SETTINGS)
+    assert plain["encoder_weights_sha256"] == changed["encoder_weights_sha256"]
+    assert plain != changed and plain["encoder_layers"] != changed["encoder_layers"]

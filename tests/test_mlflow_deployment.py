@@ -4,6 +4,10 @@ S3-compatible storage (ITUNING_MLFLOW_ARTIFACTS, MLFLOW_S3_ENDPOINT_URL), here m
 tracked by the pipeline's own ExperimentTracker lands in PostgreSQL's tables, its checkpoint in the
 bucket, and the checkpoint downloads back through the server byte for byte."""
 
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from storage.services import ServiceSettings, start_mlflow, stop_all
 from storage.tracking import ExperimentTracker
 from tests.postgres_fixtures import needs_postgres, postgres  # noqa: F401  (postgres is a fixture)
+from tests.service_logs import assert_clean_log
 from tests.test_services import free_port
 
 pytestmark = [pytest.mark.slow, needs_postgres]
@@ -28,16 +33,27 @@ def bucket_client(endpoint: str):
 
 
 @pytest.fixture
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+def s3_endpoint(tmp_path):
+    """moto's standalone S3 server, its requests and errors logged to moto.log."""
+    port, log = free_port(), tmp_path / "moto.log"
+    with log.open("wb") as output:
+        command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, f"moto_server did not start: {log}"
+                time.sleep(0.3)
+        yield endpoint
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=60)
+    assert_clean_log(log)
 
 
 @pytest.fixture
@@ -56,6 +72,7 @@ def tracking_server(postgres, s3_endpoint, tmp_path, monkeypatch):  # noqa: F811
         yield settings.mlflow_url
     finally:
         assert stop_all(settings) == ["mlflow"]
+    assert_clean_log(settings.directory / "mlflow.log")
 
 
 def test_tracking_server_keeps_runs_in_postgresql_and_artifacts_in_s3(tracking_server, postgres, s3_endpoint,  # noqa: F811

@@ -57,6 +57,7 @@ def test_parent_run_id_is_left_out_of_stage_cache_keys():
     (httpx.HTTPStatusError("503", request=httpx.Request("GET", "http://x"), response=httpx.Response(503)), True),
     (httpx.HTTPStatusError("404", request=httpx.Request("GET", "http://x"), response=httpx.Response(404)), False),
     (DownloadError("checksum still wrong"), False),
+    (DownloadError("x.zip: could not fetch http://x/x.zip after 6 attempts ([Errno 111] Connection refused)"), False),
     (ValueError("bad config"), False),
     (RuntimeError("API request failed: Max retries exceeded with url"), True),
 ])

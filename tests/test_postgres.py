@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.postgres_fixtures import needs_postgres, postgres  # noqa: F401  (postgres is a fixture)
+from tests.service_logs import assert_clean_log
 from tests.test_services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,9 @@ def test_prefect_server_on_postgresql_records_a_flow_run(postgres, tmp_path):  #
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
                PREFECT_API_DATABASE_CONNECTION_URL=postgres.url("asyncpg", "prefect"))
+    log = (tmp_path / "prefect-server.log").open("wb")
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/api/health")
         client_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
@@ -49,3 +51,5 @@ def test_prefect_server_on_postgresql_records_a_flow_run(postgres, tmp_path):  #
     finally:
         server.send_signal(2)
         server.wait(timeout=60)
+        log.close()
+    assert_clean_log(tmp_path / "prefect-server.log")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.flow_fixtures import SMALL_RUN
+from tests.service_logs import assert_clean_log
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -57,3 +58,5 @@ def test_make_serve_runs_the_demo_deployment_then_make_stop(tmp_path):
         stopped = subprocess.run(["make", "stop"], cwd=ROOT, env=base, capture_output=True, text=True, timeout=120)
     assert "worker" in stopped.stdout and "prefect-server" in stopped.stdout
     assert not list((workspace / "services").glob("*.pid"))
+    for service in ("prefect-server", "mlflow", "worker"):
+        assert_clean_log(workspace / "services" / f"{service}.log")

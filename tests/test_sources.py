@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ituning.images import open_rgb
+from ituning.karpathy import read_karpathy_split
 from storage.image_check import inspect_image, inspect_images
 from storage.jsonfields import MalformedInput
 from storage.scenes import random_scene, render_scene
@@ -52,6 +53,47 @@ def test_nocaps_domain_is_checked(tmp_path):
     info = write(tmp_path / "info.json", {"images": [{"id": 0, "file_name": "a.jpg", "domain": "far-domain"}]})
     with pytest.raises(MalformedInput, match=r"info.json: field images\[0\].domain is 'far-domain'"):
         read_nocaps(info, "val")
+    captions = write(tmp_path / "captions.json", {"images": [{"id": 0, "domain": "far-domain"}], "annotations": []})
+    with pytest.raises(MalformedInput, match=r"captions.json: field images\[0\].domain is 'far-domain'"):
+        read_nocaps(write(tmp_path / "info.json", {"images": [{"id": 0, "file_name": "a.jpg"}]}), "val", captions)
+
+
+def nocaps_image(image_id: int, **extra) -> dict:
+    name = f"{image_id:016x}"
+    return {"id": image_id, "open_images_id": name, "file_name": f"{name}.jpg", "height": 8, "width": 9,
+            "coco_url": f"https://s3.amazonaws.com/nocaps/val/{name}.jpg", "license": 0, **extra}
+
+
+def test_nocaps_domains_come_from_the_val_captions_images(tmp_path):
+    info = write(tmp_path / "nocaps_val_image_info.json", {"images": [nocaps_image(i) for i in range(3)]})
+    captions = write(tmp_path / "nocaps_val_4500_captions.json", {
+        "images": [nocaps_image(0, domain="out-domain"), nocaps_image(1, domain="in-domain"), nocaps_image(2)],
+        "annotations": [{"image_id": 1, "id": 10, "caption": "A dog. "}]})
+    records = read_nocaps(info, "val", captions)
+    assert [(row.image_id, row.path, row.domain) for row in records.images] == [
+        ("0", "val/0000000000000000.jpg", "out-domain"), ("1", "val/0000000000000001.jpg", "in-domain"),
+        ("2", "val/0000000000000002.jpg", None)]
+    assert records.captions == [("1", "val", 10, "A dog.")]
+    assert [row.domain for row in read_nocaps(info, "val").images] == [None, None, None]
+    both = write(tmp_path / "with_domain.json", {"images": [nocaps_image(0, domain="in-domain")]})
+    with pytest.raises(MalformedInput, match=r"with_domain.json: images\[0\] \(image 0\) is in-domain, but "
+                                             r".*nocaps_val_4500_captions.json says out-domain"):
+        read_nocaps(both, "val", captions)
+
+
+@pytest.mark.parametrize("folder", ["flickr30k-images/", ""])
+def test_flickr30k_images_are_found_with_or_without_the_archive_folder(tmp_path, folder):
+    entries = [{"filename": f"{1000 + n}.jpg", "imgid": n, "split": "train",
+                "sentences": [{"raw": "A dog.", "sentid": n}]} for n in range(2)]
+    karpathy_json = write(tmp_path / "dataset_flickr30k.json", {"dataset": "flickr30k", "images": entries})
+    root = tmp_path / "unpacked"
+    for entry in entries:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        render_scene(random_scene(random.Random(0)), 16).save(root / folder / entry["filename"])
+    images = read_karpathy_split(karpathy_json, root, "train")
+    assert [(image.image_id, image.path) for image in images] == [
+        (str(1000 + n), root / folder / f"{1000 + n}.jpg") for n in range(2)]
+    assert read_karpathy(karpathy_json, "flickr30k").images[0].path == "flickr30k-images/1000.jpg"
 
 
 def test_cmyk_and_grayscale_jpegs_convert_to_the_right_colours(tmp_path):

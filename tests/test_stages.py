@@ -75,15 +75,20 @@ def registered_versions(tracker, name, cider_values):
     return versions
 
 
+def without_reason(promotion: dict) -> dict:
+    assert promotion["reason"]
+    return {key: value for key, value in promotion.items() if key != "reason"}
+
+
 def test_champion_moves_only_to_a_better_candidate(tracked_workspace):
     tracker = ExperimentTracker(workspace=tracked_workspace)
     first, better, worse = registered_versions(tracker, "captioner", [0.5, 0.9, 0.7])
     promote = dict(metric="coco_test/CIDEr", workspace=tracked_workspace)
-    assert stages.promote_if_better("captioner", first, **promote) == \
+    assert without_reason(stages.promote_if_better("captioner", first, **promote)) == \
         {"promoted": True, "candidate": 0.5, "champion": None, "champion_version": first}
-    assert stages.promote_if_better("captioner", better, **promote) == \
+    assert without_reason(stages.promote_if_better("captioner", better, **promote)) == \
         {"promoted": True, "candidate": 0.9, "champion": 0.5, "champion_version": better}
-    assert stages.promote_if_better("captioner", worse, **promote) == \
+    assert without_reason(stages.promote_if_better("captioner", worse, **promote)) == \
         {"promoted": False, "candidate": 0.7, "champion": 0.9, "champion_version": better}
     assert str(tracker.client.get_model_version_by_alias("captioner", "champion").version) == better
     tags = tracker.client.get_model_version("captioner", worse).tags
@@ -93,6 +98,62 @@ def test_champion_moves_only_to_a_better_candidate(tracked_workspace):
          "promotion.promoted": "False"}
     with pytest.raises(ValueError, match="no metric 'BLEU-4'"):
         stages.promote_if_better("captioner", worse, metric="BLEU-4", workspace=tracked_workspace)
+
+
+def test_a_champion_scored_on_another_task_is_not_compared(tracked_workspace):
+    """A real COCO model (CIDEr about 1.2) after the demo's synthetic "coco" (about 2): scores on
+    different references do not compare, so the candidate of the current task takes over."""
+    tracker = ExperimentTracker(workspace=tracked_workspace)
+    demo, real, real_worse = registered_versions(tracker, "captioner", [2.0, 1.2, 1.1])
+    promote = dict(workspace=tracked_workspace)
+    assert stages.promote_if_better("captioner", demo, "CIDEr", 2.0, task="coco/test@synthetic", **promote)["promoted"]
+    taken_over = stages.promote_if_better("captioner", real, "CIDEr", 1.2, task="coco/test@real", **promote)
+    assert taken_over["promoted"] and "not comparable" in taken_over["reason"]
+    kept = stages.promote_if_better("captioner", real_worse, "CIDEr", 1.1, task="coco/test@real", **promote)
+    assert not kept["promoted"] and kept["champion"] == 1.2 and kept["champion_version"] == real
+    assert tracker.client.get_model_version("captioner", real).tags["promotion.task"] == "coco/test@real"
+
+
+def test_promotion_uses_overall_cider_by_domain_and_is_skipped_without_references(tracked_workspace):
+    tracker = ExperimentTracker(workspace=tracked_workspace)
+    val, test = registered_versions(tracker, "captioner", [0.0, 0.0])
+    by_domain = {"in-domain": {"CIDEr": 0.9}, "out-domain": {"CIDEr": 0.3}, "overall": {"CIDEr": 0.6}}
+    scored = stages.promote_evaluated(tracked_workspace, "captioner", val,
+                                      {"metrics": by_domain, "task": "nocaps/val@x"})
+    assert scored["promoted"] and scored["candidate"] == 0.6
+    assert tracker.client.get_model_version("captioner", val).tags["promotion.metric"] == "overall/CIDEr"
+    skipped = stages.promote_evaluated(tracked_workspace, "captioner", test, {"metrics": {}, "task": "nocaps/test@y"})
+    assert not skipped["promoted"] and "no CIDEr to compare" in skipped["reason"]
+    assert str(tracker.client.get_model_version_by_alias("captioner", "champion").version) == val
+
+
+def test_each_preset_registers_under_its_own_model_name():
+    from tasks.plan import plan_for_config
+
+    assert plan_for_config("demo", ["test"]).model_name == "ituning-demo"
+    assert plan_for_config("coco-gpt2-vlp", ["test"]).model_name == "ituning-coco-gpt2-vlp"
+
+
+def test_a_stage_starts_from_the_callers_checkpoint_else_the_configs_else_the_stage_before(tmp_path):
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump({"name": "two", "model": {"vision_model": "ViT-B-16", "language_model": "gpt2"},
+                                      "stages": [{"name": "pretrain", "dataset": "vg", "epochs": 1,
+                                                  "train_split": "pretrain", "val_split": None},
+                                                 {"name": "finetune", "dataset": "coco", "epochs": 1}]}))
+    run_config, out = stages.resolve_config(str(config), tmp_path), tmp_path / "runs" / "two"
+    assert stages.starting_point(run_config, "pretrain", out) is None
+    with pytest.raises(FileNotFoundError, match="stage 'pretrain' has not been trained"):
+        stages.starting_point(run_config, "finetune", out)
+    (out / "pretrain" / "final").mkdir(parents=True)
+    (out / "pretrain" / "final" / WEIGHTS_FILE).write_bytes(b"weights")
+    assert stages.starting_point(run_config, "finetune", out) == str(out / "pretrain" / "final")
+    assert stages.starting_point(run_config, "finetune", out, previous="/just/trained") == "/just/trained"
+    assert stages.starting_point(run_config, "finetune", out, "/given", "/just/trained") == "/given"
+    configured = yaml.safe_load(config.read_text())
+    configured["stages"][1]["init_from"] = "/from/config"
+    config.write_text(yaml.safe_dump(configured))
+    run_config = stages.resolve_config(str(config), tmp_path)
+    assert stages.starting_point(run_config, "finetune", out, previous="/just/trained") == "/from/config"
 
 
 def test_a_file_given_by_url_or_path_is_named_after_its_last_segment():
@@ -225,10 +286,11 @@ def test_registered_captioner_is_promoted_only_when_better(pipeline):
     assert registered["version"] == "1" and registered["model_uri"] == f"runs:/{pipeline['trained']['run_id']}/model"
     cider = pipeline["evaluated"]["metrics"]["CIDEr"]
     first = stages.promote_if_better(registered["name"], registered["version"], value=cider, workspace=workspace)
-    assert first == {"promoted": True, "candidate": cider, "champion": None, "champion_version": "1"}
+    assert without_reason(first) == {"promoted": True, "candidate": cider, "champion": None, "champion_version": "1"}
     second = stages.register_captioner(workspace, pipeline["trained"]["checkpoint"], pipeline["trained"]["run_id"])
     worse = stages.promote_if_better(second["name"], second["version"], value=cider - 0.1, workspace=workspace)
-    assert worse == {"promoted": False, "candidate": cider - 0.1, "champion": cider, "champion_version": "1"}
+    assert without_reason(worse) == \
+        {"promoted": False, "candidate": cider - 0.1, "champion": cider, "champion_version": "1"}
     assert str(tracker.client.get_model_version_by_alias(registered["name"], "champion").version) == "1"
     assert tracker.client.get_model_version(second["name"], second["version"]).tags["promotion.promoted"] == "False"
     parent = tracker.client.get_run(pipeline["parent"])
@@ -283,10 +345,39 @@ def test_nocaps_is_scored_by_domain_and_its_test_split_written_for_the_server(pi
     assert set(val["metrics"]) == {"in-domain", "near-domain", "out-domain", "overall"}
     assert tracker.client.get_run(val["run_id"]).data.metrics["nocaps_val/out-domain/CIDEr"] == \
         val["metrics"]["out-domain"]["CIDEr"]
+    assert val["notes"] == [] and "ituning.notes" not in tracker.client.get_run(val["run_id"]).data.tags
+    with Catalog(workspace / "catalog.duckdb") as catalog:  # val image info as NoCaps ships it: no domains
+        catalog.connection.execute("UPDATE images SET domain = NULL WHERE dataset = 'nocaps' AND split = 'val'")
+    unknown = stages.evaluate(workspace, checkpoint, "nocaps", "val", gallery_size=0, num_beams=1)
+    assert set(unknown["metrics"]) == {"overall"} and "domains unknown for all 40 images" in unknown["notes"][0]
+    assert stages.promotion_metric(unknown["metrics"]) == ("overall/CIDEr", unknown["metrics"]["overall"]["CIDEr"])
     test = stages.evaluate(workspace, checkpoint, "nocaps", "test", gallery_size=2, num_beams=2)
-    assert test["metrics"] == {}
+    assert test["metrics"] == {} and "no public references" in test["notes"][0]
+    assert "evaluation server's format" in tracker.client.get_run(test["run_id"]).data.tags["ituning.notes"]
     folder = download_artifacts(run_id=test["run_id"], artifact_path="submission", dst_path=str(tmp_path),
                                 tracking_uri=tracker.uri)
     submission = json.loads((tmp_path / "submission" / "nocaps_test_submission.json").read_text())
-    assert folder and [entry["image_id"] for entry in submission] == list(range(40))
+    assert folder and [entry["image_id"] for entry in submission] == list(range(40, 80))
     assert all(isinstance(entry["caption"], str) for entry in submission)
+
+
+@pytest.mark.slow
+def test_a_later_stage_trained_by_the_pipeline_is_kept_when_retrained_without_a_starting_point(pipeline, tmp_path):
+    """full-pipeline hands the fine-tuning the pre-training's checkpoint; retrain and the finetune flow
+    name none and find the same one in the run folder, so neither deletes what the other trained."""
+    workspace, tracker = pipeline["workspace"], pipeline["tracker"]
+    config = tmp_path / "two-stage.yaml"
+    write_tiny_config(config, backbones=workspace / "backbones", epochs=1)
+    two = yaml.safe_load(config.read_text())
+    two["name"] = "two-stage"
+    two["stages"] = [{**two["stages"][0], "name": "pretrain", "val_split": None}, two["stages"][0]]
+    config.write_text(yaml.safe_dump(two))
+    pretrained = stages.train_stage(workspace, str(config), "pretrain")
+    finetuned = stages.train_stage(workspace, str(config), "finetune", previous=pretrained["checkpoint"])
+    record = json.loads((workspace / "runs/two-stage/finetune" / stages.TRAINED_FROM).read_text())
+    assert record["init_from"] == stages.content_digest(pretrained["checkpoint"])
+    again = stages.train_stage(workspace, str(config), "finetune")
+    assert again["checkpoint"] == finetuned["checkpoint"]
+    assert tracker.client.get_metric_history(again["run_id"], "loss") == []  # reused, not trained afresh
+    recorded = json.loads((workspace / "runs/two-stage/config.json").read_text())
+    assert [stage["name"] for stage in recorded["stages"]] == ["pretrain", "finetune"]

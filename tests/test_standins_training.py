@@ -56,7 +56,7 @@ def test_modules_on_frozen_standins_learn_grounding(grounding_corpus, tmp_path):
     config = config_from_dict({
         "name": "grounding", "device": "cpu",
         "model": {"vision_model": spec.vision_model, "vision_pretrained": None, "language_model": spec.language_model},
-        "stages": [{"name": "finetune", "dataset": "synthetic", "epochs": 20, "captions": "random", "batch_size": 64,
+        "stages": [{"name": "finetune", "dataset": "coco", "epochs": 20, "captions": "random", "batch_size": 64,
                     "micro_batch_size": 64, "learning_rate": 3e-3, "precision": "fp32", "validate_every_epochs": 20}],
     })
     data = StageData(features["train"], captions_by_id(splits["train"]), features["val"], captions_by_id(splits["val"]))

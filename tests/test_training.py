@@ -32,7 +32,7 @@ def run_config(backbones, stages: list[dict]) -> RunConfig:
 
 
 def stage_dict(**overrides) -> dict:
-    return {"name": "finetune", "dataset": "synthetic", "epochs": 2, "batch_size": 8, "micro_batch_size": 4,
+    return {"name": "finetune", "dataset": "coco", "epochs": 2, "batch_size": 8, "micro_batch_size": 4,
             "learning_rate": 0.01, "warmup_fraction": 0.2, "precision": "fp32", **overrides}
 
 

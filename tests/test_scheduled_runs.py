@@ -1,0 +1,73 @@
+"""The weekly retraining is really scheduled: the Prefect server started as `ituning serve` starts it
+(storage/services.py) creates the runs of deployment retrain/retrain-weekly, Mondays 03:00 UTC
+(prefect.yaml), on its own. A schedule can show as active while the server's scheduler fails on
+every loop (SQLAlchemy 2.1 with Prefect 3.8); only the runs it creates show it works."""
+
+import os
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from storage.services import ServiceSettings, start_prefect, stop_all
+from tests.service_logs import assert_clean_log
+from tests.test_services import free_port
+
+pytestmark = pytest.mark.slow
+DEPLOYMENT = "retrain/retrain-weekly"
+WEEK = timedelta(weeks=1)
+
+
+def next_monday_3am(after: datetime) -> datetime:
+    """The first Monday 03:00 UTC strictly after `after` (cron "0 3 * * 1", timezone UTC)."""
+    day = after.astimezone(timezone.utc).replace(hour=3, minute=0, second=0, microsecond=0)
+    day += timedelta(days=-day.weekday())  # this week's Monday
+    while day <= after:
+        day += WEEK
+    return day
+
+
+@pytest.fixture
+def prefect_server(tmp_path, monkeypatch):
+    for name in [name for name in os.environ if name.startswith("PREFECT_")]:
+        monkeypatch.delenv(name)  # the server and the deploy see only this workspace's settings
+    # The main scheduler loop runs every 60 s by default; the server schedules new deployments sooner anyway.
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")
+    settings = ServiceSettings(tmp_path / "ws", prefect_port=free_port())
+    started_at = datetime.now(timezone.utc)
+    try:
+        start_prefect(settings, deployments=("retrain-weekly",))
+        yield settings, started_at
+    finally:
+        stopped = stop_all(settings)
+    assert stopped == ["prefect-server"]
+    assert_clean_log(settings.directory / "prefect-server.log")
+
+
+def scheduled_runs(api_url: str, deployment: str, wait_s: float = 300) -> list:
+    """The deployment's flow runs once the server has created some (polled: a busy machine is slow)."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with SyncPrefectClient(api=api_url) as client:
+        deployment_id = client.read_deployment_by_name(deployment).id
+        only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        deadline = time.monotonic() + wait_s
+        while not (runs := client.read_flow_runs(deployment_filter=only_this)) and time.monotonic() < deadline:
+            time.sleep(2)
+    return runs
+
+
+def test_the_server_schedules_weekly_retraining_on_mondays_at_3_utc(prefect_server):
+    settings, started_at = prefect_server
+    runs = scheduled_runs(settings.prefect_api_url, DEPLOYMENT)
+    checked_at = datetime.now(timezone.utc)
+
+    assert runs, f"the server created no run of {DEPLOYMENT}; see {settings.directory / 'prefect-server.log'}"
+    assert {run.state.type.value for run in runs} == {"SCHEDULED"}
+    starts = sorted(run.expected_start_time.astimezone(timezone.utc) for run in runs)
+    assert len(starts) >= 3  # the scheduler keeps at least PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS ahead
+    assert all(start.weekday() == 0 and (start.hour, start.minute, start.second) == (3, 0, 0) for start in starts)
+    # weekly from the first Monday 03:00 after the scheduler ran, some time between these two
+    assert next_monday_3am(started_at) <= starts[0] <= next_monday_3am(checked_at)
+    assert [later - earlier for earlier, later in zip(starts, starts[1:])] == [WEEK] * (len(starts) - 1)

@@ -78,13 +78,23 @@ class Captioner:
             captions += self.caption_features(self.vision(pixels.to(self.device)), decoding)
         return captions
 
+    @property
+    def input_side(self) -> int:
+        """The side images are resized to for the vision encoder (the shorter one if not square)."""
+        size = self.vision.visual.image_size
+        return size if isinstance(size, int) else min(size)
+
     def caption_files(self, paths, decoding=DecodingConfig(), batch_size: int = 16):
-        """(path, caption, error) per file; an unreadable file gets its error, the rest a caption."""
-        loaded = load_images(paths)
-        readable = [item for item in loaded if item.error is None]
-        captions = dict(zip((item.path for item in readable),
-                            self.caption_images([item.image for item in readable], decoding, batch_size)))
-        return [(item.path, captions.get(item.path), item.error) for item in loaded]
+        """(path, caption, error) per file; an unreadable file (missing, not an image, over PIL's
+        pixel limit) gets its error, the rest a caption. Files are decoded one batch at a time, very
+        large ones at reduced size (ituning.images.open_rgb)."""
+        paths, results = list(paths), []
+        for start in range(0, len(paths), batch_size):
+            loaded = load_images(paths[start : start + batch_size], self.input_side)
+            captions = iter(self.caption_images([item.image for item in loaded if item.error is None],
+                                                decoding, batch_size))
+            results += [(item.path, None if item.error else next(captions), item.error) for item in loaded]
+        return results
 
 
 def trainable_count(language_model="gpt2", vision_model="ViT-B-16", drop_first=0, bottleneck=None) -> int:

@@ -4,11 +4,14 @@
     adapter_config.json         backbones, r, λ, dropped layers, shapes, code version
 
 Loading checks the config against the model it is loaded into and refuses a different backbone.
-Nothing is unpickled.
+Nothing is unpickled. A checkpoint folder that is written again (a training run's `last`, `best` and
+`final`) is swapped in whole (`write_folder`), so that a kill at any point leaves a complete one.
 """
 
 import json
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -90,6 +93,47 @@ def load_weights_into(model: ITuningCaptioner, directory: str | Path, backbones:
             f"checkpoint {directory} was made for other backbones: " + "; ".join(mismatches)
         )
     model.load_ituning_state_dict(load_file(Path(directory) / WEIGHTS_FILE))
+
+
+def write_folder(target: str | Path, write: Callable[[Path], object]) -> Path:
+    """Fill <target>.partial with `write`, then swap it in for `target`.
+
+    At every moment `target` is complete (the old folder or the new one), except between the two
+    renames, when the old one waits at <target>.previous. Whatever a kill leaves, `settle_folder`
+    (run here first) turns back into one complete `target`, or none when there never was one.
+    """
+    target = Path(target)
+    partial, previous = _beside(target, "partial"), _beside(target, "previous")
+    settle_folder(target)
+    write(partial)
+    if target.exists():
+        target.rename(previous)
+    partial.rename(target)
+    _remove(previous)
+    return target
+
+
+def settle_folder(target: str | Path) -> None:
+    """Finish what a kill left of a `write_folder`: drop the half-written <target>.partial and, of a
+    swap cut short, keep the newest complete folder under the name `target`."""
+    target = Path(target)
+    previous = _beside(target, "previous")
+    _remove(_beside(target, "partial"))
+    if target.exists():
+        _remove(previous)  # the swap got as far as renaming the new folder in
+    elif previous.exists():
+        previous.rename(target)  # killed between the two renames: the old folder is the newest whole one
+
+
+def _beside(target: Path, role: str) -> Path:
+    return target.with_name(f"{target.name}.{role}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _write_atomically(path: Path, write) -> None:

@@ -47,7 +47,8 @@ def caption(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
 ):
-    """Print one caption per image: `PATH<TAB>caption`. Unreadable files get an error on stderr."""
+    """Print one caption per image: `PATH<TAB>caption`. An unreadable file (missing, not an image,
+    over PIL's pixel limit) gets a one-line error on stderr and exit status 1; the others are captioned."""
     from ituning.captioner import Captioner
     from ituning.decoding import DecodingConfig
 

@@ -45,53 +45,69 @@ def catalog_build(
     workspace: WorkspaceOption = None,
     check_images: Annotated[bool, typer.Option(help="open every image file to record its status")] = True,
     workers: Annotated[int, typer.Option(min=1, help="processes checking image files")] = 2,
+    wait: Annotated[float, typer.Option(min=0, help="seconds to wait for another catalog build to finish")] = 5.0,
 ):
-    """Read the downloaded annotations, check the images and write workspace/catalog.duckdb."""
-    from storage.catalog import Catalog
-    from storage.catalog_build import BUILD_ORDER, MissingInput, build_dataset
+    """Read the downloaded annotations, check the images and write workspace/catalog.duckdb.
+    One build at a time: a second one waits --wait seconds, then stops naming the first."""
+    from storage.catalog_build import BUILD_ORDER, MissingInput, build_dataset, open_for_build
+    from storage.catalog_lock import BuildRunning, CatalogBusy
     from storage.jsonfields import MalformedInput
-    from storage.workspace import catalog_path, workspace_root
+    from storage.workspace import workspace_root
 
     root = workspace_root(workspace)
     unknown = set(datasets or ()) - set(BUILD_ORDER)
     if unknown:
         _fail(ValueError(f"unknown dataset(s) {', '.join(sorted(unknown))}; choose from {', '.join(BUILD_ORDER)}"))
     chosen = [name for name in BUILD_ORDER if name in (datasets or BUILD_ORDER)]
-    with Catalog(catalog_path(root)) as catalog:
-        for dataset in chosen:
-            try:
-                summary = build_dataset(root, dataset, catalog, check_images, workers)
-            except MissingInput as error:
-                if datasets:  # asked for by name: its files must be there
+    try:
+        with open_for_build(root, wait) as catalog:
+            for dataset in chosen:
+                try:
+                    summary = build_dataset(root, dataset, catalog, check_images, workers)
+                except MissingInput as error:
+                    if datasets:  # asked for by name: its files must be there
+                        _fail(error)
+                    typer.echo(f"{dataset}: skipped ({error})")
+                    continue
+                except MalformedInput as error:
                     _fail(error)
-                typer.echo(f"{dataset}: skipped ({error})")
-                continue
-            except MalformedInput as error:
-                _fail(error)
-            splits = ", ".join(f"{split} {count:,}" for split, count in summary.by_split.items())
-            typer.echo(f"{dataset}: {summary.images:,} images ({summary.usable:,} usable: {splits}), "
-                       f"{summary.captions:,} captions" + (f", {summary.excluded:,} excluded" if summary.excluded else ""))
+                splits = ", ".join(f"{split} {count:,}" for split, count in summary.by_split.items())
+                typer.echo(f"{dataset}: {summary.images:,} images ({summary.usable:,} usable: {splits}), "
+                           f"{summary.captions:,} captions" + (f", {summary.excluded:,} excluded" if summary.excluded else ""))
+    except (BuildRunning, CatalogBusy) as error:
+        _fail(error)
 
 
 @catalog_app.command("query")
-def catalog_query(sql: Annotated[str, typer.Argument(help="SQL (read-only)")], workspace: WorkspaceOption = None):
-    """Answer a read-only SQL query on the catalog as tab-separated lines with a header."""
+def catalog_query(sql: Annotated[str, typer.Argument(help="one SELECT-style statement")],
+                  workspace: WorkspaceOption = None):
+    """Answer a read-only SQL query on the catalog as tab-separated lines with a header.
+
+    The query sees the catalog only: no other file, database, extension or network."""
     import duckdb
 
-    from storage.catalog import Catalog
+    from storage.catalog import QueryRefused, answer_query
     from storage.workspace import catalog_path, workspace_root
 
     path = catalog_path(workspace_root(workspace))
     if not path.is_file():
         _fail(FileNotFoundError(f"no catalog at {path}; run `ituning catalog build` first"))
     try:
-        with Catalog(path, read_only=True) as catalog:
-            columns, rows = catalog.query(sql)
-    except duckdb.Error as error:
+        columns, rows = answer_query(path, sql)
+    except QueryRefused as error:
         _fail(error)
+    except duckdb.Error as error:
+        _fail(_one_line(error))
     typer.echo("\t".join(columns))
     for row in rows:
         typer.echo("\t".join("" if value is None else str(value) for value in row))
+
+
+def _one_line(error: Exception) -> str:
+    """DuckDB's message on one line: its first line, with the `LINE n: ...` context that follows it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    context = next((line for line in lines[1:] if line.startswith("LINE ")), None)
+    return lines[0] + (f" ({context})" if context else "") if lines else type(error).__name__
 
 
 def synthetic(
@@ -115,6 +131,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(catalog_app, name="catalog")
 
 
-def _fail(error: Exception):
+def _fail(error: Exception | str):
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(2)

@@ -80,6 +80,8 @@ def features(
         report = extract_features(images, spec, out_dir, FeatureSettings(shard_size, encode), shards=shards)
     except (OSError, ValueError, RuntimeError) as error:
         _fail(error)
+    for name, reason in sorted(report.damaged.items()):
+        typer.echo(f"damaged: {name}: {reason}", err=True)
     typer.echo(f"{len(images)} usable images; shards encoded {report.encoded_shards}, reused {report.reused_shards}")
     for image_id, reason in sorted(report.unreadable.items()):
         typer.echo(f"unreadable: {image_id}: {reason}", err=True)
@@ -100,17 +102,22 @@ def verify(
     precision: PrecisionOption = "auto",
 ):
     """Check the cache that training and evaluation on this device read (the one of its precision,
-    else another finished one) against the catalog: rows, ids, NaN/Inf. Exits 1 on any problem."""
-    from storage.features import find_feature_entry, verify_feature_cache
+    else another finished one) against the catalog and its checksums: every shard intact, rows, ids,
+    NaN/Inf. One line per problem; exits 1 on any."""
+    from storage.features import find_feature_entry, rebuild_command, verify_feature_cache
 
     images, root, spec = _split_images(workspace, dataset, split, vision, vision_pretrained)
     entry = find_feature_entry(root, dataset, split, spec, _encode_settings(device, dtype, precision))
     typer.echo(f"cache: {entry.parent}")
     report = verify_feature_cache(entry, [image_id for image_id, _ in images])
     typer.echo(f"{report.rows} rows for {report.expected} usable images; {len(report.unreadable)} unreadable")
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
     for problem in report.problems:
         typer.echo(f"problem: {problem}", err=True)
     if not report.ok:
+        typer.echo(f"to encode damaged or missing shards again: {rebuild_command(entry)} "
+                   f"(with the options this cache was built with)", err=True)
         raise typer.Exit(1)
     typer.echo("ok")
 
@@ -119,13 +126,19 @@ def _split_images(workspace, dataset, split, vision, vision_pretrained):
     """The split's usable images as (image_id, path), the workspace folder and the encoder spec."""
     if not dataset or not split:
         _fail(ValueError("--dataset and --split are required"))
+    import duckdb
+
     from ituning.backbones import BackboneSpec
     from storage.catalog import Catalog
     from storage.workspace import workspace_root
 
     root = workspace_root(workspace)
     spec = BackboneSpec(vision, None if vision_pretrained.lower() in {"", "none"} else vision_pretrained)
-    usable = Catalog(root / "catalog.duckdb", read_only=True).usable_images(dataset, split)
+    try:
+        with Catalog(root / "catalog.duckdb", read_only=True) as catalog:
+            usable = catalog.usable_images(dataset, split)
+    except (OSError, duckdb.Error) as error:  # no catalog yet, or a catalog build holds the file
+        _fail(error)
     images = [(image.image_id, image.path if image.path.is_absolute() else root / image.path) for image in usable]
     return images, root, spec
 

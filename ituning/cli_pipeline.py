@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-         "PREFECT_LOGGING_LEVEL": "WARNING"}
+         "PREFECT_LOGGING_LEVEL": "WARNING",
+         # The temporary server's first start (database migrations) can outlast Prefect's 20 s on a busy machine.
+         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 DEMO = "demo"
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 

@@ -5,6 +5,7 @@ Visual Genome region descriptions, then fine-tuning on COCO or Flickr30k. An unk
 missing one or a bad value is a `ConfigError` that names the key, e.g. `stages[1].epochs`.
 """
 
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -21,6 +22,14 @@ from ituning.model import ITuningConfig
 # catalogued under their names. NoCaps has no training split; it is only evaluated.
 TRAIN_SPLITS = {"coco": "train", "flickr30k": "train", "vg": "pretrain"}
 VAL_SPLITS = {"coco": "val", "flickr30k": "val"}  # VG pre-training has no validation split
+# Run and stage names are folder names (runs/<run>/<stage>/): one path component, never "." or "..",
+# nothing a shell or another file system reads differently.
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+FOLDER_NAME_RULE = "must be a folder name: 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def is_folder_name(name: str) -> bool:
+    return FOLDER_NAME.fullmatch(name) is not None
 
 
 class ConfigError(ValueError):
@@ -77,7 +86,7 @@ class StageConfig:
     seed: int = 0  # the epochs' caption order; the first stage's also seeds the fresh modules
 
     def checks(self):
-        yield "name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"
+        yield "name", is_folder_name(self.name), FOLDER_NAME_RULE
         trains_on, validates_on = TRAIN_SPLITS.get(self.dataset), VAL_SPLITS.get(self.dataset)
         yield "dataset", trains_on is not None, (f"must be one of {', '.join(TRAIN_SPLITS)} (a synthetic corpus "
                                                  f"is catalogued under these names; nocaps is only evaluated)")
@@ -111,9 +120,10 @@ class RunConfig:
     device: str = "auto"
 
     def checks(self):
+        yield "name", is_folder_name(self.name), FOLDER_NAME_RULE
         yield "stages", len(self.stages) > 0, "must hold at least one stage"
-        names = [stage.name for stage in self.stages]
-        yield "stages", len(set(names)) == len(names), f"stage names must differ, got {names}"
+        folders = {stage.name.lower() for stage in self.stages}  # some file systems ignore case
+        yield "stages", len(folders) == len(self.stages), "stage names must differ (ignoring case)"
 
 
 def load_config(path: str | Path) -> RunConfig:

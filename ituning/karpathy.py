@@ -5,15 +5,14 @@ This is the small-corpus path (the synthetic corpus, a user's own data); the ful
 through the catalog and the HDF5 feature cache instead.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ituning.backbones import BackboneSpec, load_vision_encoder
+from ituning.images import open_rgb
 
 
 @dataclass(frozen=True)
@@ -28,11 +27,11 @@ def read_karpathy_split(json_path: str | Path, image_root: str | Path, split: st
     (with cocoid) by str(cocoid) at root/filepath/filename, others (Flickr30k) by file-name stem at
     root/flickr30k-images/filename. A file not there is looked for by name anywhere under root
     (e.g. Flickr30k images unpacked without their folder). The file is read by the catalog's own
-    reader and paths resolved alike, so both agree on ids, paths and splits."""
+    reader and paths resolved alike, so both agree on ids, paths and splits; a file that is not in
+    that format raises storage.jsonfields.MalformedInput (a ValueError) naming the file and field."""
     from storage.sources import read_karpathy, resolve_image_paths
 
-    entries = json.loads(Path(json_path).read_text()).get("images") or [{}]
-    records = read_karpathy(Path(json_path), "coco" if "cocoid" in entries[0] else "flickr30k")
+    records = read_karpathy(Path(json_path))
     captions: dict[str, list[str]] = {}
     for image_id, caption_split, _, text in records.captions:
         if caption_split == split:
@@ -49,13 +48,9 @@ def captions_by_id(images: list[KarpathyImage]) -> dict[str, list[str]]:
     return {image.image_id: image.captions for image in images}
 
 
-def load_pixels(paths, preprocess) -> torch.Tensor:
-    """Preprocessed pixels (B, 3, H, W) of image files, decoded with PIL."""
-    tensors = []
-    for path in paths:
-        with Image.open(path) as image:
-            tensors.append(preprocess(image.convert("RGB")))
-    return torch.stack(tensors)
+def load_pixels(paths, preprocess, min_side: int | None = None) -> torch.Tensor:
+    """Preprocessed pixels (B, 3, H, W) of image files, decoded as the feature cache decodes them."""
+    return torch.stack([preprocess(open_rgb(path, min_side)) for path in paths])
 
 
 @torch.inference_mode()
@@ -63,9 +58,11 @@ def encode_images(images: list[KarpathyImage], spec: BackboneSpec, batch_size: i
                   device: str = "cpu") -> dict[str, np.ndarray]:
     """Visual tokens (1 + patches, width) per image id, as float16 like the feature cache."""
     encoder = load_vision_encoder(spec, device)
+    side = encoder.visual.image_size
+    min_side = side if isinstance(side, int) else min(side)
     features = {}
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        tokens = encoder(load_pixels([image.path for image in chunk], encoder.preprocess).to(device))
+        tokens = encoder(load_pixels([image.path for image in chunk], encoder.preprocess, min_side).to(device))
         features.update((image.image_id, row.cpu().numpy().astype(np.float16)) for image, row in zip(chunk, tokens))
     return features

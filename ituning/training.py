@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ituning.backbones import BackboneSpec, load_language_model, vision_width
 from ituning.captioner import resolve_device
-from ituning.checkpoint import CONFIG_FILE, load_weights_into, save_checkpoint
+from ituning.checkpoint import load_weights_into
 from ituning.config import RunConfig, StageConfig, config_to_dict
 from ituning.data import (CaptionBatch, MicroBatches, epoch_samples, feature_batches, micro_batch_count,
                           micro_batch_loader, samples_per_epoch)
@@ -39,10 +39,16 @@ from ituning.distributed import (barrier, data_parallel, gradient_sync, is_main_
                                  process_device, shard, summed, unwrapped, world)
 from ituning.model import ITuningCaptioner, trainable_parameters
 from ituning.training_state import (
+    BEST,
+    FINAL,
+    METRICS_FILE,
     TrainerState,
+    is_finished,
     last_checkpoint,
     restore_training_checkpoint,
+    save_modules,
     save_training_checkpoint,
+    settle_checkpoints,
 )
 
 Scorer = Callable[[dict[str, str], dict[str, list[str]]], dict[str, float]]
@@ -192,12 +198,11 @@ class StageTrainer:
         with tqdm(total=total, initial=self.state.step, desc=self.stage.name, disable=not show) as bar:
             while self.state.epoch < self.stage.epochs:
                 self.run_epoch(bar)
-        final = self.stage_dir / "final"
+        final = self.stage_dir / FINAL
         if is_main_process():
-            save_checkpoint(final, self.model, self.backbones)
-            (final / "metrics.json").write_text(json.dumps(self.state.history, indent=1))
+            save_modules(final, self.model, self.backbones, self.state.history)
         barrier()  # a next stage in another train_run may load `final` at once
-        best = self.stage_dir / "best"
+        best = self.stage_dir / BEST
         return StageResult(self.stage.name, self.state.step, final, best if best.exists() else None,
                            self.state.best_cider, self.state.last_loss, self.state.history)
 
@@ -302,8 +307,8 @@ class StageTrainer:
         cider = metrics["val_CIDEr"]
         if (self.state.best_cider is None or cider > self.state.best_cider) and is_main_process():
             self.state.best_cider = cider
-            best = save_checkpoint(self.stage_dir / "best", self.model, self.backbones)
-            (best / "metrics.json").write_text(json.dumps({"epoch": self.state.epoch, **metrics}, indent=1))
+            best = save_modules(self.stage_dir / BEST, self.model, self.backbones,
+                                {"epoch": self.state.epoch, **metrics})
             self.notify("on_checkpoint", best)
 
     def save(self) -> None:
@@ -330,8 +335,9 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
     """Every stage of `config` in order, each on `data[stage.name]`, under out_dir/<stage>/.
 
     A stage whose final checkpoint exists is not trained again (its modules are loaded), a stage
-    with a `last` checkpoint continues from it. out_dir/config.json records `whole_config` (default
-    `config`): the run's every stage, when `config` holds only the ones trained now.
+    with a `last` checkpoint continues from it; what a kill left of a checkpoint write is settled
+    first. out_dir/config.json records `whole_config` (default `config`): the run's every stage,
+    when `config` holds only the ones trained now.
     """
     missing = [stage.name for stage in config.stages if stage.name not in data]
     if missing:
@@ -345,16 +351,20 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config_to_dict(whole_config or config), indent=1))
+    if is_main_process():
+        for stage in config.stages:
+            settle_checkpoints(out_dir / stage.name)
+    barrier()  # no process reads a stage folder rank 0 is still settling
     results = []
     for stage in config.stages:
         stage_dir = out_dir / stage.name
         trainer = StageTrainer(replica, tokenizer, backbones, stage, data[stage.name], stage_dir, score,
                                callbacks, progress)
         trainer.notify("on_stage", stage.name, config_to_dict(stage))
-        if resume and (stage_dir / "final" / CONFIG_FILE).is_file():
-            load_weights_into(model, stage_dir / "final", backbones)
-            history = json.loads((stage_dir / "final" / "metrics.json").read_text())
-            results.append(StageResult(stage.name, -1, stage_dir / "final", None, None, None, history))
+        if resume and is_finished(stage_dir):
+            load_weights_into(model, stage_dir / FINAL, backbones)
+            history = json.loads((stage_dir / FINAL / METRICS_FILE).read_text())
+            results.append(StageResult(stage.name, -1, stage_dir / FINAL, None, None, None, history))
             continue
         results.append(trainer.run(resume))
     return results

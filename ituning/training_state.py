@@ -6,13 +6,15 @@
     <stage>/last/rng.safetensors             torch CPU (and CUDA) generator states
     <stage>/last/trainer_state.json          position in the data, scheduler, best score, Python RNG
 
-Tensors go to safetensors and scalars to JSON; nothing is unpickled. A new checkpoint is written
-beside the old one and swapped in only when complete, so a kill mid-write keeps the previous one.
+Beside it, <stage>/best (the modules of the best validation CIDEr) and <stage>/final (those training
+ended with), each with a metrics.json. Tensors go to safetensors and scalars to JSON; nothing is
+unpickled. Every one of these folders is written beside the old one and swapped in only when
+complete (ituning.checkpoint.write_folder): a kill at any point keeps a whole checkpoint, and the
+next run settles what the kill left (`settle_checkpoints`) before it reads or writes any.
 """
 
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,10 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ituning.backbones import BackboneSpec
-from ituning.checkpoint import load_weights_into, save_checkpoint
+from ituning.checkpoint import load_weights_into, save_checkpoint, settle_folder, write_folder
 from ituning.model import ITuningCaptioner
 
 LAST = "last"
+BEST = "best"
+FINAL = "final"
+METRICS_FILE = "metrics.json"  # written last into best/ and final/
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -42,25 +47,41 @@ class TrainerState:
 
 def save_training_checkpoint(stage_dir: Path, model: ITuningCaptioner, backbones: BackboneSpec,
                              optimizer, scheduler, state: TrainerState) -> Path:
-    partial, final = stage_dir / f"{LAST}.partial", stage_dir / LAST
-    shutil.rmtree(partial, ignore_errors=True)
-    save_checkpoint(partial, model, backbones)
-    tensors, groups = _optimizer_tensors(optimizer)
-    save_file(tensors, partial / OPTIMIZER_FILE)
-    save_file(_rng_tensors(), partial / RNG_FILE)
-    scalars = {
-        "trainer": asdict(state),
-        "scheduler": scheduler.state_dict(),
-        "optimizer_param_groups": groups,
-        "python_random": _python_random_state(),
-    }
-    (partial / STATE_FILE).write_text(json.dumps(scalars, indent=1))
-    previous = stage_dir / f"{LAST}.previous"
-    if final.exists():
-        final.rename(previous)
-    partial.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)
-    return final
+    def write(folder: Path) -> None:
+        save_checkpoint(folder, model, backbones)
+        tensors, groups = _optimizer_tensors(optimizer)
+        save_file(tensors, folder / OPTIMIZER_FILE)
+        save_file(_rng_tensors(), folder / RNG_FILE)
+        scalars = {
+            "trainer": asdict(state),
+            "scheduler": scheduler.state_dict(),
+            "optimizer_param_groups": groups,
+            "python_random": _python_random_state(),
+        }
+        (folder / STATE_FILE).write_text(json.dumps(scalars, indent=1))
+
+    return write_folder(stage_dir / LAST, write)
+
+
+def save_modules(directory: Path, model: ITuningCaptioner, backbones: BackboneSpec, metrics) -> Path:
+    """A module checkpoint with its metrics (best/, final/), swapped in whole."""
+
+    def write(folder: Path) -> None:
+        save_checkpoint(folder, model, backbones)
+        (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+
+    return write_folder(directory, write)
+
+
+def settle_checkpoints(stage_dir: Path) -> None:
+    """Tidy what a kill during a checkpoint write left in a stage folder (see write_folder)."""
+    for name in (LAST, BEST, FINAL):
+        settle_folder(Path(stage_dir) / name)
+
+
+def is_finished(stage_dir: Path) -> bool:
+    """Whether the stage wrote its final checkpoint, metrics included (they are written last)."""
+    return (Path(stage_dir) / FINAL / METRICS_FILE).is_file()
 
 
 def last_checkpoint(stage_dir: Path) -> Path | None:

@@ -1,4 +1,7 @@
-"""From nothing on disk to a dataset's files, verified and unpacked, in the workspace layout."""
+"""From nothing on disk to a dataset's files, verified and unpacked, in the workspace layout.
+
+The files of a manifest are fetched from the URLs (or local paths) it names; the images of an image
+list only from URLs that storage.listed_urls allows, since the list itself was downloaded."""
 
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +14,7 @@ from tqdm import tqdm
 from storage.downloads import DownloadError, Ledger, RetryPolicy, check_free_space, fetch_verified
 from storage.extract import check_entry_name, unpack
 from storage.jsonfields import load_json, required
+from storage.listed_urls import ListedUrls
 from storage.manifests import (ImageList, Manifest, ManifestError, RemoteFile, built_in_manifest, load_manifest,
                                manifest_to_json, user_file)
 from storage.workspace import data_dir, downloads_dir
@@ -42,10 +46,13 @@ def download_dataset(manifest: Manifest, root: Path, policy: RetryPolicy = Retry
                 report.fetched.append(remote.name)
                 ledger.save()
             record_manifest(folder, manifest)
-            for image_list in manifest.image_lists:
-                _fetch_image_list(client, image_list, folder, target, policy, concurrency, progress, report)
         finally:
             ledger.save()
+    for image_list in manifest.image_lists:
+        rule = ListedUrls(next((remote.url for remote in manifest.files if remote.name == image_list.info), None))
+        with httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=True,
+                          event_hooks={"request": [rule.check_request]}) as client:
+            _fetch_image_list(client, image_list, rule, folder, target, policy, concurrency, progress, report)
     for remote in manifest.files:
         if remote.should_unpack and unpack(folder / remote.name, target):
             report.unpacked.append(remote.name)
@@ -82,7 +89,8 @@ def recorded_manifest(root: Path, dataset: str) -> Manifest | None:
 
 
 def image_list_files(info_path: Path, into: str) -> list[RemoteFile]:
-    """One RemoteFile per image of a COCO-style image-info JSON (`images[].file_name`, `coco_url`)."""
+    """One RemoteFile per image of a COCO-style image-info JSON (`images[].file_name`, `coco_url`),
+    its name data/<dataset>/-relative; the URLs are not checked here (see storage.listed_urls)."""
     check_entry_name(info_path, into)
     remotes = []
     for index, image in enumerate(required(load_json(info_path), "images", list, info_path)):
@@ -92,15 +100,21 @@ def image_list_files(info_path: Path, into: str) -> list[RemoteFile]:
     return remotes
 
 
-def _fetch_image_list(client, image_list: ImageList, folder: Path, target: Path, policy: RetryPolicy,
-                      concurrency: int, progress: bool, report: DownloadReport) -> None:
+def _fetch_image_list(client, image_list: ImageList, rule: ListedUrls, folder: Path, target: Path,
+                      policy: RetryPolicy, concurrency: int, progress: bool, report: DownloadReport) -> None:
+    """Fetch the images of one list; an image whose URL the rule refuses, or that fails, is a
+    failure in the report and the others go on."""
     remotes = image_list_files(folder / image_list.info, image_list.into)
     image_folder = target / image_list.into
     image_folder.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(image_folder)
 
-    def fetch_one(remote: RemoteFile) -> str | None:
+    def fetch_one(numbered: tuple[int, RemoteFile]) -> str | None:
+        index, remote = numbered
         try:
+            reason = rule.refusal(remote.url)
+            if reason:
+                return f"{image_list.info}: images[{index}].coco_url {remote.url!r} refused: {reason}"
             fetch_verified(client, remote, target / remote.name, ledger, policy)
             return None
         except (DownloadError, OSError) as error:
@@ -109,7 +123,7 @@ def _fetch_image_list(client, image_list: ImageList, folder: Path, target: Path,
     with ThreadPoolExecutor(max_workers=concurrency) as pool, \
             tqdm(total=len(remotes), unit="image", desc=image_list.into, disable=not progress) as bar:
         try:
-            for done, error in enumerate(pool.map(fetch_one, remotes), 1):
+            for done, error in enumerate(pool.map(fetch_one, enumerate(remotes)), 1):
                 bar.update(1)
                 if error:
                     report.failures.append(error)

@@ -7,6 +7,12 @@ Tables
   builds    (dataset, built_at, images, usable, captions, excluded)
 status is "ok" for usable images; see storage/image_check.py for the others. domain is a NoCaps
 image's domain where its files name one (val, in the images of its captions file), else null.
+
+answer_query runs a user's SQL (`ituning catalog query`) on a connection that can only read the
+catalog: the file is opened read-only, DuckDB may touch no other file and no network (no COPY,
+ATTACH, read_csv/read_text, extension install or load) and its settings are locked, and only
+SELECT-style statements (SELECT, WITH, FROM, DESCRIBE, SHOW, SUMMARIZE, PRAGMA table_info, EXPLAIN)
+are run.
 """
 
 import hashlib
@@ -14,8 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
+
+from storage.catalog_lock import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (dataset TEXT NOT NULL, image_id TEXT NOT NULL, split TEXT NOT NULL,
@@ -32,6 +39,15 @@ USABLE_CAPTIONS = ("FROM captions c JOIN images i USING (dataset, split, image_i
                    "WHERE c.dataset = ? AND c.split = ? AND i.status = 'ok'")
 IMAGE_COLUMNS = ("dataset", "image_id", "split", "path", "width", "height", "domain", "status", "reason")
 CAPTION_COLUMNS = ("dataset", "image_id", "caption_id", "text", "split")
+# DuckDB settings of a query connection; lock_configuration keeps a query from SETting them back.
+QUERY_SETTINGS = {"enable_external_access": False, "autoinstall_known_extensions": False,
+                  "autoload_known_extensions": False, "allow_community_extensions": False,
+                  "allow_unsigned_extensions": False, "lock_configuration": True}
+QUERY_STATEMENTS = ("SELECT", "EXPLAIN")  # DESCRIBE, SHOW, SUMMARIZE and PRAGMA table_info parse as SELECT
+
+
+class QueryRefused(ValueError):
+    """A catalog query that is not one read-only statement."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,7 @@ class Catalog:
         self.path = Path(path)
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.connection = duckdb.connect(str(self.path), read_only=read_only)
+        self.connection = connect(self.path, read_only=read_only)  # CatalogBusy while another process holds it
         if not read_only:
             self.connection.execute(SCHEMA)
 
@@ -140,3 +156,21 @@ class Catalog:
         self.connection.executemany(
             "INSERT OR REPLACE INTO downloads VALUES (?, ?, ?, ?, ?, ?)",
             [[r.name, r.url, r.bytes, r.checksum, r.verified_at, dataset] for r in records])
+
+
+def answer_query(path: Path, sql: str) -> tuple[list[str], list[tuple]]:
+    """Column names and rows of one read-only statement on the catalog at `path` (see the module
+    docstring). Raises QueryRefused for other statements, duckdb.Error for failing ones."""
+    connection = connect(path, read_only=True, **QUERY_SETTINGS)  # CatalogBusy while a build holds it
+    try:
+        statements = connection.extract_statements(sql)
+        if len(statements) != 1:
+            raise QueryRefused(f"give exactly one SQL statement, not {len(statements)}")
+        kind = statements[0].type.name
+        if kind not in QUERY_STATEMENTS:
+            raise QueryRefused(f"the catalog query is read-only: {kind} statements are not run; "
+                               f"use SELECT (or WITH, DESCRIBE, SHOW, EXPLAIN)")
+        result = connection.execute(sql)
+        return [column[0] for column in result.description or []], result.fetchall()
+    finally:
+        connection.close()

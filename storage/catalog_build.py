@@ -1,13 +1,15 @@
-"""Building the catalog from a workspace's downloaded and unpacked files."""
+"""Building the catalog from a workspace's downloaded and unpacked files, one build at a time."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage.catalog import Catalog
+from storage.catalog_lock import BUSY_WAIT_S, build_lock_held
 from storage.downloads import LEDGER, Ledger
 from storage.image_check import inspect_images
 from storage.sources import SourceRecords, read_karpathy, read_nocaps, read_visual_genome, resolve_image_paths
-from storage.workspace import data_dir, downloads_dir
+from storage.workspace import catalog_path, data_dir, downloads_dir
 
 BUILD_ORDER = ("coco", "flickr30k", "vg", "nocaps")  # vg needs coco's val/test ids
 
@@ -24,6 +26,16 @@ class BuildSummary:
     captions: int
     excluded: int
     by_split: dict[str, int]
+
+
+@contextmanager
+def open_for_build(root: Path, wait: float = BUSY_WAIT_S):
+    """The workspace's catalog opened for writing, one build at a time: BuildRunning when another
+    build still holds it after `wait` seconds (see storage/catalog_lock.py)."""
+    path = catalog_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock_held(path, wait), Catalog(path) as catalog:
+        yield catalog
 
 
 def find_input(root: Path, dataset: str, pattern: str) -> Path:

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 import httpx
 from tqdm import tqdm
 
+from storage.jsonfields import MalformedInput
 from storage.manifests import RemoteFile
 
 CHUNK = 1 << 20
@@ -60,8 +61,12 @@ class Ledger:
     def __init__(self, folder: Path):
         self.path = folder / LEDGER
         self._lock = threading.Lock()
-        raw = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.records = {name: VerifiedFile(**record) for name, record in raw.items()}
+        try:
+            raw = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            self.records = {name: VerifiedFile(**record) for name, record in raw.items()}
+        except (ValueError, TypeError, AttributeError) as error:
+            raise MalformedInput(f"{self.path}: damaged ({error}); delete it and run again "
+                                f"(files with a published checksum are verified again, not fetched)") from error
 
     def is_current(self, remote: RemoteFile, path: Path) -> bool:
         record = self.records.get(remote.name)
@@ -130,7 +135,7 @@ def _record(remote: RemoteFile, target: Path, checksum: str, ledger: Ledger) -> 
 
 
 def _fetch_part(client, remote: RemoteFile, part: Path, policy: RetryPolicy, progress: bool) -> None:
-    local = _local_source(remote.url)
+    local = local_source(remote.url)
     if local is not None:
         if not local.is_file():
             raise DownloadError(f"{remote.name}: no such file {local}")
@@ -175,7 +180,8 @@ def _stream_once(client: httpx.Client, remote: RemoteFile, part: Path, progress:
         raise TransientFailure(f"connection closed at byte {part.stat().st_size} of {remote.bytes}")
 
 
-def _local_source(url: str) -> Path | None:
+def local_source(url: str) -> Path | None:
+    """The local file a URL names (a file:// URL or a plain path), or None for a network URL."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))

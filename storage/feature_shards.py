@@ -11,7 +11,15 @@ A split's image list (sorted by image id) is cut into fixed-size shards; shard k
   attrs["shard_index"], attrs["assigned_images"]
 
 A shard is written as shard-KKKKK.h5.tmp-PID and renamed only once it is complete and re-read, so a
-crash leaves either a finished shard or a temporary file that the next run discards.
+crash leaves either a finished shard or a temporary file that the next run discards. Just before the
+rename, the sha256 of the finished file goes beside it into shard-KKKKK.h5.sha256 (sha256sum's
+format), so damage done to the file later (truncation, bytes overwritten) can be told.
+
+Images are decoded by ituning.images.open_rgb (upright, 16-bit scaled, over-limit images
+unreadable). One whose shorter side exceeds REDUCE_ABOVE (4) times the model's input side is decoded
+at reduced size (JPEG DCT scaling, then a box reduction, to at least twice the input side) before
+the preprocessing resize, so its cached pixels come from that reduced decode; every other image is
+decoded exactly as stored.
 
 Decoding and preprocessing run in DataLoader worker processes (in the process itself where that
 one may not have children, e.g. a Dask worker), which send uint8 images (scaling and normalisation,
@@ -19,6 +27,7 @@ the same arithmetic, happen on the device); the encoder runs in the main thread;
 a writer thread with a bounded queue writes to disk, so the encoder does not wait on the disk.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +46,7 @@ from ituning.data import usable_workers, worker_start_method
 from ituning.images import UnreadableImage, open_rgb
 
 SHARD_NAME = "shard-{:05d}.h5"
+CHECKSUM_SUFFIX = ".sha256"
 STRING = h5py.string_dtype()
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 log = logging.getLogger(__name__)
@@ -70,10 +80,10 @@ class EncodeSettings:
 
 class ImageFiles(Dataset):
     """(shard, image_id, path) -> (pixels, shard, image_id, error); an unreadable file gives zeros
-    and its reason instead of stopping the run."""
+    and its reason instead of stopping the run. `min_side`: the model's input side (see open_rgb)."""
 
-    def __init__(self, items, transform, blank: torch.Tensor):
-        self.items, self.transform, self.blank = items, transform, blank
+    def __init__(self, items, transform, blank: torch.Tensor, min_side: int | None = None):
+        self.items, self.transform, self.blank, self.min_side = items, transform, blank, min_side
 
     def __len__(self) -> int:
         return len(self.items)
@@ -81,7 +91,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         shard, image_id, path = self.items[index]
         try:
-            return self.transform(open_rgb(path)), shard, image_id, ""
+            return self.transform(open_rgb(path, self.min_side)), shard, image_id, ""
         except UnreadableImage as error:
             return self.blank, shard, image_id, str(error)
 
@@ -165,7 +175,7 @@ class ShardWriter(threading.Thread):
     def submit(self, batch: EncodedBatch | None) -> None:
         while True:
             if self.error is not None:
-                raise RuntimeError("the shard writer failed") from self.error
+                raise RuntimeError(f"the shard writer failed: {self.error}") from self.error
             try:
                 return self.queue.put(batch, timeout=0.5)
             except queue.Full:
@@ -192,7 +202,7 @@ class ShardWriter(threading.Thread):
         self.submit(None)
         self.join()
         if self.error is not None:
-            raise RuntimeError("the shard writer failed") from self.error
+            raise RuntimeError(f"the shard writer failed: {self.error}") from self.error
         return self.finished
 
     def _write(self, batch: EncodedBatch) -> None:
@@ -236,7 +246,9 @@ class ShardWriter(threading.Thread):
         self.open = None
         _fsync(shard.temp_path)
         check_shard(shard.temp_path, self.identity, shard.index, shard.assigned)
-        os.replace(shard.temp_path, self.plan.path(self.out_dir, shard.index))
+        final = self.plan.path(self.out_dir, shard.index)
+        write_checksum(final, file_sha256(shard.temp_path))
+        os.replace(shard.temp_path, final)
         _fsync(self.out_dir)
         self.finished.append(shard.index)
         log.info("shard %d: %d rows, %d unreadable", shard.index, shard.rows, len(shard.unreadable))
@@ -255,6 +267,41 @@ def read_identity(path: Path) -> dict | None:
             return json.loads(handle.attrs["identity"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+def shard_contents(path: Path) -> tuple[list[str], dict[str, str]]:
+    """A finished shard's image ids and its unreadable images (id -> reason)."""
+    with h5py.File(path, "r") as handle:
+        unreadable = dict(zip(handle["unreadable_ids"].asstr()[:], handle["unreadable_reasons"].asstr()[:]))
+        return list(handle["image_ids"].asstr()[:]), unreadable
+
+
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + CHECKSUM_SUFFIX)
+
+
+def read_checksum(shard: Path) -> str | None:
+    """The sha256 recorded beside a shard; None when there is none (a shard of an earlier version)."""
+    try:
+        digest = checksum_path(shard).read_text().split(maxsplit=1)[0]
+    except (OSError, IndexError):
+        return None
+    return digest if len(digest) == 64 else None
+
+
+def write_checksum(shard: Path, digest: str) -> None:
+    path = checksum_path(shard)
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    temp.write_text(f"{digest}  {shard.name}\n")
+    os.replace(temp, path)
 
 
 def check_shard(path: Path, identity: dict, index: int, assigned: int) -> None:
@@ -303,9 +350,10 @@ def _image_loader(encoder, plan: ShardPlan, shards: list[int], items, settings: 
         batches += [list(range(i, min(i + settings.batch_size, start + size)))
                     for i in range(start, start + size, settings.batch_size)]
         start += size
-    transform, blank, finish = split_preprocess(encoder.preprocess, image_size(encoder))
+    size = image_size(encoder)
+    transform, blank, finish = split_preprocess(encoder.preprocess, size)
     workers = usable_workers(settings.num_workers)
-    loader = DataLoader(ImageFiles(items, transform, blank), batch_sampler=batches, num_workers=workers,
+    loader = DataLoader(ImageFiles(items, transform, blank, min(size)), batch_sampler=batches, num_workers=workers,
                         pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False,
                         multiprocessing_context=worker_start_method(workers))
     return loader, finish

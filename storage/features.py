@@ -18,6 +18,15 @@ the cache of that device's precision and leaves the other one alone.
 - An interrupted build resumes: finished shards are kept, only missing ones are encoded.
 - Shards are independent: `shards=[k]` (or the command line's --part I/N) builds a subset, so
   several processes or GPUs can fill one cache; whoever finishes last writes the entry point.
+- A process encodes a shard only while it holds the shard's lock, shard-KKKKK.h5.lock
+  (storage/locks.py). A second run wanting a shard that another one is encoding stops with
+  CacheBusy, naming that process; runs on different shards (parts, parallel shard tasks) go on side
+  by side. A killed run's locks are free at once.
+- Every finished shard has its sha256 beside it (shard-KKKKK.h5.sha256), copied into the entry
+  point. Building checks the shards it is asked for against them and encodes a damaged one
+  (truncated, overwritten, unreadable) again; verify_feature_cache checks every shard. Readers do
+  not hash: opening or reading a damaged shard raises ShardUnreadable, naming the file. A shard of
+  an earlier version has no checksum; the next build records it.
 """
 
 import hashlib
@@ -25,8 +34,9 @@ import json
 import logging
 import os
 import re
-from collections import Counter
+import threading
 from collections.abc import Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,8 +45,13 @@ import numpy as np
 import torch
 
 from ituning.backbones import LOCAL_DIR, BackboneSpec, load_vision_encoder
-from storage.feature_shards import EncodeSettings, ShardPlan, encode_shards, image_size, read_identity
+from storage.feature_checks import VerifyReport, verify_feature_cache  # callers import them from here too
+from storage.feature_shards import (
+    EncodeSettings, ShardPlan, checksum_path, encode_shards, file_sha256, image_size, read_checksum, read_identity,
+    shard_contents, write_checksum,
+)
 from storage.image_lists import image_list_fingerprint
+from storage.locks import FileLock, LockHeld
 
 ENTRY_NAME = "features.json"
 FORMAT_VERSION = 1
@@ -44,6 +59,18 @@ FORMAT_VERSION = 1
 COMPUTE_PRECISIONS = ("float32", "bfloat16", "float16")
 STORAGE_DTYPES = ("float32", "float16")
 log = logging.getLogger(__name__)
+
+
+class CacheBusy(LockHeld):
+    """Another process is encoding a shard this run would encode."""
+
+
+class ShardUnreadable(OSError):
+    """A shard of a finished cache cannot be opened or read: it was truncated or damaged."""
+
+    def __init__(self, message: str):
+        # A DataLoader re-raises a worker's error as type(error)(its traceback text): keep the message alone.
+        super().__init__(message.rpartition(f"{type(self).__name__}: ")[2].strip() or message)
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,7 @@ class BuildReport:
     reused_shards: list[int] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)  # image_id -> reason, over the whole cache
     discarded_stale: bool = False  # an earlier cache from another encoder or image list was removed
+    damaged: dict[str, str] = field(default_factory=dict)  # shard file -> why it was removed, to be encoded again
 
 
 def encoder_slug(spec: BackboneSpec) -> str:
@@ -152,7 +180,8 @@ def cache_identity(encoder, images, settings: FeatureSettings) -> dict:
 def extract_features(images, spec: BackboneSpec, out_dir: Path, settings: FeatureSettings = FeatureSettings(),
                      shards: list[int] | None = None, encoder=None) -> BuildReport:
     """Encode the images into the cache at out_dir (only `shards` of it, when given), reusing what
-    is already finished for the same encoder and image list."""
+    is already finished, intact, for the same encoder and image list. CacheBusy when another
+    process is encoding one of the shards to encode."""
     out_dir = Path(out_dir)
     plan = ShardPlan(_sorted_unique(images), settings.shard_size)
     settings = replace(settings, encode=resolved_encode(settings.encode))
@@ -160,23 +189,24 @@ def extract_features(images, spec: BackboneSpec, out_dir: Path, settings: Featur
         adopt_earlier_cache(out_dir)
     encoder = encoder if encoder is not None else load_vision_encoder(spec, settings.encode.device)
     identity = cache_identity(encoder, plan.images, settings)
-    entry = out_dir / ENTRY_NAME
-    if entry.is_file() and json.loads(entry.read_text())["identity"] == identity:
-        return _report(plan, out_dir, entry, reused=list(range(plan.count)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = discard_stale(out_dir, identity)
     wanted = list(range(plan.count)) if shards is None else sorted(set(shards))
-    for shard in wanted:
-        for temp in out_dir.glob(f"{plan.path(out_dir, shard).name}.tmp-*"):
-            temp.unlink(missing_ok=True)  # left by an interrupted run
-    missing = [k for k in wanted if not plan.path(out_dir, k).is_file()]
-    reused = [k for k in wanted if k not in missing]
-    log.info("feature cache %s: %d shard(s) to encode, %d reused", out_dir, len(missing), len(reused))
-    encoded = encode_shards(encoder, plan, missing, out_dir, identity, settings.encode)
-    done = all(plan.path(out_dir, k).is_file() for k in range(plan.count))
-    entry_path = write_entry(out_dir, plan, identity) if done else None
-    report = _report(plan, out_dir, entry_path, reused=reused, encoded=encoded)
-    report.discarded_stale = stale
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale, damaged = discard_stale(out_dir, identity)
+    damaged.update(damaged_shards(out_dir, plan, wanted))
+    todo = [k for k in wanted if plan.path(out_dir, k).name in damaged or not plan.path(out_dir, k).is_file()]
+    with lock_shards(out_dir, plan, todo):
+        missing = clear_for_encoding(out_dir, plan, todo, damaged)
+        log.info("feature cache %s: %d shard(s) to encode, %d reused", out_dir, len(missing),
+                 len(wanted) - len(missing))
+        encoded = encode_shards(encoder, plan, missing, out_dir, identity, settings.encode)
+    reused, entry = [k for k in wanted if k not in missing], out_dir / ENTRY_NAME
+    if not all(plan.path(out_dir, k).is_file() for k in range(plan.count)):
+        entry = None
+    elif not _entry_is_current(entry, plan, identity):
+        entry = write_entry(out_dir, plan, identity)
+        remove_left_locks(out_dir)
+    report = _report(plan, out_dir, entry, reused=reused, encoded=encoded)
+    report.discarded_stale, report.damaged = stale, damaged
     return report
 
 
@@ -214,90 +244,130 @@ def adopt_earlier_cache(out_dir: Path) -> list[str]:
     return moved
 
 
-def discard_stale(out_dir: Path, identity: dict) -> bool:
-    """Delete the entry point and every finished shard built with a different identity; True if any
-    was. Shards of this identity stay, and so do temporary files: shard tasks running side by side
-    after a change each rebuild their own shards and must not remove one another's work (a task
-    clears its own shards' leftovers before it encodes them)."""
-    entry = out_dir / ENTRY_NAME
-    stale = [entry] if entry.is_file() and json.loads(entry.read_text())["identity"] != identity else []
-    stale += [path for path in sorted(out_dir.glob("shard-*.h5")) if read_identity(path) != identity]
+def discard_stale(out_dir: Path, identity: dict) -> tuple[bool, dict[str, str]]:
+    """Delete the entry point and every finished shard built with a different identity, and every
+    shard that cannot be opened; returns (whether any was stale, {unreadable shard: why}). A shard
+    whose lock another process holds is left to it: that one is encoding it again. Temporary files
+    stay too: each run clears its own shards' leftovers, under their locks."""
+    entry, stale, unreadable = out_dir / ENTRY_NAME, False, {}
+    if entry.is_file() and _entry_identity(entry) != identity:
+        entry.unlink(missing_ok=True)
+        stale = True
+    for path in sorted(out_dir.glob("shard-*.h5")):
+        found = read_identity(path)
+        if found == identity:
+            continue
+        with FileLock(lock_path(path)) as lock:
+            if not lock.acquire() or not path.is_file() or (found := read_identity(path)) == identity:
+                continue
+            if found is None:
+                unreadable[path.name] = f"cannot be read ({_open_error(path)})"
+                log.warning("feature cache %s: %s %s: removed, to be encoded again", out_dir, path.name,
+                            unreadable[path.name])
+            stale = stale or found is not None
+            remove_shard(path)
     if stale:
         log.warning("feature cache %s was built from another encoder or image list: rebuilding", out_dir)
-        for path in stale:
-            path.unlink(missing_ok=True)
-    return bool(stale)
+    return stale, unreadable
+
+
+def damaged_shards(out_dir: Path, plan: ShardPlan, shards: list[int]) -> dict[str, str]:
+    """{shard file: why} for the given finished shards whose bytes differ from their checksum."""
+    sums, damaged = entry_checksums(out_dir / ENTRY_NAME), {}
+    for path in (plan.path(out_dir, index) for index in shards):
+        if _checksum_differs(path, sums):
+            damaged[path.name] = "checksum mismatch: its bytes changed after it was written"
+            log.warning("feature cache %s: %s: %s: encoding it again", out_dir, path.name, damaged[path.name])
+    return damaged
+
+
+def _checksum_differs(path: Path, sums: dict[str, str]) -> bool:
+    recorded = sums.get(path.name) or read_checksum(path)
+    return path.is_file() and recorded is not None and file_sha256(path) != recorded
+
+
+def lock_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".lock")
+
+
+@contextmanager
+def lock_shards(out_dir: Path, plan: ShardPlan, shards: list[int]):
+    """Hold the locks of these shards, or raise CacheBusy naming the process that holds one."""
+    with ExitStack() as held:
+        for index in shards:
+            lock = held.enter_context(FileLock(lock_path(plan.path(out_dir, index))))
+            if not lock.acquire():
+                holder = lock.holder()
+                raise CacheBusy(f"another process is building this split: {holder or 'a process'} "
+                                f"(it holds {lock.path.name} in {out_dir})", holder)
+        yield
+
+
+def clear_for_encoding(out_dir: Path, plan: ShardPlan, shards: list[int], damaged: dict[str, str]) -> list[int]:
+    """Under the shards' locks: remove their temporary files and their damaged finished files (if
+    still the damaged ones), and the entry point if any is to be encoded; returns those to encode."""
+    for index in shards:
+        path = plan.path(out_dir, index)
+        for temp in [*out_dir.glob(f"{path.name}.tmp-*"), *out_dir.glob(f"{checksum_path(path).name}.tmp-*")]:
+            temp.unlink(missing_ok=True)  # left by an interrupted run
+        if path.name in damaged and _checksum_differs(path, entry_checksums(out_dir / ENTRY_NAME)):
+            remove_shard(path)  # still the damaged file, not one another run has encoded since
+    missing = [index for index in shards if not plan.path(out_dir, index).is_file()]
+    if missing:
+        (out_dir / ENTRY_NAME).unlink(missing_ok=True)  # the cache is unfinished again
+    return missing
+
+
+def remove_left_locks(out_dir: Path) -> None:
+    """Remove the lock files that killed runs left behind (their locks are free)."""
+    for path in out_dir.glob("shard-*.h5.lock"):
+        lock = FileLock(path)
+        if lock.acquire():
+            lock.release()
+
+
+def remove_shard(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
 
 
 def write_entry(out_dir: Path, plan: ShardPlan, identity: dict) -> Path:
+    """The entry point over every shard, with their checksums; a shard without one (of an earlier
+    version) gets it recorded now."""
     shards = []
     for index in range(plan.count):
-        image_ids, unreadable = shard_contents(plan.path(out_dir, index))
-        shards.append({"file": plan.path(out_dir, index).name, "image_ids": image_ids, "unreadable": unreadable})
+        path = plan.path(out_dir, index)
+        image_ids, unreadable = shard_contents(path)
+        digest = read_checksum(path)
+        if digest is None:
+            digest = file_sha256(path)
+            write_checksum(path, digest)
+            log.info("feature cache %s: recorded the checksum of %s", out_dir, path.name)
+        shards.append({"file": path.name, "image_ids": image_ids, "unreadable": unreadable, "sha256": digest})
     entry = out_dir / ENTRY_NAME
-    temp = entry.with_name(f"{ENTRY_NAME}.tmp-{os.getpid()}")
+    temp = entry.with_name(f"{ENTRY_NAME}.tmp-{os.getpid()}-{threading.get_ident()}")
     temp.write_text(json.dumps({"identity": identity, "shards": shards}))
     os.replace(temp, entry)
     return entry
 
 
-@dataclass
-class VerifyReport:
-    rows: int  # token rows over all shards
-    expected: int  # usable images of the split
-    unreadable: dict[str, str]  # found unreadable while encoding: counted, not a failure
-    problems: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
+def entry_checksums(entry: Path) -> dict[str, str]:
+    """{shard file: sha256} as an entry point records them (none for one of an earlier version)."""
+    try:
+        shards = json.loads(Path(entry).read_text())["shards"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {shard["file"]: shard["sha256"] for shard in shards if shard.get("sha256")}
 
 
-def verify_feature_cache(entry: Path, expected_ids, block_rows: int = 64) -> VerifyReport:
-    """Check a finished cache against the split's usable image ids: every shard complete and
-    consistent with the entry point, no NaN/Inf anywhere, ids unique and equal to the expected ones."""
-    expected, entry = set(expected_ids), Path(entry)
-    if not entry.is_file():
-        return VerifyReport(0, len(expected), {}, [f"{entry}: no entry point (the cache is not finished)"])
-    manifest = json.loads(entry.read_text())
-    identity, found, unreadable, problems = manifest["identity"], [], {}, []
-    if identity["image_count"] != len(expected):
-        problems.append(f"built for {identity['image_count']} images, the split has {len(expected)} usable")
-    for index, listed in enumerate(manifest["shards"]):
-        ids, bad, shard_problems = _verify_shard(entry.parent / listed["file"], identity, index, listed, block_rows)
-        found += ids
-        unreadable.update(bad)
-        problems += shard_problems
-    duplicated = sorted(i for i, n in Counter(found).items() if n > 1)
-    missing = sorted(expected - set(found) - set(unreadable))
-    extra = sorted(set(found) - expected)
-    for what, ids in (("duplicate ids", duplicated), ("usable images without a row", missing),
-                      ("rows of images not usable in the split", extra)):
-        if ids:
-            problems.append(f"{len(ids)} {what}: {ids[:5]}")
-    return VerifyReport(len(found), len(expected), unreadable, problems)
-
-
-def _verify_shard(path: Path, identity: dict, index: int, listed: dict, block_rows: int):
-    if not path.is_file():
-        return [], {}, [f"{path.name}: missing"]
-    problems = []
-    if read_identity(path) != identity:
-        problems.append(f"{path.name}: built from another encoder, image list or settings")
-    image_ids, unreadable = shard_contents(path)
-    assigned = min(identity["shard_size"], identity["image_count"] - index * identity["shard_size"])
-    with h5py.File(path, "r") as handle:
-        tokens = handle["tokens"]
-        if len(tokens) != len(image_ids) or len(tokens) + len(unreadable) != assigned:
-            problems.append(f"{path.name}: {len(tokens)} token rows and {len(image_ids)} ids + "
-                            f"{len(unreadable)} unreadable for {assigned} images")
-        non_finite = [image_ids[start + row] for start in range(0, min(len(tokens), len(image_ids)), block_rows)
-                      for row in np.flatnonzero(~np.isfinite(tokens[start : start + block_rows]).all(axis=(1, 2)))]
-    if non_finite:
-        problems.append(f"{path.name}: NaN or Inf in {len(non_finite)} row(s): {non_finite[:5]}")
-    if image_ids != listed["image_ids"]:
-        problems.append(f"{path.name}: its image ids differ from the entry point's list")
-    return image_ids, unreadable, problems
+def _entry_is_current(entry: Path, plan: ShardPlan, identity: dict) -> bool:
+    """A finished entry point of this identity that records each shard's checksum, the one beside it."""
+    if _entry_identity(entry) != identity:
+        return False
+    sums = entry_checksums(entry)
+    beside = [read_checksum(plan.path(entry.parent, index)) for index in range(plan.count)]
+    return all(digest is not None and sums.get(plan.path(entry.parent, index).name) == digest
+               for index, digest in enumerate(beside))
 
 
 class FeatureReader(Mapping):
@@ -329,7 +399,13 @@ class FeatureReader(Mapping):
 
     def __getitem__(self, image_id: str) -> np.ndarray:
         shard, row = self._where[image_id]
-        return self._tokens(shard)[row]
+        try:
+            return self._tokens(shard)[row]
+        except (OSError, KeyError) as error:  # h5py's errors name no file
+            raise ShardUnreadable(f"{self.shard_files[shard]}: cannot read this feature shard ({error}); it is "
+                                  f"damaged or truncated. Encode it again with `{rebuild_command(self.entry)}`; "
+                                  f"`ituning features verify` with the same options names every damaged shard") \
+                from error
 
     def _tokens(self, shard: int):
         if self._pid != os.getpid():  # inherited through fork: the parent's handles are not ours
@@ -354,13 +430,6 @@ class FeatureReader(Mapping):
         self.close()
 
 
-def shard_contents(path: Path) -> tuple[list[str], dict[str, str]]:
-    """A finished shard's image ids and its unreadable images (id -> reason)."""
-    with h5py.File(path, "r") as handle:
-        unreadable = dict(zip(handle["unreadable_ids"].asstr()[:], handle["unreadable_reasons"].asstr()[:]))
-        return list(handle["image_ids"].asstr()[:]), unreadable
-
-
 def _report(plan: ShardPlan, out_dir: Path, entry: Path | None, reused=(), encoded=()) -> BuildReport:
     unreadable = {}
     for index in [*reused, *encoded]:
@@ -382,6 +451,29 @@ def resolved_encode(encode: EncodeSettings) -> EncodeSettings:
         return encode
     cuda = encode.device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return replace(encode, precision="bfloat16" if cuda else "float32")
+
+
+def rebuild_command(entry: Path) -> str:
+    """The `ituning features` command that builds the cache of `entry` again (dataset, split and
+    workspace read from its place, workspace/features/DATASET/SPLIT/ENCODER[/PRECISION]/)."""
+    cache, identity = Path(entry).parent, _entry_identity(entry) or {}
+    features = next((folder for folder in cache.parents if folder.name == "features"), None)
+    where = cache.relative_to(features).parts if features else ()
+    command = f"ituning features --dataset {where[0] if where else 'DATASET'} --split {where[1] if where else 'SPLIT'}"
+    if features:
+        command += f" --workspace {features.parent}"
+    if identity.get("encoder_name"):
+        pretrained = identity["encoder_pretrained"] or "none"
+        command += f" --vision {identity['encoder_name']} --vision-pretrained {pretrained}"
+    return command
+
+
+def _open_error(path: Path) -> str:
+    try:
+        with h5py.File(path, "r") as handle:
+            return "not a feature shard" if "identity" not in handle.attrs else "its identity is unreadable"
+    except OSError as error:
+        return str(error)
 
 
 def _entry_identity(entry: Path) -> dict | None:

@@ -1,8 +1,10 @@
 """Deciding, for every catalogued image file, whether the pipeline can use it and why not.
 
-status: "ok" (decodes; `reason` notes any conversion: grayscale/CMYK to RGB, PNG content named
-.jpg), "missing", "unreadable" (truncated, not an image, undecodable), "excluded" (kept out of a
-split on purpose) or "unchecked" (catalogued without opening the file).
+status: "ok" (decodes; `reason` notes any conversion: grayscale/16-bit/CMYK to RGB, PNG content
+named .jpg), "missing", "unreadable" (truncated, not an image, undecodable, or more pixels than
+PIL.Image.MAX_IMAGE_PIXELS: the reason names the count and the limit), "excluded" (kept out of a
+split on purpose) or "unchecked" (catalogued without opening the file). width and height are those
+of the upright image, after its EXIF orientation.
 """
 
 from concurrent.futures import ProcessPoolExecutor
@@ -27,7 +29,9 @@ def inspect_image(path: Path) -> tuple[str, str | None, int | None, int | None]:
     with Image.open(path) as raw:
         mode, image_format = raw.mode, raw.format
     notes = []
-    if mode != "RGB":
+    if mode == "I" or mode.startswith("I;16"):
+        notes.append(f"16-bit {mode} image scaled to 8-bit RGB")
+    elif mode != "RGB":
         notes.append(f"{mode} image converted to RGB")
     if image_format in FORMAT_SUFFIXES and path.suffix.lower() not in FORMAT_SUFFIXES[image_format]:
         notes.append(f"{image_format} content in a {path.suffix} file")

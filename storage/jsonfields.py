@@ -35,3 +35,28 @@ def one_of(entry, key: str, choices, source: Path, where: str = "") -> str:
         label = f"{where}.{key}" if where else key
         raise MalformedInput(f"{source}: field {label} is {value!r}; expected one of {', '.join(choices)}")
     return value
+
+
+INT32 = (-(2**31), 2**31 - 1)  # an INTEGER column of the catalog
+INT64 = (-(2**63), 2**63 - 1)  # a BIGINT column
+
+
+def integer(entry, key: str, source: Path, where: str = "", bounds: tuple[int, int] = INT64,
+            optional: bool = False) -> int | None:
+    """entry[key], an integer within `bounds`; with `optional`, None where the field is absent or null."""
+    if optional and (not isinstance(entry, dict) or entry.get(key) is None):
+        return None
+    value = required(entry, key, int, source, where)
+    if not bounds[0] <= value <= bounds[1]:
+        label = f"{where}.{key}" if where else key
+        raise MalformedInput(f"{source}: field {label} is {value}; expected an integer from {bounds[0]} to {bounds[1]}")
+    return value
+
+
+def inside_path(value: str, source: Path, label: str) -> str:
+    """`value` (from field `label`), checked to be a relative path that stays inside the folder it is
+    taken from: no absolute path, drive letter, `..` or NUL byte (string tests: this runs per image)."""
+    slashed = value.replace("\\", "/")
+    if slashed.startswith("/") or value[1:2] == ":" or ".." in slashed.split("/") or "\0" in value:
+        raise MalformedInput(f"{source}: field {label} is {value!r}; expected a path inside the data folder")
+    return value

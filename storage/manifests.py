@@ -5,14 +5,16 @@ A manifest file is JSON:
      "files": [{"name": "val2014.zip", "url": "http://...", "bytes": 6645013297, "md5": "a3d7...",
                 "unpack": true}],
      "image_lists": [{"info": "nocaps_val_image_info.json", "into": "val"}]}
-`bytes`, `md5`/`sha256` and `unpack` are optional (archives unpack by default). An image list names
-a downloaded COCO-style image-info JSON whose entries carry one URL each (`coco_url`); every image
-is fetched into data/<dataset>/<into>/<file_name>.
+`bytes` (an integer >= 0), `md5`/`sha256` (32/64 hexadecimal digits) and `unpack` (true/false) are
+optional (archives unpack by default). An image list names one of the files, a COCO-style image-info
+JSON whose entries carry one URL each (`coco_url`); every image is fetched into
+data/<dataset>/<into>/<file_name>, from the URLs that storage/listed_urls.py allows a downloaded list.
 """
 
 import json
+import string
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from storage.jsonfields import MalformedInput, required
 
@@ -124,30 +126,61 @@ def built_in_manifest(dataset: str) -> Manifest:
 def load_manifest(path: Path) -> Manifest:
     try:
         raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8
         raise ManifestError(f"{path}: cannot read manifest ({error})") from error
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: expected a JSON object at the top level, found {type(raw).__name__}")
     dataset = _field(raw, "dataset", str, path)
     if not isinstance(raw.get("image_lists", []), list):
         raise ManifestError(f"{path}: field image_lists must be list")
     files = tuple(_remote_file(entry, f"files[{index}]", path)
                   for index, entry in enumerate(_field(raw, "files", list, path)))
-    lists = tuple(ImageList(_field(entry, "info", str, path, f"image_lists[{index}]"),
-                            _field(entry, "into", str, path, f"image_lists[{index}]"))
+    lists = tuple(_image_list(entry, f"image_lists[{index}]", path)
                   for index, entry in enumerate(raw.get("image_lists", [])))
     return Manifest(dataset, files, lists)
+
+
+def _image_list(entry, where: str, path: Path) -> ImageList:
+    info, into = _field(entry, "info", str, path, where), _field(entry, "into", str, path, where)
+    if not _plain_name(info):
+        raise ManifestError(f"{path}: field {where}.info must be a plain file name, not {info!r}")
+    parts = PurePosixPath(into.replace("\\", "/")).parts
+    if parts[:1] == ("/",) or ".." in parts or PureWindowsPath(into).drive:
+        raise ManifestError(f"{path}: field {where}.into must be a folder inside the data folder, not {into!r}")
+    return ImageList(info, into)
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
 
 
 def _remote_file(entry, where: str, path: Path) -> RemoteFile:
     if not isinstance(entry, dict):
         raise ManifestError(f"{path}: {where} must be an object")
-    size = entry.get("bytes")
-    if size is not None and not isinstance(size, int):
-        raise ManifestError(f"{path}: {where}.bytes must be an integer")
     name = _field(entry, "name", str, path, where)
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
+    if not _plain_name(name):
         raise ManifestError(f"{path}: field {where}.name must be a plain file name, not {name!r}")
-    return RemoteFile(name, _field(entry, "url", str, path, where), size,
-                      entry.get("md5"), entry.get("sha256"), entry.get("unpack"))
+    url = _field(entry, "url", str, path, where)
+    if not url.strip():
+        raise ManifestError(f"{path}: field {where}.url is empty")
+    size = entry.get("bytes")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise ManifestError(f"{path}: field {where}.bytes must be an integer of at least 0, not {size!r}")
+    unpack = entry.get("unpack")
+    if unpack is not None and not isinstance(unpack, bool):
+        raise ManifestError(f"{path}: field {where}.unpack must be true or false, not {unpack!r}")
+    md5, sha256 = _digest(entry, "md5", 32, where, path), _digest(entry, "sha256", 64, where, path)
+    return RemoteFile(name, url, size, md5, sha256, unpack)
+
+
+def _digest(entry: dict, key: str, length: int, where: str, path: Path) -> str | None:
+    """A published checksum: `length` hexadecimal digits, or None when the field is absent."""
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != length or not all(c in string.hexdigits for c in value):
+        raise ManifestError(f"{path}: field {where}.{key} must be {length} hexadecimal digits, not {value!r}")
+    return value
 
 
 def _field(entry, key: str, kind: type, path: Path, where: str = ""):

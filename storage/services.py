@@ -5,6 +5,10 @@ workspace/services/, registers the deployments of prefect.yaml and writes worksp
 (the variables a shell needs to talk to them). `make stop` stops them: the worker first, since a
 worker whose server is gone ignores SIGTERM.
 
+Who may ask: the Prefect server runs Prefect's app behind storage/prefect_server.py, which answers
+loopback host names only and, from a browser, the UI's own origins only; Prefect's CORS list names those
+origins and its CSRF protection is on. MLflow's server checks Host and origin itself.
+
 Databases: SQLite in the workspace by default. Set PREFECT_API_DATABASE_CONNECTION_URL
 (postgresql+asyncpg://...) for Prefect, ITUNING_MLFLOW_BACKEND_URI (postgresql+psycopg2://...) and
 ITUNING_MLFLOW_ARTIFACTS (s3://bucket/prefix, with MLFLOW_S3_ENDPOINT_URL for S3-compatible stores)
@@ -19,6 +23,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from storage.prefect_server import ui_origins
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -55,6 +61,11 @@ class ServiceSettings:
             "ITUNING_WORKSPACE": str(self.workspace.resolve()),
         }
 
+    def prefect_server_environment(self) -> dict[str, str]:
+        """The Prefect server's own settings: browsers may call it from its UI's origins only, with a CSRF token."""
+        return {"PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ",".join(ui_origins(self.host, self.prefect_port)),
+                "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true"}
+
 
 def start_all(settings: ServiceSettings) -> None:
     settings.directory.mkdir(parents=True, exist_ok=True)
@@ -69,8 +80,8 @@ def start_prefect(settings: ServiceSettings, deployments: tuple[str, ...] = ()) 
     """The Prefect server, the work pool and the deployments of prefect.yaml (the named ones, or all);
     returns once they are registered. The server's scheduler then creates the scheduled runs."""
     settings.directory.mkdir(parents=True, exist_ok=True)
-    _start(settings, "prefect-server", [_bin("prefect"), "server", "start", "--host", settings.host,
-                                        "--port", str(settings.prefect_port)])
+    _start(settings, "prefect-server", [sys.executable, "-m", "storage.prefect_server", "--host", settings.host,
+                                        "--port", str(settings.prefect_port)], settings.prefect_server_environment())
     _wait_healthy(f"{settings.prefect_api_url}/health", "Prefect server", settings)
     _run(settings, [_bin("prefect"), "work-pool", "create", settings.work_pool, "--type", "process", "--overwrite"])
     names = [option for name in deployments for option in ("--name", name)] or ["--all"]
@@ -116,13 +127,14 @@ def _child_environment(settings: ServiceSettings) -> dict[str, str]:
     return {**quiet, **os.environ, **settings.environment(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
-def _start(settings: ServiceSettings, name: str, command: list[str]) -> None:
+def _start(settings: ServiceSettings, name: str, command: list[str], environment: dict[str, str] | None = None) -> None:
     pid_file = settings.directory / f"{name}.pid"
     if pid_file.exists() and _alive(int(pid_file.read_text())):
         print(f"{name} already running (pid {pid_file.read_text()})")
         return
     log = open(settings.directory / f"{name}.log", "ab")
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=_child_environment(settings), stdout=log,
+    env = {**_child_environment(settings), **(environment or {})}
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     pid_file.write_text(str(process.pid))
     print(f"started {name} (pid {process.pid}, log {settings.directory / f'{name}.log'})")

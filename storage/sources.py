@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from storage.extract import check_entry_name
-from storage.jsonfields import MalformedInput, load_json, one_of, required
+from storage.jsonfields import INT32, INT64, MalformedInput, inside_path, integer, load_json, one_of, required
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
@@ -43,25 +42,34 @@ class SourceRecords:
         self.images.append(row)
 
 
-def read_karpathy(path: Path, dataset: str) -> SourceRecords:
+def read_karpathy(path: Path, dataset: str | None = None) -> SourceRecords:
     """dataset_coco.json or dataset_flickr30k.json: train (+ restval), val and test. COCO images
     lie at <filepath>/<filename>; Flickr30k's, which have no filepath, at flickr30k-images/<filename>,
-    where its archive unpacks them (resolve_image_paths also finds them without that folder)."""
+    where its archive unpacks them (resolve_image_paths also finds them without that folder).
+    Without `dataset`, a file whose first image has a cocoid is read as COCO, others as Flickr30k."""
     records = SourceRecords()
-    for index, entry in enumerate(required(load_json(path), "images", list, path)):
+    entries = required(_as_object(load_json(path), path), "images", list, path)
+    if dataset is None:
+        dataset = "coco" if entries and isinstance(entries[0], dict) and "cocoid" in entries[0] else "flickr30k"
+    for index, entry in enumerate(entries):
         where = f"images[{index}]"
         split = one_of(entry, "split", KARPATHY_SPLITS, path, where)
-        filename = required(entry, "filename", str, path, where)
+        filename = inside_path(required(entry, "filename", str, path, where), path, f"{where}.filename")
         if dataset == "coco":
             image_id = str(required(entry, "cocoid", int, path, where))
-            relative = f"{required(entry, 'filepath', str, path, where)}/{filename}"
+            filepath = inside_path(required(entry, "filepath", str, path, where), path, f"{where}.filepath")
+            relative = f"{filepath}/{filename}"
         else:
             image_id, relative = PurePosixPath(filename).stem, f"{FLICKR30K_FOLDER}/{filename}"
         split = KARPATHY_SPLITS[split]
         records.add_image(ImageRow(image_id, split, relative), path, where)
         for number, sentence in enumerate(required(entry, "sentences", list, path, where)):
-            text = required(sentence, "raw", str, path, f"{where}.sentences[{number}]")
-            records.captions.append((image_id, split, sentence.get("sentid", number), text.strip()))
+            at = f"{where}.sentences[{number}]"
+            text = required(sentence, "raw", str, path, at)
+            sentid = sentence.get("sentid", number)
+            if type(sentid) is not int or not INT64[0] <= sentid <= INT64[1]:  # checked inline: 600k captions
+                sentid = integer(sentence, "sentid", path, at, optional=True)
+            records.captions.append((image_id, split, number if sentid is None else sentid, text.strip()))
     return records
 
 
@@ -73,9 +81,10 @@ def read_visual_genome(image_data: Path, regions: Path, held_out: dict[str, str]
         where = f"[{index}]"
         image_id = str(required(entry, "image_id", int, image_data, where))
         url = required(entry, "url", str, image_data, where)
-        row = ImageRow(image_id, "pretrain", "/".join(PurePosixPath(urlparse(url).path).parts[-2:]),
-                       entry.get("width"), entry.get("height"))
-        coco_id = entry.get("coco_id")
+        folder_and_name = [part for part in PurePosixPath(urlparse(url).path).parts if part != "/"][-2:]
+        row = ImageRow(image_id, "pretrain", inside_path("/".join(folder_and_name), image_data, f"{where}.url"),
+                       *_size(entry, image_data, where))
+        coco_id = integer(entry, "coco_id", image_data, where, optional=True)
         if coco_id is not None and str(coco_id) in held_out:
             row.status, row.reason = "excluded", f"coco_id {coco_id} is in COCO Karpathy {held_out[str(coco_id)]}"
             records.excluded += 1
@@ -89,7 +98,7 @@ def read_visual_genome(image_data: Path, regions: Path, held_out: dict[str, str]
         for number, region in enumerate(required(entry, "regions", list, regions, f"[{index}]")):
             where = f"[{index}].regions[{number}]"
             phrase = required(region, "phrase", str, regions, where)
-            records.captions.append((image_id, "pretrain", required(region, "region_id", int, regions, where),
+            records.captions.append((image_id, "pretrain", integer(region, "region_id", regions, where),
                                      phrase.strip()))
     return records
 
@@ -110,15 +119,14 @@ def read_nocaps(info: Path, split: str, captions: Path | None = None) -> SourceR
         if domain and domains.get(image_id, domain) != domain:
             raise MalformedInput(f"{info}: {where} (image {image_id}) is {domain}, but {captions} says "
                                  f"{domains[image_id]}")
-        file_name = required(entry, "file_name", str, info, where)
-        check_entry_name(info, file_name)
-        records.add_image(ImageRow(image_id, split, f"{split}/{file_name}", entry.get("width"),
-                                   entry.get("height"), domain or domains.get(image_id)), info, where)
+        file_name = inside_path(required(entry, "file_name", str, info, where), info, f"{where}.file_name")
+        records.add_image(ImageRow(image_id, split, f"{split}/{file_name}", *_size(entry, info, where),
+                                   domain or domains.get(image_id)), info, where)
     if caption_data is not None:
         for index, entry in enumerate(required(caption_data, "annotations", list, captions)):
             where = f"annotations[{index}]"
             records.captions.append((str(required(entry, "image_id", int, captions, where)), split,
-                                     required(entry, "id", int, captions, where),
+                                     integer(entry, "id", captions, where),
                                      required(entry, "caption", str, captions, where).strip()))
     return records
 
@@ -149,6 +157,17 @@ def resolve_image_paths(base: Path, relative: list[str], locate: bool = True) ->
             index = {name: os.path.join(folder, name) for folder, _, names in os.walk(base) for name in names}
         paths[position] = index.get(os.path.basename(path), path)
     return paths
+
+
+def _size(entry, source: Path, where: str) -> tuple[int | None, int | None]:
+    """An image's width and height where its entry gives them (the catalog keeps them as INTEGER)."""
+    return tuple(integer(entry, key, source, where, (0, INT32[1]), optional=True) for key in ("width", "height"))
+
+
+def _as_object(raw, path: Path) -> dict:
+    if not isinstance(raw, dict):
+        raise MalformedInput(f"{path}: expected a JSON object at the top level, found {type(raw).__name__}")
+    return raw
 
 
 def _as_list(raw, path: Path) -> list:

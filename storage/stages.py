@@ -70,12 +70,12 @@ def use_local_corpus(workspace: Path, dataset: str, folder: str) -> dict:
 
 def build_catalog(workspace: Path, datasets: list[str]) -> dict[str, dict]:
     """Catalog rows for each dataset, in the order the builds depend on; per-dataset summaries."""
-    from storage.catalog_build import BUILD_ORDER, build_dataset
+    from storage.catalog_build import BUILD_ORDER, build_dataset, open_for_build
 
     unknown = sorted(set(datasets) - set(BUILD_ORDER))
     if unknown:
         raise ValueError(f"unknown datasets {unknown}; expected some of {list(BUILD_ORDER)}")
-    with Catalog(catalog_path(Path(workspace))) as catalog:
+    with open_for_build(Path(workspace)) as catalog:
         return {dataset: asdict(build_dataset(Path(workspace), dataset, catalog))
                 for dataset in BUILD_ORDER if dataset in datasets}
 
@@ -286,7 +286,11 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
 
     workspace = Path(workspace)
     run_config = resolve_config(config, workspace)
-    out = Path(out_dir) if out_dir else workspace / "runs" / run_config.name
+    runs = workspace / "runs"
+    out = Path(os.path.normpath(out_dir)) if out_dir else runs / run_config.name  # no "x/.." left in it
+    if not out_dir and out.resolve().parent != runs.resolve():  # a folder of runs/, not a link out of it
+        raise ValueError(f"{run_config.name}: the run folder {out} resolves to {out.resolve()}, not to a folder "
+                         f"of {runs}; pass out_dir to keep a run elsewhere")
     start = starting_point(run_config, stage, out, init_from, previous)
     if start and not Path(start).exists():  # before anything in the stage folder is touched
         raise FileNotFoundError(f"{run_config.name}/{stage}: no checkpoint at {start} to start from")
@@ -417,7 +421,12 @@ def _trained_from(workspace: Path, run_config, stage_config, data) -> dict:
 def _empty_unless_trained_from(stage_dir: Path, trained_from: dict, resume: bool = True) -> None:
     """Keep a stage folder's checkpoints (to resume, or to reuse a finished stage) only when they
     were trained from the same settings and data; otherwise remove them, so the stage trains afresh.
-    Under torchrun rank 0 alone does this, before the process group forms."""
+    Under torchrun rank 0 alone does this, before the process group forms. Only a folder that is
+    itself one folder of the run folder is touched: never one a link or a ".." leads out to."""
+    resolved = stage_dir.resolve()
+    if Path(os.path.normpath(stage_dir)) != stage_dir or resolved != stage_dir.parent.resolve() / stage_dir.name:
+        raise ValueError(f"{stage_dir}: not a folder of its run folder {stage_dir.parent} (it resolves to "
+                         f"{resolved}); refusing to empty it")
     expected = json.loads(json.dumps(trained_from, sort_keys=True))
     record = stage_dir / TRAINED_FROM
     if resume and record.is_file() and json.loads(record.read_text()) == expected:

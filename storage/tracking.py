@@ -206,7 +206,7 @@ class ExperimentTracker:
 
         # MLflow also logs these as run params: "serving_device" keeps clear of the run's own "device".
         settings = {"decoding": flatten_decoding(decoding), "accept_file_paths": accept_file_paths,
-                    "serving_device": "auto"}
+                    "serving_device": "auto", "max_request_mb": 20, "max_request_megapixels": 200}
         signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
         with tempfile.TemporaryDirectory() as staging:
             artifacts = bundled_artifacts(Path(checkpoint), Path(staging))

@@ -6,9 +6,18 @@ workspace gets a new one), the content of the run configuration the task reads, 
 checkpoint or feature cache it is given holds now. Tasks that read catalog splits add the
 catalog's current contents of those splits (CatalogContents): new images or captions, a split
 prepared again or an image marked unusable make them, and the tasks after them, run again.
+
+Persisted results are plain JSON (they are paths, ids, names and numbers): the result file holds the
+task's return value and a metadata file under the result storage's metadata/ folder names how it was
+written. Prefect decodes a stored result with whatever serializer its metadata names, pickle included,
+so a result file planted in the workspace could run code on a cache hit. ResultMetadata reads a
+record only when it names plain JSON and its result file parses as JSON; any other counts as missing,
+and the task runs again and writes it anew.
 """
 
 import hashlib
+import json
+import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +26,18 @@ from typing import Any, Callable
 import httpx
 import requests
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.filesystems import LocalFileSystem
+from prefect.serializers import JSONSerializer
 
 from storage import stages
 from storage.downloads import DownloadError, TransientFailure
 
 IDENTITY_FILE = ".workspace-id"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The standard library's json with no hooks: no type named in a file is ever imported or built.
+RESULT_SERIALIZER = JSONSerializer(object_encoder=None, object_decoder=None)
+PLAIN_JSON = json.loads(RESULT_SERIALIZER.model_dump_json())  # as a record's metadata names it
+_logger = logging.getLogger(__name__)
 
 
 def workspace_identity(workspace: str | Path) -> str:
@@ -98,7 +113,54 @@ def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-EXPENSIVE = INPUTS + TASK_SOURCE + WorkspaceState() + InputContents()
+def result_storage_path() -> Path:
+    """Where Prefect keeps persisted results now (PREFECT_LOCAL_STORAGE_PATH, by default PREFECT_HOME/storage)."""
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().results.local_storage_path).expanduser().resolve()
+
+
+class ResultMetadata(LocalFileSystem):
+    """The metadata of persisted results, in metadata/ under the result storage path; a record that does
+    not name RESULT_SERIALIZER, or whose local result file is not JSON, reads as missing."""
+
+    _block_type_name = "ituning result metadata"  # not Local File System's: that name stays its own
+
+    def _resolve_path(self, path: str) -> Path:
+        return LocalFileSystem(basepath=str(result_storage_path() / "metadata"))._resolve_path(path)
+
+    def read_path(self, path: str, **_) -> bytes:
+        return checked_record(path, super().read_path(path, _sync=True))
+
+    async def aread_path(self, path: str) -> bytes:
+        return checked_record(path, await super().aread_path(path))
+
+
+def checked_record(path: str, content: bytes) -> bytes:
+    """`content` when it is the metadata of a plain JSON result; ValueError otherwise."""
+    try:
+        metadata = json.loads(content)
+        result = Path(metadata["storage_key"])
+        plain_json = metadata["serializer"] == PLAIN_JSON and (not result.is_absolute() or is_json_result(result))
+    except (ValueError, KeyError, TypeError, OSError):
+        plain_json = False
+    if not plain_json:
+        _logger.warning("Cached result %s is not a plain JSON record; ignored, the task runs again", path)
+        raise ValueError(f"cached result {path} is not a plain JSON record")
+    return content
+
+
+def is_json_result(result: Path) -> bool:
+    """A regular file under the result storage path that parses as JSON (the local result a record names)."""
+    if result_storage_path() not in result.resolve().parents or not result.is_file():
+        return False
+    json.loads(result.read_bytes())
+    return True
+
+
+# Every task that persists its result: JSON, read back only through ResultMetadata.
+PERSISTED = dict(persist_result=True, result_serializer=RESULT_SERIALIZER)
+EXPENSIVE = (INPUTS + TASK_SOURCE + WorkspaceState() + InputContents()).configure(key_storage=ResultMetadata())
 
 TRANSIENT = (httpx.TransportError, requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)
 # MLflow's REST client gives up with an MlflowException carrying one of these.

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import stages
-from tasks.caching import EXPENSIVE, CatalogContents, retry_transient
+from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents, retry_transient
 from tasks.plan import plan_for_config
 
 
@@ -16,12 +16,12 @@ def plan_pipeline(config: str, evaluate_on: list[str]) -> dict:
     return plan_for_config(config, evaluate_on).to_dict()
 
 
-@task(name="write-demo-corpus", cache_policy=EXPENSIVE, persist_result=True)
+@task(name="write-demo-corpus", cache_policy=EXPENSIVE, **PERSISTED)
 def write_demo_corpus(workspace: Path, images: int, seed: int = 0) -> dict[str, str]:
     return stages.write_demo_corpus(workspace, images=images, seed=seed)
 
 
-@task(name="download-dataset", cache_policy=EXPENSIVE, persist_result=True, retries=3,
+@task(name="download-dataset", cache_policy=EXPENSIVE, **PERSISTED, retries=3,
       retry_delay_seconds=[10, 40, 160], retry_jitter_factor=0.5, retry_condition_fn=retry_transient,
       task_run_name="download-{dataset}")
 def download_dataset(workspace: Path, dataset: str, manifest: str | None = None, images: str | None = None) -> dict:
@@ -33,7 +33,7 @@ def use_local_corpus(workspace: Path, dataset: str, folder: str) -> dict:
     return stages.use_local_corpus(workspace, dataset, folder)
 
 
-@task(name="build-catalog", cache_policy=EXPENSIVE, persist_result=True)
+@task(name="build-catalog", cache_policy=EXPENSIVE, **PERSISTED)
 def build_catalog(workspace: Path, datasets: list[str], downloads: list[dict] | None = None) -> dict[str, dict]:
     """`downloads` only orders this after the downloads and keys the cache on what they fetched."""
     return stages.build_catalog(workspace, datasets)
@@ -43,7 +43,7 @@ def standin_split(inputs: dict) -> list:
     return [stages.STANDIN_SPLIT]
 
 
-@task(name="build-demo-backbones", cache_policy=EXPENSIVE + CatalogContents(splits=standin_split), persist_result=True)
+@task(name="build-demo-backbones", cache_policy=EXPENSIVE + CatalogContents(splits=standin_split), **PERSISTED)
 def build_demo_backbones(workspace: Path, catalog: dict, seed: int = 0, steps: int = 100) -> dict:
     return stages.build_demo_backbones(workspace, seed=seed, vision_steps=steps, language_steps=steps)
 

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import stages
-from tasks.caching import EXPENSIVE, CatalogContents
+from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents
 
 # A shard reads its split's image list; the captions do not change its tokens.
 SHARD_CACHE = EXPENSIVE + CatalogContents(captions=False)
@@ -19,7 +19,7 @@ def feature_shards(workspace: Path, dataset: str, split: str, backbones: dict, s
     return stages.feature_shards(workspace, dataset, split, backbones, shard_size=shard_size)
 
 
-@task(name="cache-feature-shard", cache_policy=SHARD_CACHE, persist_result=True,
+@task(name="cache-feature-shard", cache_policy=SHARD_CACHE, **PERSISTED,
       task_run_name="features-{dataset}-{split}-{shard}")
 def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: dict, shard: int, shard_size: int,
                         device: str = "auto") -> str:

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import stages
-from tasks.caching import EXPENSIVE, CatalogContents, retry_transient
+from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents, retry_transient
 
 # A new pipeline run has a new MLflow parent run; the work it would redo is the same.
 STAGE_CACHE = EXPENSIVE - "parent_run_id"
@@ -24,7 +24,7 @@ TRACKING_RETRIES = dict(retries=3, retry_delay_seconds=[5, 20, 80], retry_jitter
 
 
 # Never retried: a failed training run resumes from its own last checkpoint when run again.
-@task(name="train-stage", cache_policy=TRAIN_CACHE, persist_result=True, task_run_name="train-{stage}")
+@task(name="train-stage", cache_policy=TRAIN_CACHE, **PERSISTED, task_run_name="train-{stage}")
 def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | None = None,
                 init_from: str | None = None, device: str = "auto", features: list[str] | None = None,
                 previous: str | None = None) -> dict:
@@ -34,14 +34,14 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
                               device=device, previous=previous)
 
 
-@task(name="evaluate", cache_policy=EVALUATION_CACHE, persist_result=True, task_run_name="evaluate-{dataset}-{split}")
+@task(name="evaluate", cache_policy=EVALUATION_CACHE, **PERSISTED, task_run_name="evaluate-{dataset}-{split}")
 def evaluate_checkpoint(workspace: Path, checkpoint: str, dataset: str, split: str, parent_run_id: str | None = None,
                         gallery_size: int = 50, device: str = "auto", features: list[str] | None = None) -> dict:
     return stages.evaluate(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
                            gallery_size=gallery_size, device=device)
 
 
-@task(name="register-captioner", cache_policy=EXPENSIVE, persist_result=True, **TRACKING_RETRIES)
+@task(name="register-captioner", cache_policy=EXPENSIVE, **PERSISTED, **TRACKING_RETRIES)
 def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str) -> dict:
     return stages.register_captioner(workspace, checkpoint, run_id, name=name)
 

@@ -5,11 +5,13 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -196,3 +198,87 @@ def test_bundle_holds_the_adapter_and_each_local_backbone_under_its_role(standin
     assert Path(artifacts[VISION_WEIGHTS]).read_bytes() == b"vision weights"
     assert sorted(p.name for p in Path(artifacts[CHECKPOINT]).iterdir()) == ["adapter_config.json",
                                                                             "adapter_model.safetensors"]
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few dozen bytes whose header claims width x height pixels (a decompression bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(width + 1))) + \
+        chunk(b"IEND", b"")
+
+
+def refusal(url: str, inputs: list) -> tuple[int, dict, int]:
+    """(status, JSON body, body length) of a request the server answers with an error."""
+    with pytest.raises(urllib.error.HTTPError) as error:
+        post(url, {"inputs": inputs})
+    body = error.value.read()
+    return error.value.code, json.loads(body), len(body)
+
+
+@pytest.mark.slow
+def test_served_model_answers_bad_requests_with_a_message_alone_and_lives_on(served_model, expected_caption):
+    url = f"{served_model}/invocations"
+    bomb = base64.b64encode(png_claiming(30_000, 30_000)).decode()  # 900 million pixels
+    near_limit = base64.b64encode(png_claiming(9_000, 9_000)).decode()  # 81 million, under PIL's own limit
+    oversize = base64.b64encode(os.urandom(21_000_000)).decode()
+    cases = [([png_base64(render_shape_image("red", "circle")), bomb], "input 1: too large to decode"),
+             (["not an image"], "input 0: not a base64-encoded image"),
+             ([near_limit] * 3, "over the limit of 200 million (max_request_megapixels)"),
+             ([oversize], "21.0 MB of images, over the limit of 20 MB (max_request_mb)")]
+    for inputs, reason in cases:
+        status, body, length = refusal(url, inputs)
+        assert "stack_trace" not in body and "Traceback" not in body["message"], body
+        assert status == 400 and body["error_code"] == "BAD_REQUEST", body
+        assert reason in body["message"], body["message"]
+        assert length < 1000  # the input is not sent back
+    image = png_base64(render_shape_image("red", "circle"))
+    assert post(url, {"inputs": [image]}) == {"predictions": [expected_caption]}
+
+
+class FailingCaptioner:
+    def caption_images(self, images, decoding):
+        raise RuntimeError("CUDA out of memory in /srv/secret/model.py")
+
+
+def bare_model(limits=None, captioner=None):
+    from storage.captioner_model import CaptionerModel, RequestLimits
+
+    model = CaptionerModel()
+    model.accept_file_paths, model.limits, model.decoding = False, limits or RequestLimits(), DECODING
+    model.captioner = captioner or FailingCaptioner()
+    return model
+
+
+def test_a_request_over_the_limits_is_refused_before_any_image_is_decoded(monkeypatch):
+    import storage.captioner_model as served
+    from storage.captioner_model import RequestLimits, ServingError
+
+    decoded = []
+    monkeypatch.setattr(served, "decode_file", lambda data: decoded.append(data))
+    small = base64.b64encode(png_claiming(1_000, 1_000)).decode()  # 1 million pixels
+    model = bare_model(RequestLimits(max_request_mb=0.001, max_request_megapixels=2.5))
+    with pytest.raises(ServingError, match=r"0.0 MB of images, over the limit of 0.001 MB \(max_request_mb\)"):
+        model.predict([base64.b64encode(bytes(2_000)).decode()])
+    with pytest.raises(ServingError, match=r"3 million pixels, over the limit of 2.5 million"):
+        bare_model(RequestLimits(max_request_megapixels=2.5)).predict([small] * 3)
+    with pytest.raises(ServingError, match="input 1: too large to decode"):
+        bare_model().predict([small, base64.b64encode(png_claiming(30_000, 30_000)).decode()])
+    assert decoded == []
+    assert RequestLimits.from_model_config({"max_request_mb": "5", "decoding": {}}) == RequestLimits(max_request_mb=5)
+
+
+def test_a_captioning_failure_answers_500_with_no_traceback_and_no_input():
+    from storage.captioner_model import ServingError
+
+    image = png_base64(render_shape_image("red", "circle"))
+    with pytest.raises(ServingError) as failure:
+        bare_model().predict([image])
+    error = failure.value
+    error.message = f"Failed to predict data '{[image]}'. \nError: {error.message}"  # what the scoring server does
+    answer = json.loads(error.serialize_as_json())
+    assert error.get_http_status_code() == 500 and answer["error_code"] == "INTERNAL_ERROR"
+    assert answer["message"] == "captioning failed (RuntimeError); see the model server's log"
+    assert "stack_trace" not in answer

@@ -5,9 +5,11 @@ import torch
 from torch.testing import assert_close
 
 from ituning.backbones import BackboneSpec
-from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE, IncompatibleCheckpoint, load_weights_into, save_checkpoint
+from ituning.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, IncompatibleCheckpoint, load_weights_into, save_checkpoint,
+                                settle_folder, write_folder)
 from ituning.model import ITuningCaptioner, ITuningConfig
 from tests.conftest import VISUAL_WIDTH, random_visual, tiny_captioner, tiny_language_model
+from tests.interruptions import FileSystemSteps, Killed
 
 SPEC = BackboneSpec(vision_model="tiny-vit", vision_pretrained=None, language_model="tiny-gpt2")
 
@@ -63,3 +65,61 @@ def test_loading_onto_a_different_backbone_is_refused(tmp_path, change):
 def test_a_folder_without_a_checkpoint_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an I-Tuning checkpoint"):
         load_weights_into(tiny_captioner(), tmp_path, SPEC)
+
+
+def write_texts(texts: dict[str, str]):
+    def write(folder):
+        folder.mkdir()
+        for name, text in texts.items():
+            (folder / name).write_text(text)
+
+    return write
+
+
+def folder_texts(folder) -> dict[str, str] | None:
+    return {path.name: path.read_text() for path in folder.iterdir()} if folder.exists() else None
+
+
+OLD, NEW = {"weights": "old weights", "metrics": "old metrics"}, {"weights": "new weights", "metrics": "new metrics"}
+# (kill at step, halfway) over every step of a folder write: 3 steps when there is no folder yet (two
+# files, one rename), 5 when it replaces one (two files, two renames, removing the old folder).
+FRESH_POINTS = [(0, False), (0, True), (1, False), (1, True), (2, False)]
+REPLACING_POINTS = FRESH_POINTS + [(3, False), (4, False), (4, True)]
+
+
+@pytest.mark.parametrize("replacing", [False, True], ids=["fresh", "replacing"])
+def test_a_folder_write_keeps_a_whole_folder_at_every_step(tmp_path, replacing):
+    target = tmp_path / "best"
+    if replacing:
+        write_folder(target, write_texts(OLD))
+    steps = FileSystemSteps(tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        steps.install(patch)
+        write_folder(target, write_texts(NEW))
+    assert [kind for kind, _ in steps.steps] == (
+        ["write", "write", "rename", "rename", "remove"] if replacing else ["write", "write", "rename"])
+    assert folder_texts(target) == NEW and sorted(path.name for path in tmp_path.iterdir()) == ["best"]
+
+
+@pytest.mark.parametrize("replacing, at, halfway",
+                         [(False, *point) for point in FRESH_POINTS] + [(True, *point) for point in REPLACING_POINTS])
+def test_a_killed_folder_write_settles_to_the_old_or_the_new_folder(tmp_path, replacing, at, halfway):
+    target = tmp_path / "best"
+    if replacing:
+        write_folder(target, write_texts(OLD))
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Killed):
+        FileSystemSteps(tmp_path, kill_at=at, halfway=halfway).install(patch)
+        write_folder(target, write_texts(NEW))
+    for kill_at in range(10):  # settling may be killed too, again and again: each try gets one step further
+        with pytest.MonkeyPatch.context() as patch:
+            FileSystemSteps(tmp_path, kill_at=kill_at, halfway=True).install(patch)
+            try:
+                settle_folder(target)
+                break
+            except Killed:
+                continue
+    settle_folder(target)
+    assert folder_texts(target) in ([OLD, NEW] if replacing else [None, NEW])
+    assert sorted(path.name for path in tmp_path.iterdir()) == (["best"] if target.exists() else [])
+    write_folder(target, write_texts(NEW))  # and the next write goes through
+    assert folder_texts(target) == NEW and sorted(path.name for path in tmp_path.iterdir()) == ["best"]

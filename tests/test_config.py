@@ -85,3 +85,20 @@ def test_yaml_floats_without_a_dot_and_file_errors(tmp_path):
     path.write_text("name: x\nstages:\n  - name: a\n    dataset: coco\n    epochs: 1\n    colour: red\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: stages\[0\].colour: unknown key"):
         load_config(path)
+
+
+@pytest.mark.parametrize("name", ["../../victim", "..", ".", "", "runs/x", "a\\b", ".hidden", "-rf", "two words",
+                                  "x" * 65, "café", "name\n"])
+def test_run_and_stage_names_are_single_safe_folder_names(name):
+    with pytest.raises(ConfigError, match=r"^name: must be a folder name"):
+        config_from_dict({**minimal(), "name": name})
+    with pytest.raises(ConfigError, match=r"^stages\[0\]\.name: must be a folder name"):
+        config_from_dict({"name": "x", "stages": [{**minimal()["stages"][0], "name": name}]})
+
+
+def test_folder_names_that_are_fine_and_stage_names_that_differ_only_in_case():
+    stages = [minimal()["stages"][0] | {"name": "Stage_1.v2"}, minimal()["stages"][0] | {"name": "x" * 64}]
+    config = config_from_dict({"name": "coco-gpt2-large-drop18-vlp", "stages": stages})
+    assert [stage.name for stage in config.stages] == ["Stage_1.v2", "x" * 64]
+    with pytest.raises(ConfigError, match=r"^stages: stage names must differ \(ignoring case\)"):
+        config_from_dict({"name": "x", "stages": [stages[0], stages[0] | {"name": "stage_1.V2"}]})

@@ -1,6 +1,7 @@
 """The HDF5 feature cache: exact, resumable, rebuilt on change, verifiable, readable from workers."""
 
 import filecmp
+import json
 import os
 import pickle
 import random
@@ -18,6 +19,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import storage.features
 from ituning.backbones import BackboneSpec, load_vision_encoder
 from ituning.images import open_rgb
 from ituning.standins import save_vision_standin
@@ -65,6 +67,16 @@ def assert_same_cache(built: Path, reference: Path):
     assert sorted(path.name for path in built.iterdir()) == names
     for name in names:
         assert filecmp.cmp(built / name, reference / name, shallow=False), name
+
+
+def as_built_before_checksums(cache: Path):
+    """A cache as versions before shard checksums wrote it: no .sha256 files, none in the entry point."""
+    for path in cache.glob("shard-*.h5.sha256"):
+        path.unlink()
+    manifest = json.loads((cache / ENTRY_NAME).read_text())
+    for shard in manifest["shards"]:
+        del shard["sha256"]
+    (cache / ENTRY_NAME).write_text(json.dumps(manifest))
 
 
 def direct_tokens(encoder, images, device="cpu") -> dict[str, torch.Tensor]:
@@ -159,8 +171,10 @@ def test_run_killed_mid_shard_resumes_to_identical_files(images, spec, encoder, 
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     left = sorted(path.name for path in out.iterdir())
-    assert left[0] == "shard-00000.h5" and left[1].startswith("shard-00001.h5.tmp-") and len(left) == 2
-    report = extract_features(images, spec, out, SETTINGS, encoder=encoder)
+    temp = [name for name in left if name.startswith("shard-00001.h5.tmp-")]
+    assert len(temp) == 1 and left == sorted(["shard-00000.h5", "shard-00000.h5.sha256", *temp,
+                                              *(f"shard-0000{k}.h5.lock" for k in range(3))])  # the dead run's
+    report = extract_features(images, spec, out, SETTINGS, encoder=encoder)  # takes over its locks at once
     assert report.reused_shards == [0] and report.encoded_shards == [1, 2]
     assert_same_cache(out, reference)
 
@@ -177,7 +191,7 @@ def test_failure_mid_shard_leaves_no_partial_shard(images, spec, encoder, refere
     monkeypatch.setattr(type(encoder), "forward", failing_forward)
     with pytest.raises(RuntimeError, match="device lost"):
         extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["shard-00000.h5"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["shard-00000.h5", "shard-00000.h5.sha256"]
     monkeypatch.undo()
     extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
     assert_same_cache(tmp_path, reference)
@@ -195,7 +209,8 @@ def test_non_finite_tokens_stop_the_shard_and_are_never_written(images, spec, en
     with pytest.raises(RuntimeError, match="shard writer failed") as failure:
         extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
     assert "non-finite tokens for ['0007', '0008']" in str(failure.value.__cause__)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["shard-00000.h5"]
+    assert "non-finite tokens" in str(failure.value)  # the cause is in the message a command line shows
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["shard-00000.h5", "shard-00000.h5.sha256"]
 
 
 def test_float32_storage_keeps_the_encoder_output_exactly(images, spec, encoder, tmp_path):
@@ -298,6 +313,80 @@ def test_verify_compares_ids_with_the_catalog(images, reference):
     assert not verify_feature_cache(reference / "missing" / ENTRY_NAME, expected).ok
 
 
+def truncate(shard: Path):
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def overwrite_tokens_in_place(shard: Path):
+    """Finite values over one token row's bytes: the file still opens and holds no NaN/Inf."""
+    with h5py.File(shard, "r") as handle:
+        offset = handle["tokens"].id.get_chunk_info(2).byte_offset
+    with open(shard, "r+b") as raw:
+        raw.seek(offset + 64)
+        raw.write(np.full(16, 0.5, dtype=np.float16).tobytes())
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (truncate, "shard-00001.h5: cannot be read (Unable to synchronously open file (truncated file"),
+    (overwrite_tokens_in_place, "shard-00001.h5: checksum mismatch: its bytes changed after it was written"),
+])
+def test_a_damaged_shard_is_named_by_verify_and_encoded_again_by_the_next_build(images, spec, encoder, reference,
+                                                                                tmp_path, damage, problem):
+    expected, cache = [image_id for image_id, _ in images], tmp_path / "cache"
+    shutil.copytree(reference, cache)
+    damage(cache / "shard-00001.h5")
+    report = verify_feature_cache(cache / ENTRY_NAME, expected)
+    assert len(report.problems) == 1 and report.problems[0].startswith(problem), report.problems
+    rebuilt = extract_features(images, spec, cache, SETTINGS, encoder=encoder)
+    assert rebuilt.encoded_shards == [1] and rebuilt.reused_shards == [0, 2] and list(rebuilt.damaged) == [
+        "shard-00001.h5"]
+    assert_same_cache(cache, reference)
+    assert verify_feature_cache(cache / ENTRY_NAME, expected).ok
+
+
+def test_a_part_build_checks_only_its_own_shards(images, spec, encoder, reference, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference, cache)
+    overwrite_tokens_in_place(cache / "shard-00002.h5")
+    hashed, file_sha256 = [], storage.features.file_sha256
+    monkeypatch.setattr(storage.features, "file_sha256", lambda path: hashed.append(path.name) or file_sha256(path))
+    report = extract_features(images, spec, cache, SETTINGS, shards=[0], encoder=encoder)
+    assert hashed == ["shard-00000.h5"] and report.encoded_shards == [] and report.reused_shards == [0]
+
+
+def test_reading_a_truncated_shard_names_the_file_and_the_command_that_rebuilds_it(reference, tmp_path):
+    workspace = tmp_path / "ws"
+    cache = workspace / "features" / "coco" / "train" / "local-vision-0-random" / "float32-float16"
+    shutil.copytree(reference, cache)
+    truncate(cache / "shard-00001.h5")
+    reader = FeatureReader(cache / ENTRY_NAME)
+    assert reader["0000"].shape == (65, 128)  # the other shards still read
+    with pytest.raises(OSError) as failure:
+        reader["0005"]
+    message = str(failure.value)
+    assert message.startswith(f"{cache / 'shard-00001.h5'}: cannot read this feature shard (")
+    assert f"ituning features --dataset coco --split train --workspace {workspace} --vision " in message
+    loader = DataLoader(TokensById(reader), batch_size=5, num_workers=1)  # the same from a worker process
+    with pytest.raises(OSError) as failure:
+        list(loader)
+    assert str(failure.value).startswith(f"{cache / 'shard-00001.h5'}: cannot read this feature shard (")
+    assert "Traceback" not in str(failure.value)
+
+
+def test_a_cache_without_checksums_still_reads_and_the_next_build_records_them(images, spec, encoder, reference,
+                                                                            tmp_path):
+    expected, cache = [image_id for image_id, _ in images], tmp_path / "cache"
+    shutil.copytree(reference, cache)
+    as_built_before_checksums(cache)
+    report = verify_feature_cache(cache / ENTRY_NAME, expected)
+    assert report.ok and len(report.notes) == 3 and "shard-00000.h5: no checksum recorded" in report.notes[0]
+    assert np.array_equal(FeatureReader(cache / ENTRY_NAME)["0007"], FeatureReader(reference / ENTRY_NAME)["0007"])
+    again = extract_features(images, spec, cache, SETTINGS, encoder=encoder)
+    assert again.encoded_shards == [] and again.reused_shards == [0, 1, 2]
+    assert_same_cache(cache, reference)  # the checksum files and the entry point's, as a new build writes them
+    assert verify_feature_cache(cache / ENTRY_NAME, expected).notes == []
+
+
 class TokensById(Dataset):
     def __init__(self, reader: FeatureReader):
         self.reader = reader
@@ -380,6 +469,7 @@ def test_a_cache_of_the_earlier_layout_is_found_then_moved_into_its_precision(im
     """Before precision folders, a split's cache lay in the encoder folder itself."""
     earlier = encoder_cache_dir(tmp_path, "coco", "train", spec)
     shutil.copytree(reference, earlier)  # built on the CPU: float32-float16
+    as_built_before_checksums(earlier)
     cpu_dir, bf16_dir = (split_cache_dir(tmp_path, "coco", "train", spec, encode) for encode in (CPU, BF16))
     assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == earlier / ENTRY_NAME
     bf16 = extract_features(images, spec, bf16_dir, FeatureSettings(5, BF16), encoder=encoder)

@@ -5,6 +5,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from ituning.backbones import BackboneSpec
@@ -61,6 +62,71 @@ def test_features_command_builds_by_parts_then_verifies(workspace):
         handle["tokens"][0, 0, 0] = np.inf
     damaged = runner.invoke(app, ["features", "verify", *common])
     assert damaged.exit_code == 1 and f"NaN or Inf in 1 row(s): ['{usable_ids[0]}']" in damaged.output
+
+
+def truncate(path: Path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def overwrite_in_place(path: Path):
+    with h5py.File(path, "r") as handle:
+        offset = handle["tokens"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as raw:
+        raw.seek(offset + 64)
+        raw.write(np.full(16, 0.5, dtype=np.float16).tobytes())
+
+
+def test_verify_names_damaged_shards_and_the_build_encodes_them_again(workspace):
+    vision = save_vision_standin(workspace / "vision", seed=0)
+    common = ["--dataset", "coco", "--split", "train", "--workspace", str(workspace), "--vision", vision,
+              "--vision-pretrained", "none", "--device", "cpu"]
+    build = ["features", *common, "--batch-size", "2", "--workers", "0", "--shard-size", "2"]
+    runner = CliRunner()
+    assert runner.invoke(app, build).exit_code == 0
+    cache = split_cache_dir(workspace, "coco", "train", BackboneSpec(vision, None), EncodeSettings(device="cpu"))
+    truncate(cache / "shard-00001.h5")
+    overwrite_in_place(cache / "shard-00002.h5")
+    damaged = runner.invoke(app, ["features", "verify", *common])
+    assert damaged.exit_code == 1 and isinstance(damaged.exception, SystemExit), damaged.output  # no traceback
+    problems = [line for line in damaged.output.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 2, damaged.output
+    assert problems[0].startswith("problem: shard-00001.h5: cannot be read (Unable to synchronously open file")
+    assert problems[1] == "problem: shard-00002.h5: checksum mismatch: its bytes changed after it was written"
+    assert f"ituning features --dataset coco --split train --workspace {workspace} --vision {vision}" in damaged.output
+    rebuilt = runner.invoke(app, build)
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert "damaged: shard-00001.h5: cannot be read" in rebuilt.output
+    assert "damaged: shard-00002.h5: checksum mismatch" in rebuilt.output
+    assert "shards encoded [1, 2], reused [0]" in rebuilt.output and "entry point: " in rebuilt.output
+    verified = runner.invoke(app, ["features", "verify", *common])
+    assert verified.exit_code == 0 and verified.output.endswith("ok\n"), verified.output
+
+
+@pytest.mark.slow
+def test_training_on_a_truncated_shard_names_it_and_the_command_that_rebuilds_it(workspace, standin_backbones,
+                                                                                 monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    config = workspace / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "truncated", "device": "cpu",
+        "model": {"vision_model": standin_backbones.vision_model, "vision_pretrained": None,
+                  "language_model": standin_backbones.language_model},
+        "stages": [{"name": "finetune", "dataset": "coco", "epochs": 1, "batch_size": 4, "micro_batch_size": 4,
+                    "precision": "fp32", "val_split": None}]}))
+    vision = standin_backbones.vision_model
+    runner = CliRunner()
+    built = runner.invoke(app, ["features", "--dataset", "coco", "--split", "train", "--workspace", str(workspace),
+                                "--vision", vision, "--vision-pretrained", "none", "--device", "cpu",
+                                "--workers", "0", "--shard-size", "2"])
+    assert built.exit_code == 0, built.output
+    cache = split_cache_dir(workspace, "coco", "train", BackboneSpec(vision, None), EncodeSettings(device="cpu"))
+    truncate(cache / "shard-00000.h5")
+    result = runner.invoke(app, ["train", "--config", str(config), "--workspace", str(workspace), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {cache / 'shard-00000.h5'}: cannot read"), result.output
+    assert "ituning features --dataset coco --split train" in errors[0] and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("part", ["4/4", "5/4", "a/b", "1/0", "1/4/2", "-1/4", ""])

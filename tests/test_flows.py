@@ -252,3 +252,78 @@ def test_download_datasets_reuses_verified_downloads_and_takes_a_local_corpus(pr
     [corpus] = download_datasets(datasets=["coco"], source="download", workspace=str(tmp_path / "other"),
                                  corpora={"coco": str(folder)})
     assert corpus["corpus"] == str(folder.resolve()) and (tmp_path / "other" / "data" / "coco").resolve() == folder
+
+
+# ---- persisted results: plain JSON, and a planted pickle is never loaded -------------------------
+
+from prefect import flow  # noqa: E402
+
+
+class RunsCode:
+    """Unpickling this writes `marker`: what a planted result file could do on a cache hit."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"import pathlib; pathlib.Path({self.marker!r}).write_text('ran')",)
+
+
+def pickled_record(marker: Path) -> bytes:
+    """A result record as Prefect writes one with its default serializer (cloudpickle), running code when read."""
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    metadata = ResultRecordMetadata(serializer=PickleSerializer(picklelib="cloudpickle"), storage_key="planted")
+    return ResultRecord(result=RunsCode(marker), metadata=metadata).serialize()
+
+
+def result_files() -> set[Path]:
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    return {path for path in Path(PREFECT_LOCAL_STORAGE_PATH.value()).rglob("*") if path.is_file()}
+
+
+def serializers_named(value) -> list[dict]:
+    if isinstance(value, dict):
+        return ([value["serializer"]] if isinstance(value.get("serializer"), dict) else []) + \
+            [found for item in value.values() for found in serializers_named(item)]
+    return [found for item in value for found in serializers_named(item)] if isinstance(value, list) else []
+
+
+@flow
+def demo_corpus(workspace: Path) -> tuple[str, dict]:
+    """How the persisted task write-demo-corpus finished (Completed or Cached), and what it returned."""
+    from tasks.data import write_demo_corpus
+
+    state = write_demo_corpus(workspace, images=15, return_state=True)
+    return state.name, state.result()
+
+
+def test_persisted_task_results_are_plain_json(prefect_server, tmp_path):
+    before = result_files()
+    ran, corpus = demo_corpus(tmp_path / "ws")
+    written = result_files() - before
+    assert ran == "Completed" and written
+    stored = [json.loads(path.read_bytes()) for path in written]  # every file parses as JSON
+    assert corpus in stored  # the return value itself, readable without Prefect
+    assert [serializer["type"] for record in stored for serializer in serializers_named(record)] == ["json"]
+    assert demo_corpus(tmp_path / "ws") == ("Cached", corpus)
+
+
+@pytest.mark.parametrize("planted", ["record", "bare pickle"])
+def test_a_planted_pickle_in_the_result_storage_is_never_loaded(prefect_server, tmp_path, planted):
+    import cloudpickle
+
+    before = result_files()
+    _, corpus = demo_corpus(tmp_path / "ws")
+    written = result_files() - before
+    marker = tmp_path / "code-ran"
+    payload = pickled_record(marker) if planted == "record" else cloudpickle.dumps(RunsCode(marker))
+    for path in written:
+        path.write_bytes(payload)
+    rerun = demo_corpus(tmp_path / "ws")
+    assert not marker.exists()
+    assert rerun == ("Completed", corpus)  # worked out again ...
+    assert all(json.loads(path.read_bytes()) is not None for path in written)  # ... and stored as JSON anew
+    assert demo_corpus(tmp_path / "ws") == ("Cached", corpus)

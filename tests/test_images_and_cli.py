@@ -71,6 +71,19 @@ def test_caption_command_captions_good_files_and_names_bad_ones(standin_checkpoi
         assert f"error: {image_files[key]}:" in result.stderr
 
 
+def test_caption_command_skips_an_image_over_the_pixel_limit(standin_checkpoint, image_files, tmp_path):
+    from tests.test_image_decoding import HUGE_REASON, write_huge_png
+
+    huge = write_huge_png(tmp_path / "huge.png")
+    paths = [str(image_files["good"]), str(huge), str(image_files["png_named_jpg"])]
+    result = runner.invoke(app, ["caption", *paths, "--checkpoint", str(standin_checkpoint), "--beams", "2",
+                                 "--max-length", "4", "--device", "cpu", "--batch-size", "2"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [paths[0], paths[2]]
+    assert [line for line in result.stderr.splitlines() if str(huge) in line] == [f"error: {huge}: {HUGE_REASON}"]
+    assert "Traceback" not in result.stderr
+
+
 def test_caption_command_reports_a_missing_checkpoint(tmp_path, image_files):
     result = runner.invoke(app, ["caption", str(image_files["good"]), "--checkpoint", str(tmp_path)])
     assert result.exit_code == 2 and "not an I-Tuning checkpoint" in result.stderr

@@ -1,5 +1,8 @@
 """The plumbing's plain parts: what a config needs, cache keys, retry conditions, the summary markdown."""
 
+import json
+from pathlib import Path
+
 import httpx
 import pytest
 from prefect.cache_policies import INPUTS
@@ -163,3 +166,55 @@ def test_catalog_fingerprints_are_the_feature_cache_digest_and_cover_captions(tm
     assert train == catalog_fingerprint(workspace, [("coco", "train")])
     assert len({train, catalog_fingerprint(workspace, [("coco", "train")], captions=False),
                 catalog_fingerprint(workspace, [("coco", "train"), ("coco", "val")])}) == 3
+
+
+def test_every_task_that_keeps_its_result_stores_plain_json_read_through_checked_metadata():
+    import importlib
+    import pkgutil
+
+    from prefect import Task
+    from prefect.cache_policies import NO_CACHE
+
+    import tasks
+    from tasks.caching import RESULT_SERIALIZER, ResultMetadata
+
+    found = {value.name: value for module in pkgutil.iter_modules(tasks.__path__)
+             for value in vars(importlib.import_module(f"tasks.{module.name}")).values() if isinstance(value, Task)}
+    kept = [task for task in found.values() if task.persist_result or task.cache_policy not in (None, NO_CACHE)]
+    assert {task.name for task in kept} >= {"write-demo-corpus", "build-catalog", "cache-feature-shard",
+                                            "train-stage", "evaluate", "register-captioner"}
+    for task in kept:
+        assert task.persist_result and task.result_serializer == RESULT_SERIALIZER, task.name
+        assert isinstance(task.cache_policy.key_storage, ResultMetadata), task.name
+
+
+def test_result_metadata_reads_only_plain_json_records(tmp_path):
+    import asyncio
+
+    from prefect.serializers import JSONSerializer, PickleSerializer
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tasks.caching import RESULT_SERIALIZER, ResultMetadata
+
+    def record(serializer, result_file) -> bytes:
+        return json.dumps({"storage_key": str(result_file), "serializer": json.loads(serializer.model_dump_json()),
+                           "expiration": None, "prefect_version": "3", "storage_block_id": None}).encode()
+
+    (tmp_path / "good").write_text('{"coco": "manifest.json"}')
+    (tmp_path / "pickled").write_bytes(b"\x80\x05K\x01.")
+    storage = ResultMetadata()
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path}):
+        assert storage._resolve_path("key") == tmp_path.resolve() / "metadata" / "key"
+        cases = {"json": record(RESULT_SERIALIZER, tmp_path / "good"),
+                 "pickle": record(PickleSerializer(picklelib="cloudpickle"), tmp_path / "good"),
+                 "hooks": record(JSONSerializer(), tmp_path / "good"),  # Prefect's default JSON builds named types
+                 "result not json": record(RESULT_SERIALIZER, tmp_path / "pickled"),
+                 "result elsewhere": record(RESULT_SERIALIZER, Path("/dev/zero")),
+                 "not a record": b"\x80\x05K\x01."}
+        for name, content in cases.items():
+            storage.write_path(name, content, _sync=True)
+        assert storage.read_path("json", _sync=True) == cases["json"]
+        assert asyncio.run(storage.aread_path("json")) == cases["json"]  # what async tasks call
+        for name in ("pickle", "hooks", "result not json", "result elsewhere", "not a record"):
+            with pytest.raises(ValueError, match="not a plain JSON record"):
+                storage.read_path(name, _sync=True)

@@ -118,3 +118,60 @@ def test_parallel_image_check_equals_the_serial_one(tmp_path):
     serial = inspect_images(paths, workers=1)
     assert inspect_images(paths, workers=2, parallel_from=1) == serial
     assert [status for status, *_ in serial[:4]] == ["ok", "ok", "unreadable", "missing"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"filepath": "../.."}, r"images\[0\].filepath is '../..'; expected a path inside the data folder"),
+    ({"filepath": "/home"}, r"images\[0\].filepath is '/home'"),
+    ({"filepath": "C:\\data"}, r"images\[0\].filepath is 'C:\\\\data'"),
+    ({"filename": "..\\..\\x.jpg"}, r"images\[0\].filename is"),
+    ({"filename": "a\0.jpg"}, r"images\[0\].filename is"),
+    ({"sentences": [{"raw": "a", "sentid": 1.5}]}, r"images\[0\].sentences\[0\].sentid must be int, not float"),
+    ({"sentences": [{"raw": "a", "sentid": True}]}, r"images\[0\].sentences\[0\].sentid must be int, not bool"),
+])
+def test_karpathy_paths_stay_in_the_data_folder_and_ids_are_integers(tmp_path, changes, message):
+    path = write(tmp_path / "dataset_coco.json", {"images": [karpathy_image(**changes)]})
+    with pytest.raises(MalformedInput, match=f"dataset_coco.json: field {message}"):
+        read_karpathy(path, "coco")
+    with pytest.raises(MalformedInput, match=f"dataset_coco.json: field {message}"):
+        read_karpathy_split(path, tmp_path, "train")
+
+
+def test_karpathy_split_reader_names_a_file_that_is_not_an_object(tmp_path):
+    path = write(tmp_path / "corpus.json", [karpathy_image()])
+    with pytest.raises(MalformedInput, match="corpus.json: expected a JSON object at the top level, found list"):
+        read_karpathy_split(path, tmp_path, "train")
+    flickr = write(tmp_path / "flickr.json", {"images": [{"filename": "../1.jpg", "split": "train", "sentences": []}]})
+    with pytest.raises(MalformedInput, match=r"flickr.json: field images\[0\].filename is '../1.jpg'"):
+        read_karpathy_split(flickr, tmp_path, "train")
+
+
+def vg_files(tmp_path, **changes):
+    image = {"image_id": 1, "url": "https://cs.stanford.edu/people/rak248/VG_100K/1.jpg", "width": 8, "height": 8,
+             "coco_id": None, **changes}
+    regions = [{"id": 1, "regions": [{"region_id": 10, "phrase": "a cat"}]}]
+    return write(tmp_path / "image_data.json", [image]), write(tmp_path / "region_descriptions.json", regions)
+
+
+def test_visual_genome_paths_and_numbers_are_checked(tmp_path):
+    assert read_visual_genome(*vg_files(tmp_path), {}).images[0].path == "VG_100K/1.jpg"
+    assert read_visual_genome(*vg_files(tmp_path, url="https://host/1.jpg"), {}).images[0].path == "1.jpg"
+    for url in ("https://host/VG_100K/..", "https://host/a/../.."):
+        with pytest.raises(MalformedInput, match=r"image_data.json: field \[0\].url is .*inside the data folder"):
+            read_visual_genome(*vg_files(tmp_path, url=url), {})
+    with pytest.raises(MalformedInput, match=r"field \[0\].width must be int, not str"):
+        read_visual_genome(*vg_files(tmp_path, width="8"), {})
+    with pytest.raises(MalformedInput, match=r"field \[0\].height is 4294967296; expected an integer from 0"):
+        read_visual_genome(*vg_files(tmp_path, height=2**32), {})
+    with pytest.raises(MalformedInput, match=r"field \[0\].coco_id must be int, not str"):
+        read_visual_genome(*vg_files(tmp_path, coco_id="12"), {})
+
+
+def test_nocaps_file_names_and_sizes_are_checked(tmp_path):
+    for name in ("../../x.jpg", "/etc/hostname"):
+        info = write(tmp_path / "info.json", {"images": [nocaps_image(0, file_name=name)]})
+        with pytest.raises(MalformedInput, match=rf"info.json: field images\[0\].file_name is '{name}'"):
+            read_nocaps(info, "val")
+    info = write(tmp_path / "info.json", {"images": [nocaps_image(0, width=-1)]})
+    with pytest.raises(MalformedInput, match=r"info.json: field images\[0\].width is -1"):
+        read_nocaps(info, "val")

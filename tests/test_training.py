@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +308,32 @@ def test_a_kill_during_the_checkpoint_swap_resumes_from_the_previous_one(standin
     train_run(config, {"finetune": stage_data()}, tmp_path, cider_scorer, [resumed], progress=False)
     assert [step for step, _ in resumed.steps] == [4, 5, 6]
     assert (stage_dir / "last").is_dir() and not (stage_dir / "last.previous").exists()
+
+
+def test_a_run_killed_before_removing_the_previous_checkpoint_resumes_and_checkpoints_again(standin_backbones,
+                                                                                            tmp_path):
+    config = run_config(standin_backbones, [stage_dict(epochs=2, val_split=None, checkpoint_every_steps=1)])
+    uninterrupted = Recorder()
+    train_run(config, {"finetune": stage_data()}, tmp_path / "a", cider_scorer, [uninterrupted], progress=False)
+    killed = Recorder(stop_at_step=3)  # checkpoints of steps 1 and 2 written
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, {"finetune": stage_data()}, tmp_path / "b", cider_scorer, [killed], progress=False)
+    stage_dir = tmp_path / "b" / "finetune"
+    shutil.copytree(stage_dir / "last", stage_dir / "last.previous")  # the new `last` in, the old one not yet gone
+    resumed = Recorder()
+    train_run(config, {"finetune": stage_data()}, tmp_path / "b", cider_scorer, [resumed], progress=False)
+    assert [(step, metrics["loss"]) for step, metrics in resumed.steps] == [
+        (step, metrics["loss"]) for step, metrics in uninterrupted.steps[2:]]
+    assert sorted(path.name for path in stage_dir.iterdir()) == ["final", "last"]
+
+
+def test_a_final_checkpoint_without_its_metrics_is_not_finished_and_is_written_again(standin_backbones, tmp_path):
+    config = run_config(standin_backbones, [stage_dict(epochs=1, val_split=None)])
+    train_run(config, {"finetune": stage_data()}, tmp_path, cider_scorer, progress=False)
+    final = tmp_path / "finetune" / "final"
+    written = {path.name: path.read_bytes() for path in final.iterdir()}
+    (final / "metrics.json").unlink()  # killed after the weights, before the metrics
+    rerun = Recorder()
+    [result] = train_run(config, {"finetune": stage_data()}, tmp_path, cider_scorer, [rerun], progress=False)
+    assert rerun.steps == [] and result.final_dir == final  # nothing trains again: the last checkpoint is the end
+    assert {path.name: path.read_bytes() for path in final.iterdir()} == written

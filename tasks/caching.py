@@ -35,7 +35,14 @@ from storage.downloads import DownloadError, TransientFailure
 IDENTITY_FILE = ".workspace-id"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The standard library's json with no hooks: no type named in a file is ever imported or built.
-RESULT_SERIALIZER = JSONSerializer(object_encoder=None, object_decoder=None)
+def exception_as_text(value) -> dict:
+    """How a failed task's exception is kept: its type and message as JSON (never read back as code)."""
+    if isinstance(value, BaseException):
+        return {"exception": type(value).__name__, "message": str(value)}
+    raise TypeError(f"a {type(value).__name__} is not plain JSON")
+
+
+RESULT_SERIALIZER = JSONSerializer(object_encoder="tasks.caching.exception_as_text", object_decoder=None)
 PLAIN_JSON = json.loads(RESULT_SERIALIZER.model_dump_json())  # as a record's metadata names it
 _logger = logging.getLogger(__name__)
 

@@ -148,7 +148,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.answer(head=False)
 
     def answer(self, head: bool) -> None:
-        raise NotImplementedError
+        """Each server's own answer: the hub's API and resolve routes, or the CDN's file bytes."""
+        raise NotImplementedError  # the hub and CDN handlers below define it
 
     def send(self, status: int, headers: dict, body: bytes = b"", head: bool = False) -> None:
         self.send_response(status)

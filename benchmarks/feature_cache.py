@@ -8,7 +8,7 @@ On the same rendered JPEGs and the same encoder (ViT-B-16, random weights, 224 p
 interleaved in rounds (each round takes every rounds-th image and runs all three in turn) so that
 other load on the machine falls on all three alike:
   encoder     the forward pass alone on tensors decoded and preprocessed beforehand (the ceiling)
-  pipeline    storage.features.extract_features: decoding in DataLoader workers, batched forward,
+  pipeline    pipeline.features.extract_features: decoding in DataLoader workers, batched forward,
               float16 HDF5 shards written by the writer thread
   per-image   ClipCap-style: decode and preprocess in the main process, one image per forward,
               tokens collected in memory
@@ -40,7 +40,7 @@ from ituning.backbones import BackboneSpec, load_vision_encoder
 from ituning.images import open_rgb
 from common import seconds_on
 from storage.feature_shards import EncodeSettings, ImageFiles, autocast, image_size, split_preprocess
-from storage.features import FeatureSettings, extract_features
+from pipeline.features import FeatureSettings, extract_features
 from storage.scenes import random_scene, render_scene
 
 

@@ -1,5 +1,5 @@
-"""Caption corpora in the Karpathy split format (dataset_coco.json, dataset_flickr30k.json), read
-directly: the images of a split with their captions, and their visual tokens computed in memory.
+"""The images of a small caption corpus with their captions, and their visual tokens computed in
+memory (pipeline/small_corpus.py reads them from a Karpathy split file).
 
 This is the small-corpus path (the synthetic corpus, a user's own data); the full datasets go
 through the catalog and the HDF5 feature cache instead.
@@ -20,28 +20,6 @@ class KarpathyImage:
     image_id: str
     path: Path
     captions: list[str]
-
-
-def read_karpathy_split(json_path: str | Path, image_root: str | Path, split: str) -> list[KarpathyImage]:
-    """The images of one split (train includes restval), sorted by image id: COCO-style entries
-    (with cocoid) by str(cocoid) at root/filepath/filename, others (Flickr30k) by file-name stem at
-    root/flickr30k-images/filename. A file not there is looked for by name anywhere under root
-    (e.g. Flickr30k images unpacked without their folder). The file is read by the catalog's own
-    reader and paths resolved alike, so both agree on ids, paths and splits; a file that is not in
-    that format raises storage.jsonfields.MalformedInput (a ValueError) naming the file and field."""
-    from storage.sources import read_karpathy, resolve_image_paths
-
-    records = read_karpathy(Path(json_path))
-    captions: dict[str, list[str]] = {}
-    for image_id, caption_split, _, text in records.captions:
-        if caption_split == split:
-            captions.setdefault(image_id, []).append(text)
-    rows = [row for row in records.images if row.split == split]
-    paths = resolve_image_paths(Path(image_root), [row.path for row in rows])
-    images = [KarpathyImage(row.image_id, Path(path), captions.get(row.image_id, [])) for row, path in zip(rows, paths)]
-    if not images:
-        raise ValueError(f"{json_path}: no images in split '{split}'")
-    return sorted(images, key=lambda image: image.image_id)
 
 
 def captions_by_id(images: list[KarpathyImage]) -> dict[str, list[str]]:

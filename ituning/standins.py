@@ -175,16 +175,6 @@ def train_language_standin(texts: list[str], tokenizer, settings: StandinTrainin
     return model.eval()
 
 
-def build_trained_standins(karpathy_json: str | Path, image_root: str | Path, directory: str | Path,
-                           settings: StandinTraining = StandinTraining(), progress: bool = True) -> BackboneSpec:
-    """Stand-ins learned from the training split of a corpus in the Karpathy format."""
-    from ituning.karpathy import read_karpathy_split
-
-    images = read_karpathy_split(karpathy_json, image_root, "train")
-    return build_standins_from_images([(image.path, image.captions) for image in images], directory, settings,
-                                      progress)
-
-
 def build_standins_from_images(images: list[tuple[Path, list[str]]], directory: str | Path,
                                settings: StandinTraining = StandinTraining(), progress: bool = True) -> BackboneSpec:
     """Tokenizer, ViT and GPT-2 stand-ins learned from (image file, its captions) pairs, saved under

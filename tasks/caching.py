@@ -29,7 +29,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.serializers import JSONSerializer
 
-from storage import stages
+from pipeline import data
+from pipeline.presets import config_digest
 from storage.downloads import DownloadError, TransientFailure
 
 IDENTITY_FILE = ".workspace-id"
@@ -56,19 +57,6 @@ def workspace_identity(workspace: str | Path) -> str:
     return path.read_text().strip()
 
 
-def config_path(config: str) -> Path:
-    """A preset name (`demo`, `coco-gpt2`) or a path to a YAML file."""
-    candidate = Path(config)
-    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
-        return candidate.resolve()
-    return PROJECT_ROOT / "configs" / f"{config}.yaml"
-
-
-def config_digest(config: str) -> str:
-    path = config_path(config)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
-
-
 @dataclass
 class WorkspaceState(CachePolicy):
     """Keys on the workspace's identity and, when the task reads one, the config file's content."""
@@ -93,7 +81,7 @@ class InputContents(CachePolicy):
         paths = [path for name in self.names for path in _as_list(inputs.get(name))]
         if not paths:
             return None
-        return hashlib.sha256("|".join(stages.content_digest(path) for path in paths).encode()).hexdigest()
+        return hashlib.sha256("|".join(data.content_digest(path) for path in paths).encode()).hexdigest()
 
 
 def the_split(inputs: dict[str, Any]) -> list:
@@ -113,7 +101,7 @@ class CatalogContents(CachePolicy):
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         if "workspace" not in inputs:
             return None
-        return stages.catalog_fingerprint(inputs["workspace"], self.splits(inputs), self.captions)
+        return data.catalog_fingerprint(inputs["workspace"], self.splits(inputs), self.captions)
 
 
 def _as_list(value) -> list:

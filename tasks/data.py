@@ -5,9 +5,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage import stages
+from pipeline import data, presets
 from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents, retry_transient
-from tasks.plan import plan_for_config
+from pipeline.plan import plan_for_config
 
 
 @task(name="plan-pipeline", cache_policy=NO_CACHE)
@@ -18,37 +18,37 @@ def plan_pipeline(config: str, evaluate_on: list[str]) -> dict:
 
 @task(name="write-demo-corpus", cache_policy=EXPENSIVE, **PERSISTED)
 def write_demo_corpus(workspace: Path, images: int, seed: int = 0) -> dict[str, str]:
-    return stages.write_demo_corpus(workspace, images=images, seed=seed)
+    return data.write_demo_corpus(workspace, images=images, seed=seed)
 
 
 @task(name="download-dataset", cache_policy=EXPENSIVE, **PERSISTED, retries=3,
       retry_delay_seconds=[10, 40, 160], retry_jitter_factor=0.5, retry_condition_fn=retry_transient,
       task_run_name="download-{dataset}")
 def download_dataset(workspace: Path, dataset: str, manifest: str | None = None, images: str | None = None) -> dict:
-    return stages.download(workspace, dataset, manifest=manifest, images=images)
+    return data.download(workspace, dataset, manifest=manifest, images=images)
 
 
 @task(name="use-local-corpus", cache_policy=NO_CACHE, task_run_name="corpus-{dataset}")
 def use_local_corpus(workspace: Path, dataset: str, folder: str) -> dict:
-    return stages.use_local_corpus(workspace, dataset, folder)
+    return data.use_local_corpus(workspace, dataset, folder)
 
 
 @task(name="build-catalog", cache_policy=EXPENSIVE, **PERSISTED)
 def build_catalog(workspace: Path, datasets: list[str], downloads: list[dict] | None = None) -> dict[str, dict]:
     """`downloads` only orders this after the downloads and keys the cache on what they fetched."""
-    return stages.build_catalog(workspace, datasets)
+    return data.build_catalog(workspace, datasets)
 
 
 def standin_split(inputs: dict) -> list:
-    return [stages.STANDIN_SPLIT]
+    return [data.STANDIN_SPLIT]
 
 
 @task(name="build-demo-backbones", cache_policy=EXPENSIVE + CatalogContents(splits=standin_split), **PERSISTED)
 def build_demo_backbones(workspace: Path, catalog: dict, seed: int = 0, steps: int = 100) -> dict:
-    return stages.build_demo_backbones(workspace, seed=seed, vision_steps=steps, language_steps=steps)
+    return data.build_demo_backbones(workspace, seed=seed, vision_steps=steps, language_steps=steps)
 
 
 @task(name="configured-backbones", cache_policy=NO_CACHE)
 def configured_backbones(workspace: Path, config: str) -> dict:
     """The config's backbones, its relative local paths taken from the workspace (the demo's stand-ins)."""
-    return stages.workspace_backbones(workspace, config)
+    return presets.workspace_backbones(workspace, config)

@@ -5,7 +5,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage import stages
+from pipeline import features
 from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents
 
 # A shard reads its split's image list; the captions do not change its tokens.
@@ -16,18 +16,18 @@ SHARD_CACHE = EXPENSIVE + CatalogContents(captions=False)
 def feature_shards(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int,
                    catalog: dict | None = None) -> list[int]:
     """`catalog` orders this after the catalog build."""
-    return stages.feature_shards(workspace, dataset, split, backbones, shard_size=shard_size)
+    return features.feature_shards(workspace, dataset, split, backbones, shard_size=shard_size)
 
 
 @task(name="cache-feature-shard", cache_policy=SHARD_CACHE, **PERSISTED,
       task_run_name="features-{dataset}-{split}-{shard}")
 def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: dict, shard: int, shard_size: int,
                         device: str = "auto") -> str:
-    return stages.cache_feature_shard(workspace, dataset, split, backbones, shard, shard_size=shard_size, device=device)
+    return features.cache_feature_shard(workspace, dataset, split, backbones, shard, shard_size=shard_size, device=device)
 
 
 @task(name="finish-feature-cache", cache_policy=NO_CACHE, task_run_name="features-{dataset}-{split}")
 def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int,
                          shard_files: list[str], device: str = "auto") -> str:
     """Cheap (reuses every shard), so it always runs and re-checks the entry point."""
-    return stages.finish_feature_cache(workspace, dataset, split, backbones, shard_size=shard_size, device=device)
+    return features.finish_feature_cache(workspace, dataset, split, backbones, shard_size=shard_size, device=device)

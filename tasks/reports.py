@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from storage.pipeline_report import pipeline_markdown
+from pipeline.run_summary import pipeline_markdown
 
 
 @task(name="publish-report", cache_policy=NO_CACHE)

@@ -5,7 +5,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage import stages
+from pipeline import evaluation, registry, tracking, training
 from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents, retry_transient
 
 # A new pipeline run has a new MLflow parent run; the work it would redo is the same.
@@ -13,7 +13,7 @@ STAGE_CACHE = EXPENSIVE - "parent_run_id"
 
 
 def stage_splits(inputs: dict) -> list:
-    return stages.stage_splits(inputs["workspace"], inputs["config"], inputs["stage"])
+    return training.stage_splits(inputs["workspace"], inputs["config"], inputs["stage"])
 
 
 TRAIN_CACHE = STAGE_CACHE + CatalogContents(splits=stage_splits)
@@ -30,32 +30,32 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
                 previous: str | None = None) -> dict:
     """`features` (the entry points this stage reads) orders it after the feature cache; `previous`
     is the checkpoint the stage before it produced."""
-    return stages.train_stage(workspace, config, stage, parent_run_id=parent_run_id, init_from=init_from,
+    return training.train_stage(workspace, config, stage, parent_run_id=parent_run_id, init_from=init_from,
                               device=device, previous=previous)
 
 
 @task(name="evaluate", cache_policy=EVALUATION_CACHE, **PERSISTED, task_run_name="evaluate-{dataset}-{split}")
 def evaluate_checkpoint(workspace: Path, checkpoint: str, dataset: str, split: str, parent_run_id: str | None = None,
                         gallery_size: int = 50, device: str = "auto", features: list[str] | None = None) -> dict:
-    return stages.evaluate(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
+    return evaluation.evaluate(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
                            gallery_size=gallery_size, device=device)
 
 
 @task(name="register-captioner", cache_policy=EXPENSIVE, **PERSISTED, **TRACKING_RETRIES)
 def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str) -> dict:
-    return stages.register_captioner(workspace, checkpoint, run_id, name=name)
+    return registry.register_captioner(workspace, checkpoint, run_id, name=name)
 
 
 @task(name="promote-if-better", cache_policy=NO_CACHE, **TRACKING_RETRIES)
 def promote_if_better(workspace: Path, name: str, version: str, evaluation: dict) -> dict:
-    return stages.promote_evaluated(workspace, name, version, evaluation)
+    return registry.promote_evaluated(workspace, name, version, evaluation)
 
 
 @task(name="start-pipeline-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)
 def start_pipeline_run(workspace: Path, name: str, parameters: dict) -> str:
-    return stages.start_pipeline_run(workspace, name, parameters)
+    return tracking.start_pipeline_run(workspace, name, parameters)
 
 
 @task(name="finish-pipeline-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)
 def finish_pipeline_run(workspace: Path, run_id: str, failed: bool = False) -> None:
-    stages.finish_pipeline_run(workspace, run_id, failed=failed)
+    tracking.finish_pipeline_run(workspace, run_id, failed=failed)

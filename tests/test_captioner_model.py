@@ -20,7 +20,7 @@ import pytest
 from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
 from ituning.demo import render_shape_image
-from storage.tracking import ExperimentTracker
+from pipeline.tracking import ExperimentTracker
 from tests.service_logs import assert_clean_log
 
 DECODING = DecodingConfig(num_beams=2, max_length=8)
@@ -159,7 +159,7 @@ def test_served_model_returns_captions_over_rest(served_model, expected_caption)
 
 
 def test_images_arrive_as_base64_and_paths_only_when_allowed(tmp_path):
-    from storage.captioner_model import decode_image
+    from pipeline.captioner_model import decode_image
 
     image = render_shape_image("blue", "square")
     image.save(tmp_path / "shape.png")
@@ -170,7 +170,7 @@ def test_images_arrive_as_base64_and_paths_only_when_allowed(tmp_path):
 
 
 def test_only_bundled_backbones_are_relocated():
-    from storage.captioner_model import LANGUAGE_FOLDER, relocate_backbones
+    from pipeline.captioner_model import LANGUAGE_FOLDER, relocate_backbones
 
     hub = {"vision_model": "ViT-B-16", "vision_pretrained": "openai", "language_model": "gpt2"}
     assert relocate_backbones(hub, {"checkpoint": "/m/checkpoint"}) == hub
@@ -180,8 +180,8 @@ def test_only_bundled_backbones_are_relocated():
 
 def test_bundle_holds_the_adapter_and_each_local_backbone_under_its_role(standin_checkpoint, tmp_path):
     from ituning.checkpoint import CONFIG_FILE
-    from storage.captioner_model import CHECKPOINT, VISION_WEIGHTS
-    from storage.tracking import bundled_artifacts
+    from pipeline.captioner_model import CHECKPOINT, VISION_WEIGHTS
+    from pipeline.tracking import bundled_artifacts
 
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(standin_checkpoint, checkpoint)
@@ -244,7 +244,7 @@ class FailingCaptioner:
 
 
 def bare_model(limits=None, captioner=None):
-    from storage.captioner_model import CaptionerModel, RequestLimits
+    from pipeline.captioner_model import CaptionerModel, RequestLimits
 
     model = CaptionerModel()
     model.accept_file_paths, model.limits, model.decoding = False, limits or RequestLimits(), DECODING
@@ -253,8 +253,8 @@ def bare_model(limits=None, captioner=None):
 
 
 def test_a_request_over_the_limits_is_refused_before_any_image_is_decoded(monkeypatch):
-    import storage.captioner_model as served
-    from storage.captioner_model import RequestLimits, ServingError
+    import pipeline.captioner_model as served
+    from pipeline.captioner_model import RequestLimits, ServingError
 
     decoded = []
     monkeypatch.setattr(served, "decode_file", lambda data: decoded.append(data))
@@ -271,7 +271,7 @@ def test_a_request_over_the_limits_is_refused_before_any_image_is_decoded(monkey
 
 
 def test_a_captioning_failure_answers_500_with_no_traceback_and_no_input():
-    from storage.captioner_model import ServingError
+    from pipeline.captioner_model import ServingError
 
     image = png_base64(render_shape_image("red", "circle"))
     with pytest.raises(ServingError) as failure:

@@ -1,7 +1,7 @@
 import yaml
 from typer.testing import CliRunner
 
-from ituning.cli import app
+from pipeline.cli import app
 from storage.synthetic import unpack_karpathy_coco, write_corpus
 
 runner = CliRunner()

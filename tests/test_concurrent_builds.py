@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ituning.cli import app
+from pipeline.cli import app
 from ituning.standins import save_vision_standin
 from ituning.backbones import BackboneSpec
 from storage.acquire import download_dataset
 from storage.catalog import Catalog
 from storage.catalog_build import build_dataset
 from storage.feature_shards import EncodeSettings
-from storage.features import split_cache_dir
+from pipeline.features import split_cache_dir
 from storage.manifests import load_manifest
 from storage.synthetic import write_corpus
 from storage.workspace import catalog_path
@@ -50,7 +50,7 @@ def held_cli(target: str, pass_first: int = 0) -> str:
 
         {module}.{attribute} = held
         sys.argv = ["ituning", *sys.argv[2:]]
-        from ituning.cli import main
+        from pipeline.cli import main
         main()
     """)
 

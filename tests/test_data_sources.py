@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from storage import stages
+from pipeline import data
 from storage.acquire import RECORDED_MANIFEST, choose_manifest
 from storage.catalog import Catalog
 from storage.manifests import built_in_manifest
@@ -21,7 +21,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture
 def downloaded(corpus, tmp_path):
     workspace = tmp_path / "workspace"
-    report = stages.download(workspace, "coco", str(corpus.manifests["coco"]))
+    report = data.download(workspace, "coco", str(corpus.manifests["coco"]))
     assert report["fetched"] and not report["failures"]
     return workspace
 
@@ -32,7 +32,7 @@ def test_a_verified_download_is_reused_when_no_manifest_is_given(corpus, downloa
     chosen = choose_manifest(downloaded, "coco")
     assert [item.url for item in chosen.files] == [item["url"] for item in recorded["files"]]
     # The built-in URLs cannot be reached from here: reuse is what lets this finish.
-    again = stages.download(downloaded, "coco")
+    again = data.download(downloaded, "coco")
     assert again["fetched"] == [item["name"] for item in recorded["files"]] and not again["failures"]
 
 
@@ -53,25 +53,25 @@ def test_a_local_corpus_is_used_in_place_and_catalogued(downloaded, tmp_path):
     folder = tmp_path / "my-corpus"
     shutil.copytree(downloaded / "data" / "coco", folder)
     workspace = tmp_path / "other"
-    report = stages.use_local_corpus(workspace, "coco", str(folder))
+    report = data.use_local_corpus(workspace, "coco", str(folder))
     assert report["corpus"] == str(folder.resolve()) and (workspace / "data" / "coco").resolve() == folder.resolve()
-    summaries = stages.build_catalog(workspace, ["coco"])
-    expected = stages.build_catalog(downloaded, ["coco"])
+    summaries = data.build_catalog(workspace, ["coco"])
+    expected = data.build_catalog(downloaded, ["coco"])
     assert summaries["coco"]["by_split"] == expected["coco"]["by_split"] and summaries["coco"]["usable"] > 0
     with Catalog(workspace / "catalog.duckdb", read_only=True) as catalog:
         assert all(str(image.path).startswith(str(workspace / "data" / "coco")) or
                    image.path.resolve().is_relative_to(folder.resolve())
                    for image in catalog.usable_images("coco", "train"))
-    assert stages.use_local_corpus(workspace, "coco", str(folder))["digest"] == report["digest"]
+    assert data.use_local_corpus(workspace, "coco", str(folder))["digest"] == report["digest"]
     (folder / "dataset_coco.json").write_text((folder / "dataset_coco.json").read_text() + " ")
-    assert stages.use_local_corpus(workspace, "coco", str(folder))["digest"] != report["digest"]
+    assert data.use_local_corpus(workspace, "coco", str(folder))["digest"] != report["digest"]
 
 
 def test_a_local_corpus_never_replaces_downloaded_files(downloaded, tmp_path):
     with pytest.raises(FileExistsError, match="already holds downloaded files"):
-        stages.use_local_corpus(downloaded, "coco", str(tmp_path))
+        data.use_local_corpus(downloaded, "coco", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        stages.use_local_corpus(tmp_path / "ws", "coco", str(tmp_path / "nowhere"))
+        data.use_local_corpus(tmp_path / "ws", "coco", str(tmp_path / "nowhere"))
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from ituning.cli import app
+from pipeline.cli import app
 from storage.acquire import download_dataset
 from storage.catalog import Catalog
 from storage.catalog_build import BUILD_ORDER, build_dataset

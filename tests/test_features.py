@@ -19,12 +19,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import storage.features
+import pipeline.features
 from ituning.backbones import BackboneSpec, load_vision_encoder
 from ituning.images import open_rgb
 from ituning.standins import save_vision_standin
 from storage.feature_shards import EncodeSettings, split_preprocess
-from storage.features import (
+from pipeline.features import (
     ENTRY_NAME, FeatureReader, FeatureSettings, build_feature_cache, build_shard, encoder_cache_dir, encoder_slug,
     extract_features, find_feature_entry, image_list_fingerprint, precision_key, split_cache_dir, verify_feature_cache,
 )
@@ -154,7 +154,7 @@ def test_run_killed_mid_shard_resumes_to_identical_files(images, spec, encoder, 
         import ituning
         from ituning.backbones import BackboneSpec, VisionEncoder
         from storage.feature_shards import EncodeSettings, split_preprocess
-        from storage.features import FeatureSettings, build_feature_cache
+        from pipeline.features import FeatureSettings, build_feature_cache
 
         forward, calls = VisionEncoder.forward, []
         def dying_forward(self, pixels):
@@ -348,8 +348,8 @@ def test_a_part_build_checks_only_its_own_shards(images, spec, encoder, referenc
     cache = tmp_path / "cache"
     shutil.copytree(reference, cache)
     overwrite_tokens_in_place(cache / "shard-00002.h5")
-    hashed, file_sha256 = [], storage.features.file_sha256
-    monkeypatch.setattr(storage.features, "file_sha256", lambda path: hashed.append(path.name) or file_sha256(path))
+    hashed, file_sha256 = [], pipeline.features.file_sha256
+    monkeypatch.setattr(pipeline.features, "file_sha256", lambda path: hashed.append(path.name) or file_sha256(path))
     report = extract_features(images, spec, cache, SETTINGS, shards=[0], encoder=encoder)
     assert hashed == ["shard-00000.h5"] and report.encoded_shards == [] and report.reused_shards == [0]
 
@@ -504,7 +504,7 @@ def test_the_same_weights_with_another_activation_are_another_cache(spec, images
     before the activation was right must not pass for one built after."""
     from open_clip.transformer import QuickGELU
 
-    from storage.features import cache_identity
+    from pipeline.features import cache_identity
 
     encoder, quick = load_vision_encoder(spec), load_vision_encoder(spec)
     for module in quick.modules():

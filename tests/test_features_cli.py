@@ -9,13 +9,13 @@ import yaml
 from typer.testing import CliRunner
 
 from ituning.backbones import BackboneSpec
-from ituning.cli import app
+from pipeline.cli import app
 from ituning.standins import save_vision_standin
 from storage.acquire import download_dataset
 from storage.catalog import Catalog
 from storage.catalog_build import build_dataset
 from storage.feature_shards import EncodeSettings
-from storage.features import ENTRY_NAME, FeatureReader, split_cache_dir
+from pipeline.features import ENTRY_NAME, FeatureReader, split_cache_dir
 from storage.manifests import load_manifest
 from storage.synthetic import write_corpus
 from storage.workspace import catalog_path

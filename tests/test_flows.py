@@ -17,7 +17,7 @@ from prefect.utilities.schema_tools import ValidationError, validate
 
 from flows.full_pipeline import full_pipeline
 from flows.parameters import PRESETS
-from storage.features import FeatureReader
+from pipeline.features import FeatureReader
 from tests.flow_fixtures import SMALL_RUN
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def test_full_pipeline_trains_evaluates_and_registers(pipeline_runs):
 def test_rerun_with_nothing_changed_reuses_every_stage_and_says_so(pipeline_runs):
     from mlflow import MlflowClient
 
-    from storage.tracking import tracking_uri
+    from pipeline.tracking import tracking_uri
 
     workspace, first, second = pipeline_runs
     assert all(record["cached"] for record in second["stages"])
@@ -86,7 +86,7 @@ def test_rerun_after_the_catalog_changed_redoes_what_reads_the_changed_split_and
     from mlflow import MlflowClient
 
     from storage.catalog import Catalog
-    from storage.tracking import tracking_uri
+    from pipeline.tracking import tracking_uri
 
     workspace, _, _ = pipeline_runs
     with Catalog(workspace / "catalog.duckdb") as catalog:  # a test image found unusable after the runs
@@ -141,7 +141,7 @@ def test_feature_shards_run_in_dask_worker_processes_that_report_to_the_prefect_
     from flows.cache_features import cache_features, shard_task_runner
     from flows.download_datasets import download_datasets
     from flows.prepare_splits import prepare_splits
-    from storage import stages
+    from pipeline import data, evaluation, features
 
     workspace = str(tmp_path / "ws")
     [report] = download_datasets(datasets=["coco"], workspace=workspace, synthetic_images=30)
@@ -158,7 +158,7 @@ def test_feature_shards_run_in_dask_worker_processes_that_report_to_the_prefect_
     shard_workers = [task["worker"] for task in stream.data if task["key"].startswith("cache_feature_shard-")]
     assert os.getpid() not in worker_pids.values()
     assert not any(psutil.pid_exists(pid) for pid in worker_pids.values())  # the cluster closed its workers
-    shards = {split: stages.feature_shards(workspace, "coco", split, {}, shard_size=4) for split in ("train", "test")}
+    shards = {split: features.feature_shards(workspace, "coco", split, {}, shard_size=4) for split in ("train", "test")}
     assert len(shards["train"]) > 1 and len(shard_workers) == sum(len(indices) for indices in shards.values())
     assert set(shard_workers) <= set(worker_pids)
     shard_runs = [run for run in recorded_task_runs(state.state_details.flow_run_id)
@@ -168,7 +168,7 @@ def test_feature_shards_run_in_dask_worker_processes_that_report_to_the_prefect_
     assert all(run.state.is_completed() for run in shard_runs)
     for split in shards:
         with FeatureReader(entries[f"coco/{split}"]) as features:
-            expected = [image_id for image_id, _ in stages.split_images(workspace, "coco", split)]
+            expected = [image_id for image_id, _ in data.split_images(workspace, "coco", split)]
             assert sorted(features.image_ids) == expected
             tokens = [features[image_id] for image_id in expected]
         assert len({array.shape for array in tokens}) == 1 and all(np.isfinite(array).all() for array in tokens)
@@ -203,8 +203,8 @@ def test_retrain_registers_a_new_version_and_records_the_comparison(pipeline_run
     from mlflow import MlflowClient
 
     from flows.retrain import retrain
-    from storage import stages
-    from storage.tracking import tracking_uri
+    from pipeline import data, evaluation, features
+    from pipeline.tracking import tracking_uri
 
     workspace, first, _ = pipeline_runs
     outcome = retrain(config="demo", workspace=str(workspace), device="cpu")
@@ -213,7 +213,7 @@ def test_retrain_registers_a_new_version_and_records_the_comparison(pipeline_run
     client = MlflowClient(tracking_uri(workspace), registry_uri=tracking_uri(workspace))
     tags = client.get_model_version(model["name"], "2").tags
     assert tags["promotion.champion_version"] == "1" and tags["promotion.promoted"] == str(promotion["promoted"])
-    assert tags["promotion.task"] == stages.evaluation_task(workspace, "coco", "test")
+    assert tags["promotion.task"] == evaluation.evaluation_task(workspace, "coco", "test")
     if client.get_model_version(model["name"], "1").tags["promotion.task"] == tags["promotion.task"]:
         assert promotion["champion"] == pytest.approx(first["test"]["CIDEr"])
         assert promotion["promoted"] == (promotion["candidate"] > promotion["champion"])
@@ -228,7 +228,7 @@ def test_a_failed_retrain_ends_its_mlflow_parent_run_failed(pipeline_runs):
     from mlflow import MlflowClient
 
     from flows.retrain import retrain
-    from storage.tracking import tracking_uri
+    from pipeline.tracking import tracking_uri
 
     workspace, _, _ = pipeline_runs
     client = MlflowClient(tracking_uri(workspace))

@@ -9,7 +9,7 @@ from PIL import Image
 from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
 from ituning.demo import render_shape_image
-from ituning.gallery import gallery_items, write_gallery
+from pipeline.gallery import gallery_items, write_gallery
 from ituning.heatmaps import caption_attention, patch_grid, save_heatmaps
 
 

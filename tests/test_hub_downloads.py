@@ -192,7 +192,7 @@ def full_pipeline(config, **settings):  # stands in for the flow: what matters i
 
 sys.modules["flows.full_pipeline"] = types.ModuleType("flows.full_pipeline")
 sys.modules["flows.full_pipeline"].full_pipeline = full_pipeline
-from ituning.cli import app
+from pipeline.cli import app
 
 for arguments in (["pipeline", "--config", "coco-gpt2", "--source", "download"], ["demo"]):
     before = dict(os.environ)

@@ -104,7 +104,7 @@ def caption_path_pixels(path) -> np.ndarray:
 
 
 def served_model_pixels(path) -> np.ndarray:
-    from storage.captioner_model import decode_image
+    from pipeline.captioner_model import decode_image
 
     return np.asarray(decode_image(base64.b64encode(path.read_bytes()).decode(), accept_file_paths=False))
 
@@ -233,7 +233,7 @@ def test_catalog_build_records_each_fault_and_finishes(tmp_path):
 def test_feature_cache_records_an_over_limit_image_as_unreadable(tmp_path):
     from ituning.backbones import BackboneSpec, load_vision_encoder
     from ituning.standins import save_vision_standin
-    from storage.features import FeatureReader, FeatureSettings, extract_features
+    from pipeline.features import FeatureReader, FeatureSettings, extract_features
 
     spec = BackboneSpec(vision_model=save_vision_standin(tmp_path / "vision", seed=0), vision_pretrained=None)
     for name in ("a", "c"):
@@ -258,7 +258,7 @@ def test_captioning_skips_an_over_limit_image_and_captions_the_rest(tmp_path):
 def test_served_model_refuses_an_over_limit_image_as_a_bad_input(tmp_path):
     from mlflow.exceptions import MlflowException
 
-    from storage.captioner_model import decode_image
+    from pipeline.captioner_model import decode_image
 
     encoded = base64.b64encode(write_huge_png(tmp_path / "huge.png").read_bytes()).decode()
     with pytest.raises(MlflowException, match="900,000,000 pixels"):

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 from storage.catalog import Catalog
-from storage.features import image_list_fingerprint as feature_cache_fingerprint
+from pipeline.features import image_list_fingerprint as feature_cache_fingerprint
 from storage.image_lists import image_list_fingerprint, normalised_path
-from storage.stages import split_images
+from pipeline.data import split_images
 from storage.workspace import catalog_path
 
 

@@ -1,4 +1,4 @@
-"""The MLflow tracking server as `make serve` starts it (storage/services.py), configured as
+"""The MLflow tracking server as `make serve` starts it (pipeline/services.py), configured as
 docs/deployment.md says: runs in PostgreSQL (ITUNING_MLFLOW_BACKEND_URI) and artifacts on
 S3-compatible storage (ITUNING_MLFLOW_ARTIFACTS, MLFLOW_S3_ENDPOINT_URL), here moto's S3 server. A run
 tracked by the pipeline's own ExperimentTracker lands in PostgreSQL's tables, its checkpoint in the
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from storage.services import ServiceSettings, start_mlflow, stop_all
-from storage.tracking import ExperimentTracker
+from pipeline.services import ServiceSettings, start_mlflow, stop_all
+from pipeline.tracking import ExperimentTracker
 from tests.postgres_fixtures import needs_postgres, postgres  # noqa: F401  (postgres is a fixture)
 from tests.service_logs import assert_clean_log
 from tests.test_services import free_port

@@ -8,9 +8,10 @@ import pytest
 from prefect.cache_policies import INPUTS
 
 from storage.downloads import DownloadError, TransientFailure
-from storage.pipeline_report import metrics_cell, pipeline_markdown
-from tasks.caching import WorkspaceState, config_path, is_transient, workspace_identity
-from tasks.plan import plan_for_config
+from pipeline.run_summary import metrics_cell, pipeline_markdown
+from pipeline.presets import config_file as config_path
+from tasks.caching import WorkspaceState, is_transient, workspace_identity
+from pipeline.plan import plan_for_config
 
 
 def test_demo_plan_trains_on_the_synthetic_coco_and_tests_it():
@@ -150,8 +151,8 @@ def test_cache_keys_change_with_the_catalog_contents_a_task_reads_and_only_those
 
 def test_catalog_fingerprints_are_the_feature_cache_digest_and_cover_captions(tmp_path):
     from storage.catalog import Catalog
-    from storage.features import image_list_fingerprint
-    from storage.stages import catalog_fingerprint, split_images
+    from pipeline.features import image_list_fingerprint
+    from pipeline.data import catalog_fingerprint, split_images
 
     workspace = tmp_path / "ws"
     assert catalog_fingerprint(workspace, [("coco", "train")]) == "no catalog"

@@ -1,4 +1,4 @@
-"""Who the Prefect server of `ituning serve` answers (storage/services.py, storage/prefect_server.py).
+"""Who the Prefect server of `ituning serve` answers (pipeline/services.py, flows/server.py).
 
 A web page open in the user's browser must not read the API or start deployments: not from its own
 origin (CORS, CSRF), not under a host name of its own that resolves to 127.0.0.1 (DNS rebinding), not
@@ -13,7 +13,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from storage.services import ServiceSettings, start_prefect, stop_all
+from pipeline.services import ServiceSettings, start_prefect, stop_all
 from tests.service_logs import assert_clean_log
 from tests.test_services import free_port
 
@@ -127,7 +127,7 @@ def test_the_ui_origin_and_the_prefect_client_still_work(prefect_server):
 def test_the_guard_refuses_before_the_app_sees_the_request():
     import asyncio
 
-    from storage.prefect_server import guarded
+    from flows.server import guarded
 
     seen = []
 

@@ -8,8 +8,8 @@ from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
 from ituning.demo import render_shape_image
 from ituning.evaluation import evaluate_split, score_captions
-from ituning.report import write_report
-from storage.tracking import ExperimentTracker
+from pipeline.report import write_report
+from pipeline.tracking import ExperimentTracker
 
 SHAPES = {"21": ("red", "circle"), "22": ("blue", "square"), "23": ("yellow", "circle")}
 

@@ -4,7 +4,7 @@ the run's own folder, whatever the names or links on the way."""
 import pytest
 import yaml
 
-from storage import stages
+from pipeline import training
 
 CHANGED = {"settings": "changed since the checkpoints were written"}
 
@@ -32,15 +32,15 @@ def test_the_stage_cleanup_refuses_a_folder_a_name_or_link_leads_out_to(workspac
     if stage == "link":
         (run_dir / "link").symlink_to(workspace.parent / "victim", target_is_directory=True)
     with pytest.raises(ValueError, match="refusing to empty it"):
-        stages._empty_unless_trained_from(run_dir / stage, CHANGED)
+        training._empty_unless_trained_from(run_dir / stage, CHANGED)
     assert untouched(workspace) and (run_dir / "finetune" / "last").is_dir()
 
 
 def test_the_stage_cleanup_empties_its_own_folder_and_follows_no_link_inside_it(workspace):
     stage_dir = workspace / "runs" / "x" / "finetune"
     (stage_dir / "outside").symlink_to(workspace.parent / "victim", target_is_directory=True)
-    stages._empty_unless_trained_from(stage_dir, CHANGED)
-    assert not (stage_dir / "last").exists() and (stage_dir / stages.TRAINED_FROM).is_file()
+    training._empty_unless_trained_from(stage_dir, CHANGED)
+    assert not (stage_dir / "last").exists() and (stage_dir / training.TRAINED_FROM).is_file()
     assert untouched(workspace)
 
 
@@ -51,5 +51,5 @@ def test_a_run_folder_linked_out_of_the_workspace_runs_is_refused_before_anythin
               "stages": [{"name": "finetune", "dataset": "coco", "epochs": 1}]}
     (workspace / "tiny.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match=r"tiny: the run folder .* not to a folder of .*runs; pass out_dir"):
-        stages.train_stage(workspace, str(workspace / "tiny.yaml"), "finetune")
+        training.train_stage(workspace, str(workspace / "tiny.yaml"), "finetune")
     assert untouched(workspace) and sorted(path.name for path in workspace.iterdir()) == ["runs", "tiny.yaml"]

@@ -1,5 +1,5 @@
 """The weekly retraining is really scheduled: the Prefect server started as `ituning serve` starts it
-(storage/services.py) creates the runs of deployment retrain/retrain-weekly, Mondays 03:00 UTC
+(pipeline/services.py) creates the runs of deployment retrain/retrain-weekly, Mondays 03:00 UTC
 (prefect.yaml), on its own. A schedule can show as active while the server's scheduler fails on
 every loop (SQLAlchemy 2.1 with Prefect 3.8); only the runs it creates show it works."""
 
@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from storage.services import ServiceSettings, start_prefect, stop_all
+from pipeline.services import ServiceSettings, start_prefect, stop_all
 from tests.service_logs import assert_clean_log
 from tests.test_services import free_port
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ituning.cli import app
-from ituning.cli_evaluation import read_captions
+from pipeline.cli import app
+from pipeline.cli_evaluation import read_captions
 from ituning.evaluation import score_by_domain, score_captions, tokenize
 from tests.test_evaluation import CANDIDATES, DOMAINS, REFERENCES
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ituning.images import open_rgb
-from ituning.karpathy import read_karpathy_split
+from pipeline.small_corpus import read_karpathy_split
 from storage.image_check import inspect_image, inspect_images
 from storage.jsonfields import MalformedInput
 from storage.scenes import random_scene, render_scene

@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 from ituning.backbones import LOCAL_DIR
 from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ituning.version import code_version
-from storage import stages
+from pipeline import data, evaluation, features, presets, registry, tracking, training
 from storage.catalog import Catalog
-from storage.features import FeatureReader
-from storage.tracking import PARENT_TAG, STAGE_TAG, ExperimentTracker
+from pipeline.features import FeatureReader
+from pipeline.tracking import PARENT_TAG, STAGE_TAG, ExperimentTracker
 
 TINY_STAGE = {"name": "finetune", "dataset": "coco", "epochs": 2, "batch_size": 8, "micro_batch_size": 8,
               "precision": "fp32", "val_images": 4, "seed": 3, "captions": "random"}
@@ -40,27 +40,27 @@ def tracked_workspace(tmp_path, monkeypatch):
 def test_relative_local_backbones_are_taken_from_the_workspace(tmp_path):
     (tmp_path / "backbones" / "vision").mkdir(parents=True)
     (tmp_path / "backbones" / "language").mkdir()
-    config = stages.resolve_config(str(write_tiny_config(tmp_path / "tiny.yaml")), tmp_path)
+    config = presets.resolve_config(str(write_tiny_config(tmp_path / "tiny.yaml")), tmp_path)
     assert config.model.vision_model == f"{LOCAL_DIR}{(tmp_path / 'backbones' / 'vision').resolve()}"
     assert config.model.language_model == str((tmp_path / "backbones" / "language").resolve())
-    unchanged = stages.resolve_config("coco-gpt2", tmp_path).model  # hub names stay names
+    unchanged = presets.resolve_config("coco-gpt2", tmp_path).model  # hub names stay names
     assert (unchanged.vision_model, unchanged.vision_pretrained, unchanged.language_model) == \
         ("ViT-B-16", "openai", "gpt2")
 
 
 def test_demo_preset_reads_the_catalog_and_the_workspace_backbones(tmp_path):
-    config = stages.resolve_config("demo", tmp_path)  # no backbones yet: the paths stay as written
+    config = presets.resolve_config("demo", tmp_path)  # no backbones yet: the paths stay as written
     assert config.model.vision_model == f"{LOCAL_DIR}backbones/vision"
     assert [stage.dataset for stage in config.stages] == ["coco"]
 
 
 def test_unknown_stage_and_missing_catalog_are_named(tracked_workspace):
     with pytest.raises(ValueError, match="no stage 'pretrain'"):
-        stages.train_stage(tracked_workspace, str(write_tiny_config(tracked_workspace / "t.yaml")), "pretrain")
+        training.train_stage(tracked_workspace, str(write_tiny_config(tracked_workspace / "t.yaml")), "pretrain")
     with pytest.raises(FileNotFoundError, match="catalog build"):
-        stages.feature_shards(tracked_workspace, "coco", "train", {"vision_model": "ViT-B-16"})
+        features.feature_shards(tracked_workspace, "coco", "train", {"vision_model": "ViT-B-16"})
     with pytest.raises(ValueError, match="unknown datasets"):
-        stages.build_catalog(tracked_workspace, ["imagenet"])
+        data.build_catalog(tracked_workspace, ["imagenet"])
 
 
 def registered_versions(tracker, name, cider_values):
@@ -84,11 +84,11 @@ def test_champion_moves_only_to_a_better_candidate(tracked_workspace):
     tracker = ExperimentTracker(workspace=tracked_workspace)
     first, better, worse = registered_versions(tracker, "captioner", [0.5, 0.9, 0.7])
     promote = dict(metric="coco_test/CIDEr", workspace=tracked_workspace)
-    assert without_reason(stages.promote_if_better("captioner", first, **promote)) == \
+    assert without_reason(registry.promote_if_better("captioner", first, **promote)) == \
         {"promoted": True, "candidate": 0.5, "champion": None, "champion_version": first}
-    assert without_reason(stages.promote_if_better("captioner", better, **promote)) == \
+    assert without_reason(registry.promote_if_better("captioner", better, **promote)) == \
         {"promoted": True, "candidate": 0.9, "champion": 0.5, "champion_version": better}
-    assert without_reason(stages.promote_if_better("captioner", worse, **promote)) == \
+    assert without_reason(registry.promote_if_better("captioner", worse, **promote)) == \
         {"promoted": False, "candidate": 0.7, "champion": 0.9, "champion_version": better}
     assert str(tracker.client.get_model_version_by_alias("captioner", "champion").version) == better
     tags = tracker.client.get_model_version("captioner", worse).tags
@@ -97,7 +97,7 @@ def test_champion_moves_only_to_a_better_candidate(tracked_workspace):
         {"promotion.candidate": "0.7", "promotion.champion": "0.9", "promotion.champion_version": better,
          "promotion.promoted": "False"}
     with pytest.raises(ValueError, match="no metric 'BLEU-4'"):
-        stages.promote_if_better("captioner", worse, metric="BLEU-4", workspace=tracked_workspace)
+        registry.promote_if_better("captioner", worse, metric="BLEU-4", workspace=tracked_workspace)
 
 
 def test_a_champion_scored_on_another_task_is_not_compared(tracked_workspace):
@@ -106,10 +106,10 @@ def test_a_champion_scored_on_another_task_is_not_compared(tracked_workspace):
     tracker = ExperimentTracker(workspace=tracked_workspace)
     demo, real, real_worse = registered_versions(tracker, "captioner", [2.0, 1.2, 1.1])
     promote = dict(workspace=tracked_workspace)
-    assert stages.promote_if_better("captioner", demo, "CIDEr", 2.0, task="coco/test@synthetic", **promote)["promoted"]
-    taken_over = stages.promote_if_better("captioner", real, "CIDEr", 1.2, task="coco/test@real", **promote)
+    assert registry.promote_if_better("captioner", demo, "CIDEr", 2.0, task="coco/test@synthetic", **promote)["promoted"]
+    taken_over = registry.promote_if_better("captioner", real, "CIDEr", 1.2, task="coco/test@real", **promote)
     assert taken_over["promoted"] and "not comparable" in taken_over["reason"]
-    kept = stages.promote_if_better("captioner", real_worse, "CIDEr", 1.1, task="coco/test@real", **promote)
+    kept = registry.promote_if_better("captioner", real_worse, "CIDEr", 1.1, task="coco/test@real", **promote)
     assert not kept["promoted"] and kept["champion"] == 1.2 and kept["champion_version"] == real
     assert tracker.client.get_model_version("captioner", real).tags["promotion.task"] == "coco/test@real"
 
@@ -118,17 +118,17 @@ def test_promotion_uses_overall_cider_by_domain_and_is_skipped_without_reference
     tracker = ExperimentTracker(workspace=tracked_workspace)
     val, test = registered_versions(tracker, "captioner", [0.0, 0.0])
     by_domain = {"in-domain": {"CIDEr": 0.9}, "out-domain": {"CIDEr": 0.3}, "overall": {"CIDEr": 0.6}}
-    scored = stages.promote_evaluated(tracked_workspace, "captioner", val,
+    scored = registry.promote_evaluated(tracked_workspace, "captioner", val,
                                       {"metrics": by_domain, "task": "nocaps/val@x"})
     assert scored["promoted"] and scored["candidate"] == 0.6
     assert tracker.client.get_model_version("captioner", val).tags["promotion.metric"] == "overall/CIDEr"
-    skipped = stages.promote_evaluated(tracked_workspace, "captioner", test, {"metrics": {}, "task": "nocaps/test@y"})
+    skipped = registry.promote_evaluated(tracked_workspace, "captioner", test, {"metrics": {}, "task": "nocaps/test@y"})
     assert not skipped["promoted"] and "no CIDEr to compare" in skipped["reason"]
     assert str(tracker.client.get_model_version_by_alias("captioner", "champion").version) == val
 
 
 def test_each_preset_registers_under_its_own_model_name():
-    from tasks.plan import plan_for_config
+    from pipeline.plan import plan_for_config
 
     assert plan_for_config("demo", ["test"]).model_name == "ituning-demo"
     assert plan_for_config("coco-gpt2-vlp", ["test"]).model_name == "ituning-coco-gpt2-vlp"
@@ -140,20 +140,20 @@ def test_a_stage_starts_from_the_callers_checkpoint_else_the_configs_else_the_st
                                       "stages": [{"name": "pretrain", "dataset": "vg", "epochs": 1,
                                                   "train_split": "pretrain", "val_split": None},
                                                  {"name": "finetune", "dataset": "coco", "epochs": 1}]}))
-    run_config, out = stages.resolve_config(str(config), tmp_path), tmp_path / "runs" / "two"
-    assert stages.starting_point(run_config, "pretrain", out) is None
+    run_config, out = presets.resolve_config(str(config), tmp_path), tmp_path / "runs" / "two"
+    assert training.starting_point(run_config, "pretrain", out) is None
     with pytest.raises(FileNotFoundError, match="stage 'pretrain' has not been trained"):
-        stages.starting_point(run_config, "finetune", out)
+        training.starting_point(run_config, "finetune", out)
     (out / "pretrain" / "final").mkdir(parents=True)
     (out / "pretrain" / "final" / WEIGHTS_FILE).write_bytes(b"weights")
-    assert stages.starting_point(run_config, "finetune", out) == str(out / "pretrain" / "final")
-    assert stages.starting_point(run_config, "finetune", out, previous="/just/trained") == "/just/trained"
-    assert stages.starting_point(run_config, "finetune", out, "/given", "/just/trained") == "/given"
+    assert training.starting_point(run_config, "finetune", out) == str(out / "pretrain" / "final")
+    assert training.starting_point(run_config, "finetune", out, previous="/just/trained") == "/just/trained"
+    assert training.starting_point(run_config, "finetune", out, "/given", "/just/trained") == "/given"
     configured = yaml.safe_load(config.read_text())
     configured["stages"][1]["init_from"] = "/from/config"
     config.write_text(yaml.safe_dump(configured))
-    run_config = stages.resolve_config(str(config), tmp_path)
-    assert stages.starting_point(run_config, "finetune", out, previous="/just/trained") == "/from/config"
+    run_config = presets.resolve_config(str(config), tmp_path)
+    assert training.starting_point(run_config, "finetune", out, previous="/just/trained") == "/from/config"
 
 
 def test_a_file_given_by_url_or_path_is_named_after_its_last_segment():
@@ -174,21 +174,21 @@ def pipeline(tmp_path_factory):
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         workspace = tmp_path_factory.mktemp("workspace")
-        manifests = stages.write_demo_corpus(workspace, images=40, seed=1)
-        downloaded = stages.download(workspace, "coco", manifests["coco"])
-        summaries = stages.build_catalog(workspace, ["coco"])
-        backbones = stages.build_demo_backbones(workspace, vision_steps=2, language_steps=2, batch_size=16)
+        manifests = data.write_demo_corpus(workspace, images=40, seed=1)
+        downloaded = data.download(workspace, "coco", manifests["coco"])
+        summaries = data.build_catalog(workspace, ["coco"])
+        backbones = data.build_demo_backbones(workspace, vision_steps=2, language_steps=2, batch_size=16)
         entries = {}
         for split in ("train", "val", "test"):
-            shards = stages.feature_shards(workspace, "coco", split, backbones, shard_size=6)
-            files = [stages.cache_feature_shard(workspace, "coco", split, backbones, k, 6, "cpu") for k in shards]
-            entries[split] = stages.finish_feature_cache(workspace, "coco", split, backbones, 6, "cpu")
+            shards = features.feature_shards(workspace, "coco", split, backbones, shard_size=6)
+            files = [features.cache_feature_shard(workspace, "coco", split, backbones, k, 6, "cpu") for k in shards]
+            entries[split] = features.finish_feature_cache(workspace, "coco", split, backbones, 6, "cpu")
             assert len(shards) > 1 and all(map(lambda f: f.endswith(".h5"), files))
-        parent = stages.start_pipeline_run(workspace, "tiny-pipeline", {"config": "tiny", "seed": 3})
-        trained = stages.train_stage(workspace, str(write_tiny_config(workspace / "tiny.yaml")), "finetune", parent)
-        evaluated = stages.evaluate(workspace, trained["checkpoint"], "coco", "test", parent, gallery_size=3)
-        registered = stages.register_captioner(workspace, trained["checkpoint"], trained["run_id"])
-        stages.finish_pipeline_run(workspace, parent)
+        parent = tracking.start_pipeline_run(workspace, "tiny-pipeline", {"config": "tiny", "seed": 3})
+        trained = training.train_stage(workspace, str(write_tiny_config(workspace / "tiny.yaml")), "finetune", parent)
+        evaluated = evaluation.evaluate(workspace, trained["checkpoint"], "coco", "test", parent, gallery_size=3)
+        registered = registry.register_captioner(workspace, trained["checkpoint"], trained["run_id"])
+        tracking.finish_pipeline_run(workspace, parent)
         yield {"workspace": workspace, "downloaded": downloaded, "summaries": summaries, "backbones": backbones,
                "entries": entries, "parent": parent, "trained": trained, "evaluated": evaluated,
                "registered": registered, "tracker": ExperimentTracker(workspace=workspace)}
@@ -232,7 +232,7 @@ def test_training_is_a_child_run_with_config_data_and_metrics(pipeline):
     saved = {item.path for item in tracker.client.list_artifacts(trained["run_id"], "checkpoint")}
     assert saved == {f"checkpoint/{WEIGHTS_FILE}", f"checkpoint/{CONFIG_FILE}"}
     assert trained["checkpoint"].endswith("best") and trained["best_cider"] is not None
-    again = stages.train_stage(workspace, str(workspace / "tiny.yaml"), "finetune", pipeline["parent"])
+    again = training.train_stage(workspace, str(workspace / "tiny.yaml"), "finetune", pipeline["parent"])
     assert {key: again[key] for key in ("checkpoint", "best_cider", "steps")} == \
         {key: trained[key] for key in ("checkpoint", "best_cider", "steps")}  # a finished stage is not redone
     assert again["run_id"] != trained["run_id"]
@@ -248,17 +248,17 @@ def test_a_finished_stage_is_reused_for_the_same_data_and_trained_afresh_for_cha
     def trained_steps(result) -> list[int]:
         return [m.step for m in tracker.client.get_metric_history(result["run_id"], "loss")]
 
-    reused = stages.train_stage(workspace, config, "finetune")  # the fixture trained it from the same
+    reused = training.train_stage(workspace, config, "finetune")  # the fixture trained it from the same
     assert trained_steps(reused) == [] and reused["checkpoint"] == str(workspace / "runs/tiny/finetune/best")
     with Catalog(workspace / "catalog.duckdb") as catalog:
         image_id = catalog.usable_images("coco", "train")[0].image_id
         catalog.connection.execute("INSERT INTO captions VALUES ('coco', ?, 1000000000, 'a caption added later', "
                                    "'train')", [image_id])
-    changed = stages.train_stage(workspace, config, "finetune")
+    changed = training.train_stage(workspace, config, "finetune")
     assert trained_steps(changed) == [1, 2, 3, 4, 5, 6]  # not the finished checkpoint of the old data
-    record = json.loads((Path(changed["checkpoint"]).parent / stages.TRAINED_FROM).read_text())
-    assert record["data"] == stages.catalog_fingerprint(workspace, [("coco", "train"), ("coco", "val")])
-    again = stages.train_stage(workspace, config, "finetune")
+    record = json.loads((Path(changed["checkpoint"]).parent / training.TRAINED_FROM).read_text())
+    assert record["data"] == data.catalog_fingerprint(workspace, [("coco", "train"), ("coco", "val")])
+    again = training.train_stage(workspace, config, "finetune")
     assert trained_steps(again) == [] and again["checkpoint"] == changed["checkpoint"]
 
 
@@ -285,10 +285,10 @@ def test_registered_captioner_is_promoted_only_when_better(pipeline):
     tracker, registered, workspace = pipeline["tracker"], pipeline["registered"], pipeline["workspace"]
     assert registered["version"] == "1" and registered["model_uri"] == f"runs:/{pipeline['trained']['run_id']}/model"
     cider = pipeline["evaluated"]["metrics"]["CIDEr"]
-    first = stages.promote_if_better(registered["name"], registered["version"], value=cider, workspace=workspace)
+    first = registry.promote_if_better(registered["name"], registered["version"], value=cider, workspace=workspace)
     assert without_reason(first) == {"promoted": True, "candidate": cider, "champion": None, "champion_version": "1"}
-    second = stages.register_captioner(workspace, pipeline["trained"]["checkpoint"], pipeline["trained"]["run_id"])
-    worse = stages.promote_if_better(second["name"], second["version"], value=cider - 0.1, workspace=workspace)
+    second = registry.register_captioner(workspace, pipeline["trained"]["checkpoint"], pipeline["trained"]["run_id"])
+    worse = registry.promote_if_better(second["name"], second["version"], value=cider - 0.1, workspace=workspace)
     assert without_reason(worse) == \
         {"promoted": False, "candidate": cider - 0.1, "champion": cider, "champion_version": "1"}
     assert str(tracker.client.get_model_version_by_alias(registered["name"], "champion").version) == "1"
@@ -299,7 +299,7 @@ def test_registered_captioner_is_promoted_only_when_better(pipeline):
 
 @pytest.mark.slow
 def test_train_command_runs_every_stage_from_the_catalog_tracked(pipeline):
-    from ituning.cli import app
+    from pipeline.cli import app
 
     workspace, tracker = pipeline["workspace"], pipeline["tracker"]
     config = write_tiny_config(workspace / "cli.yaml", epochs=1, val_split=None)
@@ -323,7 +323,7 @@ def test_a_process_other_than_rank_0_trains_without_tracking_or_writing(pipeline
     config = write_tiny_config(workspace / "rank1.yaml", epochs=1, val_split=None)
     before = {run.info.run_id for run in tracker.client.search_runs([tracker.experiment_id])}
     monkeypatch.setenv("RANK", "1")  # as torchrun sets it, read before the process group is joined
-    result = stages.train_stage(workspace, str(config), "finetune", out_dir=str(workspace / "rank1-run"))
+    result = training.train_stage(workspace, str(config), "finetune", out_dir=str(workspace / "rank1-run"))
     assert result["run_id"] is None and result["steps"] == 3
     assert result["checkpoint"] == str(workspace / "rank1-run" / "finetune" / "final")  # where rank 0 writes
     assert not (workspace / "rank1-run" / "finetune").exists()
@@ -337,21 +337,21 @@ def test_nocaps_is_scored_by_domain_and_its_test_split_written_for_the_server(pi
 
     workspace, tracker, checkpoint = pipeline["workspace"], pipeline["tracker"], pipeline["trained"]["checkpoint"]
     manifest = workspace / "synthetic" / "manifests" / "nocaps.json"
-    assert stages.download(workspace, "nocaps", str(manifest))["images"] == 80
-    assert stages.build_catalog(workspace, ["nocaps"])["nocaps"]["by_split"] == {"val": 40, "test": 40}
+    assert data.download(workspace, "nocaps", str(manifest))["images"] == 80
+    assert data.build_catalog(workspace, ["nocaps"])["nocaps"]["by_split"] == {"val": 40, "test": 40}
     for split in ("val", "test"):
-        stages.finish_feature_cache(workspace, "nocaps", split, pipeline["backbones"], device="cpu")
-    val = stages.evaluate(workspace, checkpoint, "nocaps", "val", gallery_size=2, num_beams=2)
+        features.finish_feature_cache(workspace, "nocaps", split, pipeline["backbones"], device="cpu")
+    val = evaluation.evaluate(workspace, checkpoint, "nocaps", "val", gallery_size=2, num_beams=2)
     assert set(val["metrics"]) == {"in-domain", "near-domain", "out-domain", "overall"}
     assert tracker.client.get_run(val["run_id"]).data.metrics["nocaps_val/out-domain/CIDEr"] == \
         val["metrics"]["out-domain"]["CIDEr"]
     assert val["notes"] == [] and "ituning.notes" not in tracker.client.get_run(val["run_id"]).data.tags
     with Catalog(workspace / "catalog.duckdb") as catalog:  # val image info as NoCaps ships it: no domains
         catalog.connection.execute("UPDATE images SET domain = NULL WHERE dataset = 'nocaps' AND split = 'val'")
-    unknown = stages.evaluate(workspace, checkpoint, "nocaps", "val", gallery_size=0, num_beams=1)
+    unknown = evaluation.evaluate(workspace, checkpoint, "nocaps", "val", gallery_size=0, num_beams=1)
     assert set(unknown["metrics"]) == {"overall"} and "domains unknown for all 40 images" in unknown["notes"][0]
-    assert stages.promotion_metric(unknown["metrics"]) == ("overall/CIDEr", unknown["metrics"]["overall"]["CIDEr"])
-    test = stages.evaluate(workspace, checkpoint, "nocaps", "test", gallery_size=2, num_beams=2)
+    assert registry.promotion_metric(unknown["metrics"]) == ("overall/CIDEr", unknown["metrics"]["overall"]["CIDEr"])
+    test = evaluation.evaluate(workspace, checkpoint, "nocaps", "test", gallery_size=2, num_beams=2)
     assert test["metrics"] == {} and "no public references" in test["notes"][0]
     assert "evaluation server's format" in tracker.client.get_run(test["run_id"]).data.tags["ituning.notes"]
     folder = download_artifacts(run_id=test["run_id"], artifact_path="submission", dst_path=str(tmp_path),
@@ -372,11 +372,11 @@ def test_a_later_stage_trained_by_the_pipeline_is_kept_when_retrained_without_a_
     two["name"] = "two-stage"
     two["stages"] = [{**two["stages"][0], "name": "pretrain", "val_split": None}, two["stages"][0]]
     config.write_text(yaml.safe_dump(two))
-    pretrained = stages.train_stage(workspace, str(config), "pretrain")
-    finetuned = stages.train_stage(workspace, str(config), "finetune", previous=pretrained["checkpoint"])
-    record = json.loads((workspace / "runs/two-stage/finetune" / stages.TRAINED_FROM).read_text())
-    assert record["init_from"] == stages.content_digest(pretrained["checkpoint"])
-    again = stages.train_stage(workspace, str(config), "finetune")
+    pretrained = training.train_stage(workspace, str(config), "pretrain")
+    finetuned = training.train_stage(workspace, str(config), "finetune", previous=pretrained["checkpoint"])
+    record = json.loads((workspace / "runs/two-stage/finetune" / training.TRAINED_FROM).read_text())
+    assert record["init_from"] == data.content_digest(pretrained["checkpoint"])
+    again = training.train_stage(workspace, str(config), "finetune")
     assert again["checkpoint"] == finetuned["checkpoint"]
     assert tracker.client.get_metric_history(again["run_id"], "loss") == []  # reused, not trained afresh
     recorded = json.loads((workspace / "runs/two-stage/config.json").read_text())

@@ -5,8 +5,10 @@ from ituning.backbones import load_language_model, load_vision_encoder
 from ituning.checkpoint import load_weights_into
 from ituning.config import config_from_dict
 from ituning.decoding import DecodingConfig
-from ituning.karpathy import captions_by_id, encode_images, read_karpathy_split
-from ituning.standins import StandinTraining, build_trained_standins, clip_text_tokens, train_tokenizer
+from ituning.karpathy import captions_by_id, encode_images
+from pipeline.small_corpus import read_karpathy_split
+from ituning.standins import StandinTraining, clip_text_tokens, train_tokenizer
+from pipeline.small_corpus import build_trained_standins
 from ituning.training import StageData, build_model, evaluate_captions, train_run
 from storage.synthetic import unpack_karpathy_coco, write_corpus
 from tests.training_fixtures import cider_scorer

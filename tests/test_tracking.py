@@ -8,7 +8,7 @@ from mlflow.artifacts import download_artifacts
 
 from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ituning.version import code_version
-from storage.tracking import PARENT_TAG, STAGE_TAG, ExperimentTracker, flatten, flatten_metrics, tracking_uri
+from pipeline.tracking import PARENT_TAG, STAGE_TAG, ExperimentTracker, flatten, flatten_metrics, tracking_uri
 
 
 @dataclass(frozen=True)

@@ -252,7 +252,7 @@ def bundled_artifacts(checkpoint: Path, staging: Path) -> dict[str, str]:
     from ituning.backbones import LOCAL_DIR
     from ituning.checkpoint import read_config
 
-    from storage import captioner_model as names
+    from pipeline import captioner_model as names
 
     backbones = read_config(checkpoint)["backbones"]
     adapter = staging / "checkpoint"
@@ -330,3 +330,13 @@ def _status_kept(client: MlflowClient, run_id: str):
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def start_pipeline_run(workspace: Path, name: str, parameters: dict) -> str:
+    """A parent run with the pipeline's parameters (and its seed, when they hold one); its id."""
+    tracker = ExperimentTracker(workspace=workspace)
+    return tracker.start_pipeline(name, parameters, parameters.get("seed"))
+
+
+def finish_pipeline_run(workspace: Path, run_id: str, failed: bool = False) -> None:
+    ExperimentTracker(workspace=workspace).finish(run_id, failed)

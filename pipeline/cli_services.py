@@ -1,4 +1,4 @@
-"""`ituning serve` / `ituning stop`: the local Prefect and MLflow servers (see storage/services.py)."""
+"""`ituning serve` / `ituning stop`: the local Prefect and MLflow servers (see pipeline/services.py)."""
 
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +14,7 @@ def serve(
     mlflow_port: Annotated[int, typer.Option(envvar="ITUNING_MLFLOW_PORT")] = 5000,
 ):
     """Start Prefect (server, work pool, worker, deployments) and the MLflow UI on 127.0.0.1."""
-    from storage.services import ServiceSettings, start_all
+    from pipeline.services import ServiceSettings, start_all
 
     settings = ServiceSettings(workspace, prefect_port=prefect_port, mlflow_port=mlflow_port)
     start_all(settings)
@@ -24,7 +24,7 @@ def serve(
 
 def stop(workspace: WorkspaceOption = Path("workspace")):
     """Stop the servers started by `ituning serve` (the worker first)."""
-    from storage.services import ServiceSettings, stop_all
+    from pipeline.services import ServiceSettings, stop_all
 
     stopped = stop_all(ServiceSettings(workspace))
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")

@@ -50,6 +50,7 @@ from storage.feature_shards import (
     EncodeSettings, ShardPlan, checksum_path, encode_shards, file_sha256, image_size, read_checksum, read_identity,
     shard_contents, write_checksum,
 )
+from pipeline.data import split_images
 from storage.image_lists import image_list_fingerprint
 from storage.locks import FileLock, LockHeld
 
@@ -493,3 +494,55 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+def _spec(backbones: dict):
+    from ituning.backbones import BackboneSpec
+
+    return BackboneSpec(**backbones)
+
+
+def _feature_settings(shard_size: int, device: str):
+    from ituning.captioner import resolve_device
+    from storage.feature_shards import EncodeSettings
+    return FeatureSettings(shard_size, EncodeSettings(device=resolve_device(device)))
+
+
+def feature_entry(workspace: Path, dataset: str, split: str, backbones: dict, device: str = "auto") -> Path:
+    """The entry point of the split's feature cache for these backbones: the one of `device`'s
+    precision, else a finished one of another precision (pipeline.features.find_feature_entry)."""
+    encode = _feature_settings(1024, device).encode  # the shard size plays no part in where a cache lives
+    return find_feature_entry(Path(workspace), dataset, split, _spec(backbones), encode)
+
+
+def feature_dir(workspace: Path, dataset: str, split: str, backbones: dict, settings) -> Path:
+    """Where the split's feature cache is built at the precision of `settings`."""
+    return split_cache_dir(Path(workspace), dataset, split, _spec(backbones), settings.encode)
+
+
+def feature_shards(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int = 1024) -> list[int]:
+    """The shard indices of the split's cache."""
+    from storage.feature_shards import ShardPlan
+
+    return list(range(ShardPlan(tuple(split_images(workspace, dataset, split)), shard_size).count))
+
+
+def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: dict, shard: int,
+                        shard_size: int = 1024, device: str = "auto") -> str:
+    """Encode one shard of the split's cache (reused when already finished); returns its file."""
+    settings = _feature_settings(shard_size, device)
+    out_dir = feature_dir(workspace, dataset, split, backbones, settings)
+    return str(build_shard(shard, split_images(workspace, dataset, split), _spec(backbones), out_dir, settings))
+
+
+def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int = 1024,
+                         device: str = "auto") -> str:
+    """Write the entry point once every shard exists (encoding any still missing) and verify the
+    cache against the catalog; returns the features.json path. `device` must be the one the
+    shards were encoded on: it decides the compute precision, which is part of the cache identity."""
+    images = split_images(workspace, dataset, split)
+    settings = _feature_settings(shard_size, device)
+    out_dir = feature_dir(workspace, dataset, split, backbones, settings)
+    entry = build_feature_cache(images, _spec(backbones), out_dir, settings)
+    report = verify_feature_cache(entry, [image_id for image_id, _ in images])
+    if not report.ok:
+        raise RuntimeError(f"{entry}: " + "; ".join(report.problems))
+    return str(entry)

@@ -1,7 +1,7 @@
 """`ituning demo` / `ituning pipeline`: the full pipeline in this process (a temporary Prefect
 server starts by itself when PREFECT_API_URL is unset), then what came out and where to look."""
 
-import logging
+import importlib
 import os
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +14,7 @@ QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFL
          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 DEMO = "demo"
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
+FULL_PIPELINE = "flows.in_process:run_full_pipeline"
 
 
 def pipeline_environment(config: str, workspace: Path) -> dict[str, str]:
@@ -26,7 +27,7 @@ def pipeline_environment(config: str, workspace: Path) -> dict[str, str]:
 
 def uses_standins(config: str) -> bool:
     from ituning.config import ConfigError, load_config
-    from storage.stages import config_file
+    from pipeline.presets import config_file
 
     try:
         return load_config(config_file(config)).model.standins
@@ -53,13 +54,11 @@ def pipeline(
     workspace = workspace.resolve()
     (workspace / "prefect").mkdir(parents=True, exist_ok=True)
     for key, value in pipeline_environment(config, workspace).items():
-        os.environ.setdefault(key, value)  # read when prefect is first imported, just below
-    from flows.full_pipeline import full_pipeline
-
-    console_errors_on_one_line()
+        os.environ.setdefault(key, value)  # read when prefect is first imported, by the entrypoint below
+    run_in_process = entrypoint(FULL_PIPELINE)  # imports prefect, which reads the variables just set
     typer.echo(f"Running full-pipeline ({config}) in {workspace}; finished stages are reused ...")
     try:
-        outcome = full_pipeline(config=config, source=source, workspace=str(workspace), synthetic_images=synthetic_images,
+        outcome = run_in_process(config=config, source=source, workspace=str(workspace), synthetic_images=synthetic_images,
                                 device=device, manifests=manifests, corpora=corpora, register_as=register_as)
     except Exception as error:  # the whole traceback stays in the flow run's log
         typer.echo(f"error: {first_line(error)}", err=True)
@@ -86,36 +85,16 @@ def dataset_paths(values: list[str] | None, option: str, kind: str) -> dict[str,
     return chosen
 
 
+def entrypoint(path: str):
+    """The function at "module:name", imported only when a command runs it: the application layer
+    knows the flows by name alone."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
-
-
-def console_errors_on_one_line() -> None:
-    """Prefect's console shows a failed task or flow as one line; its traceback still goes to the
-    flow run's log on the server."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for logger in (logging.getLogger(name) for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs")):
-        for handler in logger.handlers:
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.setFormatter(OneLineFormatter(handler.formatter))
-
-
-class OneLineFormatter(logging.Formatter):
-    """The wrapped formatter's text without the exception's traceback."""
-
-    def __init__(self, wrapped: logging.Formatter | None):
-        super().__init__()
-        self.wrapped = wrapped or logging.Formatter()
-
-    def format(self, record: logging.LogRecord) -> str:
-        saved = record.exc_info, record.exc_text, record.stack_info
-        record.exc_info = record.exc_text = record.stack_info = None
-        try:
-            return self.wrapped.format(record).splitlines()[0]
-        finally:
-            record.exc_info, record.exc_text, record.stack_info = saved
 
 
 def demo(workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = Path("workspace")):
@@ -124,7 +103,7 @@ def demo(workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = 
 
 
 def print_outcome(outcome: dict, workspace: Path) -> None:
-    from storage.tracking import tracking_uri
+    from pipeline.tracking import tracking_uri
 
     for record in outcome["stages"]:
         state = "reused" if record["cached"] else "ran"

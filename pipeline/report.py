@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ituning.evaluation import save_json
-from ituning.gallery import gallery_items, write_gallery
+from pipeline.gallery import gallery_items, write_gallery
 from ituning.heatmaps import render_heatmaps
 
 

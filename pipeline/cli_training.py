@@ -41,23 +41,23 @@ def train(
 
 
 def train_from_catalog(config: Path, workspace: Path, out: Path | None, device: str, fresh: bool) -> list[str]:
-    """Every stage through storage.stages.train_stage, as child runs of one pipeline run (under
+    """Every stage through pipeline.training.train_stage, as child runs of one pipeline run (under
     torchrun every process trains, rank 0 tracks)."""
     from ituning.config import config_to_dict
     from ituning.distributed import is_main_process, launched_processes
-    from storage import stages
+    from pipeline import evaluation, features, presets, tracking, training
 
-    run_config = stages.resolve_config(str(config), workspace)
+    run_config = presets.resolve_config(str(config), workspace)
     backbones = run_config.model.backbones().to_dict()
     if launched_processes() > 1:
         require_features(workspace, run_config.stages, backbones)
     main = is_main_process()
-    parent = stages.start_pipeline_run(workspace, run_config.name, config_to_dict(run_config)) if main else None
+    parent = tracking.start_pipeline_run(workspace, run_config.name, config_to_dict(run_config)) if main else None
     lines, previous, failed = [], None, True
     try:
         for stage in run_config.stages:
             encode_missing_features(workspace, stage, backbones, device)
-            result = stages.train_stage(workspace, str(config), stage.name, parent, None, device, resume=not fresh,
+            result = training.train_stage(workspace, str(config), stage.name, parent, None, device, resume=not fresh,
                                         out_dir=out and str(out), progress=True, previous=previous)
             previous = result["checkpoint"]
             cider = "" if result["best_cider"] is None else f", best val CIDEr {result['best_cider']:.3f}"
@@ -65,23 +65,23 @@ def train_from_catalog(config: Path, workspace: Path, out: Path | None, device: 
         failed = False
     finally:
         if main:
-            stages.finish_pipeline_run(workspace, parent, failed)
+            tracking.finish_pipeline_run(workspace, parent, failed)
     return lines
 
 
 def missing_features(workspace: Path, stage, backbones: dict) -> list[str]:
-    from storage import stages
+    from pipeline import evaluation, features, presets, tracking, training
 
-    return [split for dataset, split in stages.splits_of(stage)
-            if not stages.feature_entry(workspace, dataset, split, backbones).is_file()]
+    return [split for dataset, split in training.splits_of(stage)
+            if not features.feature_entry(workspace, dataset, split, backbones).is_file()]
 
 
 def encode_missing_features(workspace: Path, stage, backbones: dict, device: str) -> None:
-    from storage import stages
+    from pipeline import evaluation, features, presets, tracking, training
 
     for split in missing_features(workspace, stage, backbones):
         typer.echo(f"encoding {stage.dataset}/{split} into the feature cache ...", err=True)
-        stages.finish_feature_cache(workspace, stage.dataset, split, backbones, device=device)
+        features.finish_feature_cache(workspace, stage.dataset, split, backbones, device=device)
 
 
 def require_features(workspace: Path, run_stages, backbones: dict) -> None:
@@ -115,7 +115,8 @@ def train_from_corpus(config: Path, karpathy_json: Path, images: Path | None, wo
 def stage_inputs(run_config, karpathy_json: Path, images: Path | None, device: str):
     """StageData per stage from a Karpathy corpus (features computed in memory)."""
     from ituning.captioner import resolve_device
-    from ituning.karpathy import captions_by_id, encode_images, read_karpathy_split
+    from ituning.karpathy import captions_by_id, encode_images
+    from pipeline.small_corpus import read_karpathy_split
     from ituning.training import StageData
 
     spec = run_config.model.backbones()
@@ -144,13 +145,13 @@ def evaluate(
 ):
     """Caption a split from the feature cache, score it and track captions, scores, gallery and heatmaps."""
     from ituning.checkpoint import read_config
-    from storage import stages
+    from pipeline import evaluation, features, presets, tracking, training
 
     try:
         spec = read_config(checkpoint)["backbones"]
-        if not stages.feature_entry(workspace, dataset, split, spec).is_file():
-            stages.finish_feature_cache(workspace, dataset, split, spec, device=device)
-        result = stages.evaluate(workspace, str(checkpoint), dataset, split, device=device, num_beams=beams,
+        if not features.feature_entry(workspace, dataset, split, spec).is_file():
+            features.finish_feature_cache(workspace, dataset, split, spec, device=device)
+        result = evaluation.evaluate(workspace, str(checkpoint), dataset, split, device=device, num_beams=beams,
                                  blind_baseline=blind_baseline)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         typer.echo(f"error: {error}", err=True)
@@ -171,8 +172,9 @@ def standins(
 ):
     """Build small trained stand-in backbones (CLIP-style ViT, GPT-2, BPE tokenizer) from a corpus."""
     from ituning.backbones import BackboneSpec
-    from ituning.standins import StandinTraining, build_trained_standins
-    from storage.stages import build_demo_backbones
+    from ituning.standins import StandinTraining
+    from pipeline.small_corpus import build_trained_standins
+    from pipeline.data import build_demo_backbones
 
     settings = StandinTraining(vision_steps=vision_steps, language_steps=language_steps, seed=seed)
     try:

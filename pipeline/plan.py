@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass
 
 from ituning.config import load_config
-from tasks.caching import config_path
+from pipeline.presets import config_file
 
 # The Visual Genome split leaves out COCO's val and test images, so it is built after COCO.
 NEEDS = {"vg": ("coco",)}
@@ -26,7 +26,7 @@ class PipelinePlan:
 
 
 def plan_for_config(config: str, evaluate_on: list[str]) -> PipelinePlan:
-    run = load_config(config_path(config))
+    run = load_config(config_file(config))
     stages, splits = [], []
     for stage in run.stages:
         dataset = stage.dataset

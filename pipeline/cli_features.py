@@ -1,4 +1,4 @@
-"""`ituning features`: frozen vision tokens of a split, cached in HDF5 (see storage/features.py).
+"""`ituning features`: frozen vision tokens of a split, cached in HDF5 (see pipeline/features.py).
 
     ituning features --dataset coco --split train                 # encode, resume or reuse
     ituning features --dataset coco --split train --part 1/4 --device cuda:1   # the second of four workers (0/4 to 3/4)
@@ -69,7 +69,7 @@ def features(
     if ctx.invoked_subcommand is not None:
         return
     from storage.feature_shards import ShardPlan
-    from storage.features import FeatureSettings, extract_features, split_cache_dir
+    from pipeline.features import FeatureSettings, extract_features, split_cache_dir
 
     encode = _encode_settings(device, dtype, precision, batch_size, workers)
     images, root, spec = _split_images(workspace, dataset, split, vision, vision_pretrained)
@@ -104,7 +104,7 @@ def verify(
     """Check the cache that training and evaluation on this device read (the one of its precision,
     else another finished one) against the catalog and its checksums: every shard intact, rows, ids,
     NaN/Inf. One line per problem; exits 1 on any."""
-    from storage.features import find_feature_entry, rebuild_command, verify_feature_cache
+    from pipeline.features import find_feature_entry, rebuild_command, verify_feature_cache
 
     images, root, spec = _split_images(workspace, dataset, split, vision, vision_pretrained)
     entry = find_feature_entry(root, dataset, split, spec, _encode_settings(device, dtype, precision))

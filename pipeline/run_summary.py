@@ -1,6 +1,6 @@
 """The pipeline's summary as markdown: one row per stage with its metrics and its MLflow run."""
 
-from storage.tracking import tracking_uri
+from pipeline.tracking import tracking_uri
 
 HEADLINE = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE")
 

@@ -5,7 +5,7 @@ workspace/services/, registers the deployments of prefect.yaml and writes worksp
 (the variables a shell needs to talk to them). `make stop` stops them: the worker first, since a
 worker whose server is gone ignores SIGTERM.
 
-Who may ask: the Prefect server runs Prefect's app behind storage/prefect_server.py, which answers
+Who may ask: the Prefect server runs Prefect's app behind flows/server.py, which answers
 loopback host names only and, from a browser, the UI's own origins only; Prefect's CORS list names those
 origins and its CSRF protection is on. MLflow's server checks Host and origin itself.
 
@@ -24,11 +24,16 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.prefect_server import ui_origins
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 STOP_ORDER = ("worker", "prefect-server", "mlflow")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+
+
+def ui_origins(host: str, port: int) -> list[str]:
+    """The origins the Prefect UI is opened from: the server's own address under each loopback name."""
+    return [f"http://{name}:{port}" for name in dict.fromkeys((host, *LOOPBACK_NAMES))]
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ def start_prefect(settings: ServiceSettings, deployments: tuple[str, ...] = ()) 
     """The Prefect server, the work pool and the deployments of prefect.yaml (the named ones, or all);
     returns once they are registered. The server's scheduler then creates the scheduled runs."""
     settings.directory.mkdir(parents=True, exist_ok=True)
-    _start(settings, "prefect-server", [sys.executable, "-m", "storage.prefect_server", "--host", settings.host,
+    _start(settings, "prefect-server", [sys.executable, "-m", "flows.server", "--host", settings.host,
                                         "--port", str(settings.prefect_port)], settings.prefect_server_environment())
     _wait_healthy(f"{settings.prefect_api_url}/health", "Prefect server", settings)
     _run(settings, [_bin("prefect"), "work-pool", "create", settings.work_pool, "--type", "process", "--overwrite"])

@@ -3,13 +3,13 @@
 `prefect server start` answers any Host header and, by default, any origin: a web page open in the
 user's browser could read the API and start deployments, from its own origin (CORS allows `*`) or
 under a host name of its own that resolves to 127.0.0.1 (DNS rebinding). Run as
-`python -m storage.prefect_server --host 127.0.0.1 --port 4200`, the same app answers only
+`python -m flows.server --host 127.0.0.1 --port 4200`, the same app answers only
 - requests whose Host is a loopback name (127.0.0.1, localhost, the host it listens on); others get 400;
 - requests without an Origin or from the UI's own (http://127.0.0.1:PORT, http://localhost:PORT) or another
   origin named in PREFECT_SERVER_CORS_ALLOWED_ORIGINS ("*" there is ignored); others get 403, websocket
   handshakes included (CORS does not cover websockets).
 Browsers send Origin on cross-origin requests; Prefect's client, worker and CLI send none.
-storage/services.py also turns on Prefect's CSRF protection, which its client and UI support.
+pipeline/services.py also turns on Prefect's CSRF protection, which its client and UI support.
 """
 
 import argparse
@@ -18,12 +18,8 @@ from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+from pipeline.services import LOOPBACK_NAMES, ui_origins
 
-
-def ui_origins(host: str, port: int) -> list[str]:
-    """The origins the Prefect UI is opened from: the server's own address under each loopback name."""
-    return [f"http://{name}:{port}" for name in dict.fromkeys((host, *LOOPBACK_NAMES))]
 
 
 def host_name(host_header: str) -> str:

@@ -5,12 +5,12 @@ from typing import Annotated
 
 import typer
 
-from ituning.cli_data import register as register_dataset_commands
-from ituning.cli_evaluation import score
-from ituning.cli_features import features_app
-from ituning.cli_pipeline import demo, pipeline
-from ituning.cli_services import serve, stop
-from ituning.cli_training import evaluate, standins, train
+from pipeline.cli_data import register as register_dataset_commands
+from pipeline.cli_evaluation import score
+from pipeline.cli_features import features_app
+from pipeline.cli_pipeline import demo, pipeline
+from pipeline.cli_services import serve, stop
+from pipeline.cli_training import evaluate, standins, train
 
 app = typer.Typer(help="I-Tuning: lightweight image captioning on frozen CLIP-ViT and GPT-2.",
                   no_args_is_help=True, pretty_exceptions_enable=False)

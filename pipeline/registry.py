@@ -1,0 +1,110 @@
+"""The model registry: a trained captioner registered as a version of a model, and the champion
+alias moved only to a better score on the same task.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.evaluation import evaluation_task
+from pipeline.tracking import ExperimentTracker
+
+CHAMPION = "champion"
+
+
+def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str = "ituning-captioner") -> dict:
+    """Log the captioner as a pyfunc model under `run_id` and register it as a new version of `name`."""
+    tracker = ExperimentTracker(workspace=workspace)
+    model_uri = tracker.log_captioner_model(run_id, checkpoint, registered_name=name)
+    versions = tracker.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    version = max(versions, key=lambda item: int(item.version))
+    return {"name": name, "version": str(version.version), "model_uri": model_uri}
+
+
+def promotion_metric(scores: dict) -> tuple[str, float] | None:
+    """The score a champion is chosen by: CIDEr, or the overall CIDEr of scores by NoCaps domain;
+    None when there is none (NoCaps test has no public references)."""
+    if isinstance(scores.get("CIDEr"), (int, float)):
+        return "CIDEr", float(scores["CIDEr"])
+    overall = scores.get("overall")
+    if isinstance(overall, dict) and isinstance(overall.get("CIDEr"), (int, float)):
+        return "overall/CIDEr", float(overall["CIDEr"])
+    return None
+
+
+def promote_evaluated(workspace: Path, name: str, version: str, evaluation: dict) -> dict:
+    """promote_if_better with the metric and task of an evaluation's result; when it has no score
+    to compare (NoCaps test), the champion stays and the result says why."""
+    chosen = promotion_metric(evaluation.get("metrics") or {})
+    if chosen is None:
+        reason = (f"{evaluation.get('task', 'this evaluation')} has no CIDEr to compare (no public references); "
+                  f"champion left as it was. Set it by hand if wanted: "
+                  f"MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, {str(version)!r})")
+        return {"promoted": False, "candidate": None, "champion": None, "champion_version": None, "reason": reason}
+    metric, value = chosen
+    return promote_if_better(name, version, metric, value, workspace, task=evaluation.get("task"))
+
+
+def promote_if_better(name: str, version: str, metric: str = "CIDEr", value: float | None = None,
+                      workspace: Path | None = None, task: str | None = None) -> dict:
+    """Point alias "champion" at `version` when its `metric` beats the champion's (or there is no
+    champion). `value` defaults to the metric as logged in the version's run. `task` says what the
+    value was scored on (evaluation_task); a champion scored on another task, or with another
+    metric, is not comparable and gives way to the candidate. The comparison is recorded as tags
+    on the candidate version, the reason included."""
+    client = ExperimentTracker(workspace=workspace).client
+    if value is None:
+        value = _run_metric(client, name, version, metric)
+    champion = _champion(client, name, metric)
+    promoted, reason = _verdict(champion, value, task)
+    tags = {f"metric.{metric}": value, "promotion.metric": metric, "promotion.candidate": value,
+            "promotion.champion": "none" if champion.value is None else champion.value,
+            "promotion.champion_version": champion.version or "none", "promotion.promoted": promoted,
+            "promotion.reason": reason}
+    if task:
+        tags["promotion.task"] = task
+    for key, tag in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(tag))
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+    return {"promoted": promoted, "candidate": value, "champion": champion.value,
+            "champion_version": str(version) if promoted else champion.version, "reason": reason}
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str | None = None
+    value: float | None = None  # its recorded metric; None when it has none under this metric
+    task: str | None = None
+
+
+def _verdict(champion: Champion, value: float, task: str | None) -> tuple[bool, str]:
+    if champion.version is None:
+        return True, "no champion yet"
+    if champion.value is None:
+        return True, f"the champion (version {champion.version}) has no score under this metric"
+    if task and champion.task and champion.task != task:
+        return True, (f"the champion (version {champion.version}) was scored on {champion.task}, "
+                      f"not on {task}: not comparable, the candidate takes over")
+    if value > champion.value:
+        return True, f"{value:.4f} beats the champion's {champion.value:.4f}"
+    return False, f"{value:.4f} does not beat the champion's {champion.value:.4f} (version {champion.version})"
+
+
+def _run_metric(client, name: str, version: str, metric: str) -> float:
+    run_id = client.get_model_version(name, str(version)).run_id
+    metrics = client.get_run(run_id).data.metrics
+    if metric not in metrics:
+        raise ValueError(f"{name} version {version}: its run {run_id} has no metric {metric!r}; pass value=")
+    return float(metrics[metric])
+
+
+def _champion(client, name: str, metric: str) -> Champion:
+    """The champion's version, its recorded metric and task; Champion() without a champion."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return Champion()
+    recorded = found.tags.get(f"metric.{metric}")
+    return Champion(str(found.version), None if recorded is None else float(recorded), found.tags.get("promotion.task"))

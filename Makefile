@@ -22,6 +22,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m ituning.import_hook install
 	touch $@
 
 demo: $(INSTALLED)
@@ -39,6 +40,7 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/feature_cache.py
 	$(BIN)/python benchmarks/training_throughput.py
 	$(BIN)/python benchmarks/catalog_build.py
+	$(BIN)/python benchmarks/cli_startup.py
 
 serve: $(INSTALLED)
 	$(BIN)/ituning serve

@@ -26,8 +26,8 @@ from datetime import date
 from pathlib import Path
 
 from storage.catalog import Catalog
-from storage.catalog_build import build_dataset
-from storage.image_check import inspect_images
+from pipeline.data import build_dataset
+from pipeline.image_check import inspect_images
 from storage.scenes import describe, random_scene, render_scene
 
 SPLITS = (("train", 82_783), ("restval", 30_504), ("val", 5_000), ("test", 5_000))

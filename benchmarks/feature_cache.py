@@ -8,7 +8,7 @@ On the same rendered JPEGs and the same encoder (ViT-B-16, random weights, 224 p
 interleaved in rounds (each round takes every rounds-th image and runs all three in turn) so that
 other load on the machine falls on all three alike:
   encoder     the forward pass alone on tensors decoded and preprocessed beforehand (the ceiling)
-  pipeline    pipeline.features.extract_features: decoding in DataLoader workers, batched forward,
+  pipeline    pipeline.features.encode_features: decoding in DataLoader workers, batched forward,
               float16 HDF5 shards written by the writer thread
   per-image   ClipCap-style: decode and preprocess in the main process, one image per forward,
               tokens collected in memory
@@ -39,8 +39,9 @@ import ituning  # noqa: F401  (makes torchvision importable before open_clip is)
 from ituning.backbones import BackboneSpec, load_vision_encoder
 from ituning.images import open_rgb
 from common import seconds_on
-from storage.feature_shards import EncodeSettings, ImageFiles, autocast, image_size, split_preprocess
-from pipeline.features import FeatureSettings, extract_features
+from ituning.encoding import EncodeSettings, ImageFiles, image_size, split_preprocess
+from ituning.precision import autocast
+from pipeline.features import FeatureSettings, encode_features
 from storage.scenes import random_scene, render_scene
 
 
@@ -109,7 +110,7 @@ def write_only(out_dir: Path, count: int, token_shape: tuple[int, int], batch_si
 def pipeline(encoder, spec, images, out_dir: Path, encode: EncodeSettings) -> float:
     settings = FeatureSettings(shard_size=1024, encode=encode)
     start = time.perf_counter()
-    report = extract_features(images, spec, out_dir, settings, encoder=encoder)
+    report = encode_features(images, spec, out_dir, settings, encoder=encoder)
     elapsed = time.perf_counter() - start
     assert report.entry is not None and not report.unreadable and report.encoded_shards
     return len(images) / elapsed

@@ -38,7 +38,8 @@ from ituning.backbones import BackboneSpec
 from ituning.config import StageConfig
 from ituning.data import collate, epoch_samples
 from ituning.standins import train_tokenizer
-from ituning.training import StageData, StageTrainer, autocast_for, caption_loss_sum
+from ituning.precision import autocast
+from ituning.training import StageData, StageTrainer, caption_loss_sum
 from storage.scenes import describe, random_scene
 
 COCO_TRAIN_IMAGES = 113_287
@@ -98,7 +99,7 @@ def halves(trainer: StageTrainer, samples, stage: StageConfig, device: torch.dev
 
     def compute():
         for batch in on_device:
-            with autocast_for(device, stage.precision):
+            with autocast(device, stage.precision):
                 (caption_loss_sum(trainer.model, batch) / tokens).backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)

@@ -1,1 +1,8 @@
-"""Prefect flows: they compose tasks and nothing else."""
+"""Prefect flows: they compose tasks (tasks/) into the pipeline's flows and deployments, and hold
+what only Prefect needs (flow parameters, the in-process run of the full pipeline, the Prefect
+server launcher). Nothing else in the project imports flows/.
+"""
+
+from flows.run_logs import carry_project_logs_into_runs
+
+carry_project_logs_into_runs()

@@ -32,6 +32,6 @@ def cache_features(dataset: Dataset = "coco", splits: list[str] = ["train", "val
                    backbone_steps: BackboneSteps = 100) -> dict[str, str]:
     root = resolve_workspace(workspace)
     plan = plan_pipeline(config, [])
-    backbones = backbones_for(root, config, plan["demo_backbones"], None, backbone_steps)
+    backbones, _ = backbones_for(root, config, plan["demo_backbones"], None, backbone_steps)
     entries = encode_splits(root, [[dataset, split] for split in splits], backbones, shard_size, device)
     return {f"{d}/{s}": future.result() for (d, s), future in entries.items()}

@@ -8,11 +8,11 @@ in the log and in the run's summary artifact.
 
 from prefect import flow
 
-from flows.parameters import (BackboneSteps, Corpora, Device, Evaluation, GallerySize, Manifests, ModelName, Preset,
-                              ShardSize, Source, SyntheticImages, Workspace, resolve_workspace)
-from flows.steps import (DataSources, backbones_for, encode_splits, evaluate_all, fetch_datasets, prepare,
-                         promotion_note, stage_record, train_in_order)
-from tasks.data import plan_pipeline
+from flows.parameters import (BackboneSteps, Corpora, Device, Evaluation, GallerySize, Manifests, ModelName,
+                              Overrides, Preset, ShardSize, Source, SyntheticImages, Workspace, resolve_workspace)
+from flows.steps import (DataSources, backbones_for, data_records, encode_splits, evaluate_all, fetch_datasets,
+                         prepare, promotion_note, step_record, train_in_order)
+from tasks.data import apply_config_overrides, plan_pipeline
 from tasks.reports import publish_report
 from tasks.training import finish_pipeline_run, promote_if_better, register_captioner, start_pipeline_run
 
@@ -22,9 +22,10 @@ def full_pipeline(config: Preset = "demo", source: Source = "synthetic", workspa
                   synthetic_images: SyntheticImages = 600, shard_size: ShardSize = 1024,
                   evaluate_on: list[Evaluation] = ["test"], device: Device = "auto", gallery_size: GallerySize = 50,
                   register_as: ModelName = None, flickr30k_images: str | None = None,
-                  backbone_steps: BackboneSteps = 100, manifests: Manifests = None, corpora: Corpora = None) -> dict:
+                  backbone_steps: BackboneSteps = 100, manifests: Manifests = None, corpora: Corpora = None,
+                  overrides: Overrides = None) -> dict:
     root = resolve_workspace(workspace)
-    plan = plan_pipeline(config, evaluate_on)
+    plan = plan_pipeline(apply_config_overrides(config, overrides or [], root), evaluate_on)
     data = DataSources(source, synthetic_images, flickr30k_images, manifests or {}, corpora or {})
     run_id = start_pipeline_run(root, f"full-pipeline-{config}", {"config": config, **data.parameters()})
     try:
@@ -33,15 +34,21 @@ def full_pipeline(config: Preset = "demo", source: Source = "synthetic", workspa
     except BaseException:
         finish_pipeline_run(root, run_id, failed=True)
         raise
-    finish_pipeline_run(root, run_id)
+    finish_pipeline_run(root, run_id, all_reused=nothing_ran(outcome))
     return outcome
+
+
+def nothing_ran(outcome: dict) -> bool:
+    """Every step was reused from an earlier run and the registry already held the weights."""
+    return all(record["cached"] or record.get("already_done") for record in outcome["steps"]) \
+        and not outcome["model"]["new_version"]
 
 
 def _run_plan(root, plan, run_id, data, shard_size, device, gallery_size, register_as, backbone_steps) -> dict:
     # ---- data: datasets in parallel, then the catalog, then the backbones that encode it
     downloads = fetch_datasets(root, plan["datasets"], data)
     catalog = prepare(root, plan["datasets"], downloads)
-    backbones = backbones_for(root, plan["config"], plan["demo_backbones"], catalog, backbone_steps)
+    backbones, built = backbones_for(root, plan["config"], plan["demo_backbones"], catalog, backbone_steps)
     # ---- feature cache: every shard of every split at once
     entries = encode_splits(root, plan["feature_splits"], backbones, shard_size, device, catalog)
     # ---- training stages in order, then every evaluation of the final checkpoint
@@ -49,12 +56,13 @@ def _run_plan(root, plan, run_id, data, shard_size, device, gallery_size, regist
     final = trained[-1].result()
     evaluations = evaluate_all(root, final["checkpoint"], plan["evaluations"], entries, run_id, gallery_size, device)
     # ---- registry: register the checkpoint, make it champion when it scores best on the same task
-    records = [stage_record(stage["name"], future) for stage, future in zip(plan["stages"], trained)]
-    records += [stage_record(f"evaluate {d}/{s}", future) for (d, s), future in zip(plan["evaluations"], evaluations)]
+    records = [step_record(stage["name"], future) for stage, future in zip(plan["stages"], trained)]
+    records += [step_record(f"evaluate {d}/{s}", future) for (d, s), future in zip(plan["evaluations"], evaluations)]
     first = evaluations[0].result()
     model = register_captioner(root, final["checkpoint"], final["run_id"], register_as)
     promotion = promote_if_better(root, model["name"], model["version"], first)
     notes = [promotion_note(model, promotion), f"pipeline parent run: {run_id}"]
-    publish_report(f"full-pipeline ({plan['config']})", records, root, first.get("sample", [])[:5], notes)
-    return {"parent_run_id": run_id, "stages": records, "test": first["metrics"], "model": model,
+    before = data_records(plan["datasets"], downloads, catalog, built, entries)
+    publish_report(f"full-pipeline ({plan['config']})", before + records, root, first.get("sample", [])[:5], notes)
+    return {"parent_run_id": run_id, "steps": records, "test": first["metrics"], "model": model,
             "promotion": promotion, "sample": first.get("sample", [])[:5]}

@@ -4,12 +4,19 @@ failed task or flow as one line."""
 
 import logging
 
+from prefect.exceptions import ParameterTypeError
 from prefect.logging.handlers import PrefectConsoleHandler
 
 from flows.full_pipeline import full_pipeline
 
 
 def run_full_pipeline(**parameters) -> dict:
+    """ValueError, with every refused parameter on one line, before any run starts when the flow's
+    schema refuses the parameters."""
+    try:
+        full_pipeline.validate_parameters(parameters)
+    except ParameterTypeError as error:
+        raise ValueError(" ".join(str(error).split())) from None
     console_errors_on_one_line()
     return full_pipeline(**parameters)
 

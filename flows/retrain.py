@@ -7,7 +7,7 @@ only when it beats the champion on the same task; the comparison is kept on the 
 from prefect import flow
 
 from flows.parameters import Device, GallerySize, ModelName, Preset, ShardSize, Workspace, resolve_workspace
-from flows.steps import encode_splits, evaluate_all, promotion_note, stage_record, train_in_order
+from flows.steps import encode_splits, evaluate_all, promotion_note, step_record, train_in_order
 from tasks.data import configured_backbones, plan_pipeline
 from tasks.reports import publish_report
 from tasks.training import finish_pipeline_run, promote_if_better, register_captioner, start_pipeline_run
@@ -44,7 +44,7 @@ def _retrain(root, plan, run_id, init_from, device, register_as, shard_size, gal
     model = register_captioner(root, checkpoint, trained.result()["run_id"], register_as)
     promotion = promote_if_better(root, model["name"], model["version"], scored.result())
     dataset, split = plan["evaluations"][0]
-    publish_report(f"retrain ({plan['config']})", [stage_record(stage["name"], trained),
-                                                   stage_record(f"evaluate {dataset}/{split}", scored)], root,
+    publish_report(f"retrain ({plan['config']})", [step_record(stage["name"], trained),
+                                                   step_record(f"evaluate {dataset}/{split}", scored)], root,
                    notes=[promotion_note(model, promotion)], key="retrain-summary")
     return {"model": model, "promotion": promotion, "checkpoint": checkpoint, "metrics": scored.result()["metrics"]}

@@ -54,14 +54,18 @@ def prepare(workspace: Path, datasets: list[str], downloads: list[PrefectFuture]
 
 
 def backbones_for(workspace: Path, config: str, demo: bool, catalog: PrefectFuture | None,
-                  steps: int = 100) -> dict:
-    return build_demo_backbones(workspace, catalog, steps=steps) if demo else configured_backbones(workspace, config)
+                  steps: int = 100) -> tuple[dict, PrefectFuture | None]:
+    """The backbones to encode and train with, and the task that built them (the demo's stand-ins)."""
+    if not demo:
+        return configured_backbones(workspace, config), None
+    built = build_demo_backbones.submit(workspace, catalog, steps=steps)
+    return built.result(), built
 
 
 def encode_splits(workspace: Path, splits: list[list[str]], backbones: dict, shard_size: int, device: str,
                   catalog: PrefectFuture | None = None) -> dict[tuple[str, str], PrefectFuture]:
     """Every shard of every split mapped at once (threads, or Dask workers); one entry point per split."""
-    listings = {(d, s): feature_shards.submit(workspace, d, s, backbones, shard_size, catalog=catalog) for d, s in splits}
+    listings = {(d, s): feature_shards.submit(workspace, d, s, shard_size, catalog=catalog) for d, s in splits}
     shard_futures = {key: cache_feature_shard.map(unmapped(workspace), unmapped(key[0]), unmapped(key[1]),
                                                   unmapped(backbones), listing.result(), unmapped(shard_size),
                                                   device=unmapped(device))
@@ -106,11 +110,38 @@ def evaluate_all(workspace: Path, checkpoint: str, evaluations: list[list[str]],
             for dataset, split in evaluations]
 
 
-def stage_record(stage: str, future: PrefectFuture) -> dict:
+def step_record(step: str, future: PrefectFuture) -> dict:
+    """What the summary shows of a finished task: whether it ran, its figures and its MLflow run."""
     result = future.result()
-    metrics = result.get("metrics") or {"best CIDEr": result.get("best_cider"), "steps": result.get("steps")}
-    metrics = {name: value for name, value in metrics.items() if isinstance(value, (int, float))}
-    return {"stage": stage, "cached": was_cached(future), "metrics": metrics, "run_id": result.get("run_id")}
+    found = result if isinstance(result, dict) else {}
+    metrics = {name: value for name, value in step_figures(result).items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {"step": step, "cached": was_cached(future), "metrics": metrics, "run_id": found.get("run_id"),
+            "already_done": found.get("trained_now") is False}
+
+
+def step_figures(result) -> dict:
+    """An evaluation's metrics, a training stage's best CIDEr and steps, a download's images, a
+    catalog's usable images per dataset; nothing for a feature cache's entry point."""
+    if not isinstance(result, dict):
+        return {}
+    if "metrics" in result or "best_cider" in result:
+        return result.get("metrics") or {"best CIDEr": result.get("best_cider"), "steps": result.get("steps")}
+    if "fetched" in result:
+        return {"images fetched": result.get("images"), "files": len(result.get("fetched") or [])}
+    if result and all(isinstance(summary, dict) and "usable" in summary for summary in result.values()):
+        return {f"{dataset} usable images": summary["usable"] for dataset, summary in result.items()}
+    return {}
+
+
+def data_records(datasets: list[str], downloads: list[PrefectFuture], catalog: PrefectFuture,
+                 backbones: PrefectFuture | None, entries: dict) -> list[dict]:
+    """Summary rows of the steps before training: downloads, the catalog, the demo's backbones, the feature caches."""
+    records = [step_record(f"download {dataset}", future) for dataset, future in zip(datasets, downloads)]
+    records.append(step_record("catalog", catalog))
+    if backbones is not None:
+        records.append(step_record("stand-in backbones", backbones))
+    return records + [step_record(f"features {dataset}/{split}", future) for (dataset, split), future in entries.items()]
 
 
 def promotion_note(model: dict, promotion: dict) -> str:

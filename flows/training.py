@@ -7,7 +7,7 @@ and cache-features) left in the workspace.
 from prefect import flow
 
 from flows.parameters import Dataset, Device, GallerySize, Preset, Workspace, resolve_workspace
-from flows.steps import stage_record
+from flows.steps import step_record
 from tasks.reports import publish_report
 from tasks.training import evaluate_checkpoint, train_stage
 
@@ -30,12 +30,12 @@ def evaluate(checkpoint: str, dataset: Dataset = "coco", split: str = "test", wo
              gallery_size: GallerySize = 50) -> dict:
     root = resolve_workspace(workspace)
     future = evaluate_checkpoint.submit(root, checkpoint, dataset, split, gallery_size=gallery_size)
-    publish_report(f"evaluate {dataset}/{split}", [stage_record(f"evaluate {dataset}/{split}", future)], root,
+    publish_report(f"evaluate {dataset}/{split}", [step_record(f"evaluate {dataset}/{split}", future)], root,
                    future.result().get("sample", [])[:5], key="evaluation-summary")
     return future.result()
 
 
 def _train(root, config: str, stage: str, init_from: str | None, device: str) -> dict:
     future = train_stage.submit(root, config, stage, init_from=init_from, device=device)
-    publish_report(f"{stage} ({config})", [stage_record(stage, future)], root, key=f"{stage}-summary")
+    publish_report(f"{stage} ({config})", [step_record(stage, future)], root, key=f"{stage}-summary")
     return future.result()

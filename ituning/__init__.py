@@ -1,20 +1,35 @@
-"""I-Tuning: lightweight image captioning with a frozen CLIP-ViT and a frozen GPT-2."""
+"""I-Tuning, the science: lightweight image captioning with a frozen CLIP-ViT and a frozen GPT-2
+joined by small trainable cross-attention modules.
 
-from ituning.compat import ensure_torchvision_importable
+The model and its modules, the frozen backbones, image-to-token encoding, decoding (greedy and
+beam search), the training loop, checkpoints and the caption metrics. Everything here works on
+tensors, arrays, files and configs handed to it.
 
-ensure_torchvision_importable()
+Import rule: ituning/ imports no other folder of the project (not storage/, pipeline/, tasks/ or
+flows/); tests/test_layers.py checks it. The names below are imported on first use, so
+`import ituning` stays cheap until one of them is needed.
+"""
 
-from ituning.backbones import BackboneSpec, BackboneUnavailable, load_language_model, load_vision_encoder  # noqa: E402
-from ituning.captioner import Captioner, trainable_count  # noqa: E402
-from ituning.checkpoint import IncompatibleCheckpoint, save_checkpoint  # noqa: E402
-from ituning.config import RunConfig, load_config  # noqa: E402
-from ituning.decoding import DecodingConfig, beam_search, generate, greedy_search  # noqa: E402
-from ituning.model import ITuningCaptioner, ITuningConfig, ITuningModule  # noqa: E402
-from ituning.training import StageData, train_run  # noqa: E402
+from importlib import import_module
 
-__all__ = [
-    "BackboneSpec", "BackboneUnavailable", "Captioner", "DecodingConfig", "ITuningCaptioner",
-    "ITuningConfig", "ITuningModule", "IncompatibleCheckpoint", "beam_search", "generate",
-    "greedy_search", "load_config", "load_language_model", "load_vision_encoder", "RunConfig", "save_checkpoint",
-    "StageData", "train_run", "trainable_count",
-]
+_EXPORTS = {
+    "BackboneSpec": "backbones", "BackboneUnavailable": "backbones", "load_language_model": "backbones",
+    "load_vision_encoder": "backbones",
+    "Captioner": "captioner", "trainable_count": "captioner",
+    "IncompatibleCheckpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "RunConfig": "config", "load_config": "config",
+    "DecodingConfig": "decoding", "beam_search": "decoding", "generate": "decoding", "greedy_search": "decoding",
+    "ITuningCaptioner": "model", "ITuningConfig": "model", "ITuningModule": "model",
+    "StageData": "training", "train_run": "training",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ituning' has no attribute {name!r}")
+    if _EXPORTS[name] in ("backbones", "captioner", "training"):
+        from ituning.compat import ensure_torchvision_importable
+
+        ensure_torchvision_importable()  # before open_clip or transformers import torchvision
+    return getattr(import_module(f"ituning.{_EXPORTS[name]}"), name)

@@ -14,7 +14,8 @@ from ituning.backbones import (
 )
 from ituning.checkpoint import backbones_of, ituning_config_of, load_weights_into, read_config, save_checkpoint
 from ituning.compat import ensure_torchvision_importable
-from ituning.decoding import DecodingConfig, generate
+from ituning.decoding import DecodingConfig, caption_prompt, caption_texts
+from ituning.encoding import encode_pixels, input_side, stack_pixels
 from ituning.images import load_images
 from ituning.model import ITuningCaptioner, ITuningConfig, count_trainable
 
@@ -61,28 +62,24 @@ class Captioner:
         return self.tokenizer.eos_token_id
 
     def prompt_ids(self) -> torch.Tensor:
-        bos = self.tokenizer.bos_token_id
-        return torch.tensor([[self.eos_id if bos is None else bos]], device=self.device)  # (1, 1)
+        return torch.tensor([caption_prompt(self.tokenizer)], device=self.device)  # (1, P)
 
     def caption_features(self, visual: torch.Tensor, decoding=DecodingConfig()) -> list[str]:
         """Captions for visual tokens (B, N, d_v), e.g. read from the feature cache."""
-        visual = visual.to(self.device, dtype=next(self.model.parameters()).dtype)
-        token_ids = generate(self.model, visual, self.prompt_ids(), self.eos_id, decoding)
-        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+        return caption_texts(self.model, self.tokenizer, visual, decoding)
 
     @torch.inference_mode()
     def caption_images(self, images, decoding=DecodingConfig(), batch_size: int = 16) -> list[str]:
         captions = []
         for start in range(0, len(images), batch_size):
-            pixels = torch.stack([self.vision.preprocess(image) for image in images[start : start + batch_size]])
-            captions += self.caption_features(self.vision(pixels.to(self.device)), decoding)
+            pixels = stack_pixels(images[start : start + batch_size], self.vision.preprocess)
+            captions += self.caption_features(encode_pixels(self.vision, pixels, self.device), decoding)
         return captions
 
     @property
     def input_side(self) -> int:
         """The side images are resized to for the vision encoder (the shorter one if not square)."""
-        size = self.vision.visual.image_size
-        return size if isinstance(size, int) else min(size)
+        return input_side(self.vision)
 
     def caption_files(self, paths, decoding=DecodingConfig(), batch_size: int = 16):
         """(path, caption, error) per file; an unreadable file (missing, not an image, over PIL's

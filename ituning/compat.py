@@ -11,6 +11,7 @@ Nothing changes where torchvision imports normally: the real import is always tr
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -26,7 +27,6 @@ torchvision_was_patched = False
 
 def ensure_torchvision_importable() -> None:
     """Import torchvision, declaring its missing operator schemas only if the import needs them."""
-    global _schema_library, torchvision_was_patched
     try:
         import torchvision  # noqa: F401
         return
@@ -36,11 +36,28 @@ def ensure_torchvision_importable() -> None:
         if MISSING_OPERATOR not in str(error):
             raise
     _forget_partial_import()
-    _schema_library = torch.library.Library("torchvision", "DEF")
-    for schema in OPERATOR_SCHEMAS:
-        _schema_library.define(schema)
+    declare_operator_schemas()
     import torchvision  # noqa: F401,F811
 
+
+def prepare_torchvision_import(package_dir: Path) -> None:
+    """Before torchvision's first import (ituning/import_hook.py): declare the operator
+    schemas if its compiled operators cannot load, so that the import succeeds the first time."""
+    compiled = sorted(Path(package_dir).glob("_C*.so")) + sorted(Path(package_dir).glob("_C*.pyd"))
+    if not compiled or _schema_library is not None:
+        return
+    try:
+        torch.ops.load_library(str(compiled[0]))  # what torchvision itself does first
+    except OSError:
+        declare_operator_schemas()
+
+
+def declare_operator_schemas() -> None:
+    global _schema_library, torchvision_was_patched
+    if _schema_library is None:
+        _schema_library = torch.library.Library("torchvision", "DEF")
+        for schema in OPERATOR_SCHEMAS:
+            _schema_library.define(schema)
     torchvision_was_patched = True
 
 

@@ -5,6 +5,7 @@ Visual Genome region descriptions, then fine-tuning on COCO or Flickr30k. An unk
 missing one or a bad value is a `ConfigError` that names the key, e.g. `stages[1].epochs`.
 """
 
+import copy
 import re
 import types
 import typing
@@ -16,6 +17,7 @@ import yaml
 
 from ituning.backbones import BackboneSpec
 from ituning.model import ITuningConfig
+from ituning.precision import FORMER_SPELLINGS
 
 # What a stage trains and validates on: catalog splits with captions (storage/sources.py). There
 # is no "synthetic" dataset: the synthetic corpus is written in these datasets' formats and
@@ -26,6 +28,9 @@ VAL_SPLITS = {"coco": "val", "flickr30k": "val"}  # VG pre-training has no valid
 # nothing a shell or another file system reads differently.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 FOLDER_NAME_RULE = "must be a folder name: 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+OVERRIDE_STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?")  # one step of a --set key
+# Values an earlier version spelled otherwise, by key: read, and kept in today's spelling.
+FORMER_VALUES = {"precision": FORMER_SPELLINGS}
 
 
 def is_folder_name(name: str) -> bool:
@@ -75,7 +80,7 @@ class StageConfig:
     warmup_fraction: float = 0.05  # linear warm-up over this share of the steps, then cosine decay to 0
     max_grad_norm: float = 1.0
     max_caption_tokens: int = 40  # EOS included
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on a CUDA device that has it
     data_workers: int | None = None  # processes collating micro-batches ahead; None: 4 on CUDA, 0 on CPU
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
     validate_every_epochs: int = 1
@@ -126,16 +131,61 @@ class RunConfig:
         yield "stages", len(folders) == len(self.stages), "stage names must differ (ignoring case)"
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """The YAML file's config, with `overrides` (see apply_overrides) applied before it is checked."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     try:
-        return config_from_dict(data)
+        return config_from_dict(apply_overrides(data, overrides))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
+
+
+def apply_overrides(data, assignments: list[str]):
+    """A copy of a config's data with `KEY=VALUE` assignments made, as the command line's `--set`
+    gives them: KEY is a dotted path with list indices (`stages[0].epochs`, `model.drop_first`,
+    `device`), VALUE is read as YAML (`3`, `1e-4`, `true`, `[a, b]`). The result is checked like
+    the file itself, so a wrong key or value names itself."""
+    data = copy.deepcopy(data)
+    for assignment in assignments:
+        path, separator, text = assignment.partition("=")
+        if not separator or not path.strip():
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. stages[0].epochs=3")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({error})") from error
+        _assign(data, path.strip(), value, assignment)
+    return data
+
+
+def _assign(data, path: str, value, assignment: str) -> None:
+    parts = path.split(".")
+    target = data
+    for position, part in enumerate(parts):
+        match = OVERRIDE_STEP.fullmatch(part)
+        if match is None:
+            raise ConfigError(f"--set {assignment!r}: {part!r} is neither a key nor key[index]")
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[:position])} holds no keys")
+        key, index, last = match.group(1), match.group(2), position == len(parts) - 1
+        if index is None:
+            if last:
+                target[key] = value
+            else:
+                target = target.setdefault(key, {})
+            continue
+        items = target.get(key)
+        if not isinstance(items, list) or int(index) >= len(items):
+            count = len(items) if isinstance(items, list) else 0
+            raise ConfigError(f"--set {assignment!r}: {key} has {count} item(s), no [{index}]")
+        if last:
+            items[int(index)] = value
+        else:
+            target = items[int(index)]
 
 
 def config_from_dict(data) -> RunConfig:
@@ -162,7 +212,7 @@ def _build(cls, data, where: str):
     values = {}
     for name, spec in known.items():
         if name in data:
-            values[name] = _convert(hints[name], data[name], _join(where, name))
+            values[name] = _convert(hints[name], _today_spelling(name, data[name]), _join(where, name))
         elif spec.default is MISSING and spec.default_factory is MISSING:
             raise ConfigError(f"{_join(where, name)}: required key is missing")
     instance = cls(**values)
@@ -205,6 +255,11 @@ def _scalar(hint, value, where: str):
     if hint in (str, bool) and isinstance(value, hint):
         return value
     raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+
+
+def _today_spelling(key: str, value):
+    former = FORMER_VALUES.get(key, {})
+    return former.get(value, value) if isinstance(value, str) else value
 
 
 def _join(where: str, key: str) -> str:

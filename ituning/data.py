@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ituning.decoding import caption_prompt
+
 IGNORE_INDEX = -100  # label of positions that carry no loss (the prompt and the padding)
 
 
@@ -64,9 +66,9 @@ def epoch_samples(captions: Mapping[str, list[str]], mode: str, seed: int, epoch
 
 def caption_token_rows(texts: list[str], tokenizer, max_tokens: int) -> list[list[int]]:
     """BOS + caption tokens + EOS, the caption cut so that the row holds at most max_tokens targets."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prompt = caption_prompt(tokenizer)
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [[bos, *ids[: max_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
+    return [[*prompt, *ids[: max_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
 
 
 def pad_caption_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,10 +130,3 @@ def worker_start_method(workers: int) -> str | None:
     holds into the worker, which then dies or hangs; the fork server starts workers from a clean
     single-threaded process instead."""
     return "forkserver" if workers > 0 and threading.active_count() > 1 else None
-
-
-def feature_batches(features: Mapping, image_ids: list[str], batch_size: int):
-    """(image ids, visual tokens (B, N, d_v)) in fixed-size chunks, for captioning."""
-    for start in range(0, len(image_ids), batch_size):
-        chunk = image_ids[start : start + batch_size]
-        yield chunk, torch.from_numpy(np.stack([np.asarray(features[i]) for i in chunk])).float()

@@ -8,13 +8,19 @@ every step, as ClipCap's beam search does; tests check both give the same tokens
 Beam search follows the usual rules: a hypothesis that ends in EOS among the top `num_beams`
 candidates is finished, an image is done once it has `num_beams` finished hypotheses, and
 hypotheses are ranked by sum of log-probabilities / (generated tokens ** length_penalty).
+
+Every caption starts from `caption_prompt`, in training as in decoding. `caption_texts` turns a
+batch of visual tokens into captions; `caption_cached_tokens` captions cached visual tokens by image id.
 """
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ituning.model import ITuningCaptioner
+from ituning.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,12 @@ class DecodingConfig:
     def __post_init__(self):
         if self.num_beams < 1 or self.max_length < 1 or not 0 <= self.min_length < self.max_length:
             raise ValueError(f"invalid decoding settings: {self}")
+
+
+def caption_prompt(tokenizer) -> list[int]:
+    """The tokens every caption starts from: GPT-2's BOS token (its EOS when the tokenizer has no BOS)."""
+    bos = tokenizer.bos_token_id
+    return [tokenizer.eos_token_id if bos is None else bos]
 
 
 class CachedStep:
@@ -183,3 +195,27 @@ def generate(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=Ca
     """Greedy when num_beams is 1, beam search otherwise."""
     search = greedy_search if config.num_beams == 1 else beam_search
     return search(model, visual, prompt_ids, eos_id, config, step)
+
+
+def caption_texts(model, tokenizer, visual: torch.Tensor, decoding=DecodingConfig(), step=CachedStep) -> list[str]:
+    """Captions for visual tokens (B, N, d_v), decoded on the model's device in its dtype."""
+    parameter = next(model.parameters())
+    visual = visual.to(parameter.device, dtype=parameter.dtype)
+    prompt = torch.tensor([caption_prompt(tokenizer)], device=parameter.device)  # (1, P)
+    token_ids = generate(model, visual, prompt, tokenizer.eos_token_id, decoding, step)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+
+
+def caption_cached_tokens(caption_batch: Callable[[torch.Tensor], list[str]], tokens_by_id: Mapping,
+                   image_ids: Iterable[str], batch_size: int, description: str = "captioning") -> dict[str, str]:
+    """Captions by image id from cached visual tokens (image_id -> (N, d_v) array or tensor, e.g. a
+    FeatureReader), stacked batch_size images at a time and captioned by `caption_batch`; progress
+    under `description`."""
+    image_ids, captions = list(image_ids), {}
+    with Progress(len(image_ids), description, "images") as progress:
+        for start in range(0, len(image_ids), batch_size):
+            chunk = image_ids[start : start + batch_size]
+            visual = torch.from_numpy(np.stack([np.asarray(tokens_by_id[key]) for key in chunk]))  # (B, N, d_v)
+            captions.update(zip(chunk, caption_batch(visual)))
+            progress.update(len(chunk))
+    return captions

@@ -21,7 +21,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
-NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
 OVERALL = "overall"
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
@@ -96,15 +95,36 @@ def _check_inputs(candidates: Mapping[str, str], references: Mapping[str, list[s
 
 def tokenize(candidates: Mapping[str, str], references: Mapping[str, list[str]]):
     """PTB-tokenized (references, candidates) in pycocoevalcap's {id: [text, ...]} form."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     _check_inputs(candidates, references)
     if shutil.which("java") is None:
         raise RuntimeError("the caption metrics need Java (the PTB tokenizer is a jar): install a JRE")
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({key: [{"caption": text} for text in references[key]] for key in candidates})
-    res = tokenizer.tokenize({key: [{"caption": text}] for key, text in candidates.items()})
+    gts = ptb_tokenize({key: list(references[key]) for key in candidates})
+    res = ptb_tokenize({key: [text] for key, text in candidates.items()})
     return gts, res
+
+
+def ptb_tokenize(texts: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """pycocoevalcap's PTBTokenizer (the same jar, options and punctuation removal), with the jar's
+    "PTBTokenizer tokenized N tokens" report sent to the log instead of the terminal, and its
+    input file written to a temporary folder rather than into the installed package."""
+    import tempfile
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    keys = [key for key, captions in texts.items() for _ in captions]
+    lines = "\n".join(text.replace("\n", " ") for captions in texts.values() for text in captions)
+    jar = Path(ptbtokenizer.__file__).parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
+    with tempfile.TemporaryDirectory(prefix="ituning-ptb-") as folder:
+        source = Path(folder) / "captions.txt"
+        source.write_bytes(lines.encode())
+        result = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                                 "-lowerCase", str(source)], capture_output=True, check=True)
+    log.debug("%s", result.stderr.decode(errors="replace").strip())
+    tokenized: dict[str, list[str]] = {}
+    for key, line in zip(keys, result.stdout.decode().split("\n")):
+        words = [word for word in line.rstrip().split(" ") if word not in ptbtokenizer.PUNCTUATIONS]
+        tokenized.setdefault(key, []).append(" ".join(words))
+    return tokenized
 
 
 def _run_scorers(scorers, gts: dict, res: dict) -> dict[str, float]:
@@ -170,14 +190,13 @@ def score_by_group(candidates: Mapping[str, str], references: Mapping[str, list[
 def score_by_domain(candidates: Mapping[str, str], references: Mapping[str, list[str]],
                     domains: Mapping[str, str | None],
                     metrics: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
-    """NoCaps-style scores: "in-domain", "near-domain", "out-domain" (those present) and "overall".
+    """NoCaps-style scores: one entry per domain present ("in-domain", "near-domain",
+    "out-domain", as the data names them), each scored on its own images, and "overall".
 
-    An image without a domain (absent or None) counts in "overall" only; see missing_domains_note."""
+    An image without a domain (absent or None) counts in "overall" only; see missing_domains_note.
+    Which domain names are valid is the data's business (storage/sources.py checks them on reading)."""
     known = {key: domains[key] for key in candidates if domains.get(key) is not None}
-    unknown = set(known.values()) - set(NOCAPS_DOMAINS)
-    if unknown:
-        raise ValueError(f"images with unknown domains {sorted(map(str, unknown))}; expected {NOCAPS_DOMAINS}")
-    return score_by_group(candidates, references, known, metrics, NOCAPS_DOMAINS)
+    return score_by_group(candidates, references, known, metrics, sorted(set(known.values())))
 
 
 def missing_domains_note(image_ids: Iterable[str], domains: Mapping[str, str | None]) -> str | None:
@@ -194,8 +213,9 @@ def missing_domains_note(image_ids: Iterable[str], domains: Mapping[str, str | N
 
 
 def domain_table(scores: Mapping[str, Mapping[str, float]], metrics=("CIDEr", "SPICE")) -> str:
-    """A Markdown table like the paper's NoCaps table: rows metrics x 100, columns domains."""
-    columns = [name for name in (*NOCAPS_DOMAINS, OVERALL) if name in scores]
+    """A Markdown table like the paper's NoCaps table: rows metrics x 100, columns the domains in
+    name order (in-, near-, out-domain), then overall."""
+    columns = [*sorted(name for name in scores if name != OVERALL), *([OVERALL] if OVERALL in scores else [])]
     lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for metric in metrics:
         if any(metric in scores[column] for column in columns):
@@ -229,19 +249,11 @@ def generate_captions(captioner, visual_tokens: Mapping, image_ids: Iterable[str
                       batch_size: int = 32) -> dict[str, str]:
     """Captions for images by id, from cached visual tokens (any mapping image_id -> (N, d) array,
     e.g. a FeatureReader), in batches."""
-    import numpy as np
-    import torch
-
-    from ituning.decoding import DecodingConfig
+    from ituning.decoding import DecodingConfig, caption_cached_tokens
 
     decoding = decoding or DecodingConfig()
-    image_ids = list(image_ids)
-    captions = {}
-    for start in range(0, len(image_ids), batch_size):
-        batch = image_ids[start : start + batch_size]
-        visual = torch.from_numpy(np.stack([np.asarray(visual_tokens[key]) for key in batch]))  # (B, N, d)
-        captions.update(zip(batch, captioner.caption_features(visual, decoding)))
-    return captions
+    return caption_cached_tokens(lambda visual: captioner.caption_features(visual, decoding), visual_tokens,
+                                 image_ids, batch_size)
 
 
 def save_json(value, path: str | Path) -> Path:

@@ -57,6 +57,9 @@ def caption_attention(captioner, image: Image.Image, caption: str | None = None,
     return TokenAttention(tokens, patch_grid(weights))
 
 
+HEATMAP_DPI = 120  # a 4-column grid is about 1150 px wide: each panel readable at its own size
+
+
 def encoder_view(image: Image.Image, size: int = 224) -> Image.Image:
     """The square, centre-cropped image that the patch grid covers."""
     return ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
@@ -76,16 +79,16 @@ def save_heatmaps(image: Image.Image, attention: TokenAttention, path: str | Pat
     for axis in axes.flat:
         axis.axis("off")
     axes.flat[0].imshow(view)
-    axes.flat[0].set_title("image", fontsize=9)
+    axes.flat[0].set_title("image", fontsize=12)
     extent = (0, view.shape[1], view.shape[0], 0)
     for axis, token, heat in zip(axes.flat[1:], attention.tokens, attention.maps):
         axis.imshow(view)
         axis.imshow(heat, cmap="jet", alpha=0.5, extent=extent, interpolation="bilinear")
-        axis.set_title(token or "␣", fontsize=10)
+        axis.set_title(token or "␣", fontsize=13)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=HEATMAP_DPI)
     plt.close(figure)
     return path
 

@@ -2,7 +2,8 @@
 memory (pipeline/small_corpus.py reads them from a Karpathy split file).
 
 This is the small-corpus path (the synthetic corpus, a user's own data); the full datasets go
-through the catalog and the HDF5 feature cache instead.
+through the catalog and the HDF5 feature cache instead. Both encode through ituning/encoding.py,
+so an image is decoded and preprocessed the same way on either path; here always in float32.
 """
 
 from dataclasses import dataclass
@@ -12,7 +13,9 @@ import numpy as np
 import torch
 
 from ituning.backbones import BackboneSpec, load_vision_encoder
-from ituning.images import open_rgb
+from ituning.encoding import EncodeSettings, encode_batches
+from ituning.encoding import load_pixels  # noqa: F401  (ituning.standins imports it from here)
+from ituning.images import UnreadableImage
 
 
 @dataclass(frozen=True)
@@ -26,21 +29,18 @@ def captions_by_id(images: list[KarpathyImage]) -> dict[str, list[str]]:
     return {image.image_id: image.captions for image in images}
 
 
-def load_pixels(paths, preprocess, min_side: int | None = None) -> torch.Tensor:
-    """Preprocessed pixels (B, 3, H, W) of image files, decoded as the feature cache decodes them."""
-    return torch.stack([preprocess(open_rgb(path, min_side)) for path in paths])
-
-
 @torch.inference_mode()
 def encode_images(images: list[KarpathyImage], spec: BackboneSpec, batch_size: int = 64,
                   device: str = "cpu") -> dict[str, np.ndarray]:
-    """Visual tokens (1 + patches, width) per image id, as float16 like the feature cache."""
+    """Visual tokens (1 + patches, width) per image id, float16 like the feature cache, computed in
+    full precision in this process; an unreadable image stops it with UnreadableImage."""
     encoder = load_vision_encoder(spec, device)
-    side = encoder.visual.image_size
-    min_side = side if isinstance(side, int) else min(side)
+    settings = EncodeSettings(batch_size, num_workers=0, device=device, dtype="float16", precision="float32")
     features = {}
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        tokens = encoder(load_pixels([image.path for image in chunk], encoder.preprocess, min_side).to(device))
-        features.update((image.image_id, row.cpu().numpy().astype(np.float16)) for image, row in zip(chunk, tokens))
+    for batch in encode_batches(encoder, [(0, image.image_id, image.path) for image in images], settings):
+        failed = [error for error in batch.errors if error]
+        if failed:
+            raise UnreadableImage(failed[0])
+        tokens = batch.host_tokens()
+        features.update((image_id, tokens[row].copy()) for row, image_id in enumerate(batch.image_ids))
     return features

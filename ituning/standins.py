@@ -13,6 +13,7 @@ import torch
 
 from ituning.backbones import LOCAL_DIR, BackboneSpec
 from ituning.compat import ensure_torchvision_importable, quiet_transformers
+from ituning.progress import Progress
 
 EOS_TOKEN = "<|endoftext|>"
 TINY_VISION = {
@@ -65,7 +66,9 @@ def new_language_standin(tokenizer, seed: int):
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
     config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, **TINY_LANGUAGE)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # what transformers falls back to anyway, after a warning
+    return model
 
 
 def save_language_standin(directory: Path, tokenizer, model) -> str:
@@ -126,52 +129,54 @@ def _optimizer_and_schedule(parameters, settings: StandinTraining, steps: int, w
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, steps // 10))
 
 
+def _optimizer_step(loss: torch.Tensor, optimizer, schedule) -> str:
+    """One update from `loss`; the loss as the progress bar shows it."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return f"{loss.item():.3f}"
+
+
 def train_vision_standin(pixels: torch.Tensor, captions: list[list[str]], tokenizer,
                          settings: StandinTraining = StandinTraining(), progress: bool = True):
     """A tiny open_clip CLIP trained with the CLIP loss on (image, one of its captions) pairs."""
     ensure_torchvision_importable()
     import open_clip
-    from tqdm.auto import tqdm
 
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     model = open_clip.CLIP(**TINY_VISION).train()
     optimizer, schedule = _optimizer_and_schedule(model.parameters(), settings, settings.vision_steps, 0.1)
     clip_loss = open_clip.ClipLoss()
-    for _ in tqdm(range(settings.vision_steps), desc="vision stand-in", disable=not progress):
-        batch = torch.randperm(len(captions), generator=generator)[: settings.batch_size].tolist()
-        picks = torch.randint(0, 1 << 30, (len(batch),), generator=generator).tolist()
-        text = clip_text_tokens([captions[i][p % len(captions[i])] for i, p in zip(batch, picks)], tokenizer)
-        image_features = model.encode_image(pixels[batch], normalize=True)
-        text_features = model.encode_text(text, normalize=True)
-        loss = clip_loss(image_features, text_features, model.logit_scale.exp())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    with Progress(settings.vision_steps, "vision stand-in", "steps", enabled=progress) as shown:
+        for _ in range(settings.vision_steps):
+            batch = torch.randperm(len(captions), generator=generator)[: settings.batch_size].tolist()
+            picks = torch.randint(0, 1 << 30, (len(batch),), generator=generator).tolist()
+            text = clip_text_tokens([captions[i][p % len(captions[i])] for i, p in zip(batch, picks)], tokenizer)
+            image_features = model.encode_image(pixels[batch], normalize=True)
+            text_features = model.encode_text(text, normalize=True)
+            loss = clip_loss(image_features, text_features, model.logit_scale.exp())
+            shown.update(loss=_optimizer_step(loss, optimizer, schedule))
     return model.eval()
 
 
 def train_language_standin(texts: list[str], tokenizer, settings: StandinTraining = StandinTraining(),
                            progress: bool = True):
     """A tiny GPT-2 trained as a language model on captions (BOS caption EOS)."""
-    from tqdm.auto import tqdm
-
     from ituning.data import caption_token_rows, pad_caption_rows
 
     model = new_language_standin(tokenizer, settings.seed).train()
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer, schedule = _optimizer_and_schedule(model.parameters(), settings, settings.language_steps, 0.01)
     max_tokens = TINY_LANGUAGE["n_positions"] - 1
-    for _ in tqdm(range(settings.language_steps), desc="language stand-in", disable=not progress):
-        batch = torch.randint(0, len(texts), (settings.batch_size,), generator=generator).tolist()
-        rows = caption_token_rows([texts[i] for i in batch], tokenizer, max_tokens)
-        input_ids, labels, attention_mask = pad_caption_rows(rows, tokenizer.eos_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    with Progress(settings.language_steps, "language stand-in", "steps", enabled=progress) as shown:
+        for _ in range(settings.language_steps):
+            batch = torch.randint(0, len(texts), (settings.batch_size,), generator=generator).tolist()
+            rows = caption_token_rows([texts[i] for i in batch], tokenizer, max_tokens)
+            input_ids, labels, attention_mask = pad_caption_rows(rows, tokenizer.eos_token_id)
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            shown.update(loss=_optimizer_step(loss, optimizer, schedule))
     return model.eval()
 
 

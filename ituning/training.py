@@ -19,25 +19,25 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ituning.backbones import BackboneSpec, load_language_model, vision_width
 from ituning.captioner import resolve_device
 from ituning.checkpoint import load_weights_into
 from ituning.config import RunConfig, StageConfig, config_to_dict
-from ituning.data import (CaptionBatch, MicroBatches, epoch_samples, feature_batches, micro_batch_count,
-                          micro_batch_loader, samples_per_epoch)
-from ituning.decoding import CachedStep, DecodingConfig, generate
+from ituning.data import (CaptionBatch, MicroBatches, epoch_samples, micro_batch_count, micro_batch_loader,
+                          samples_per_epoch)
+from ituning.decoding import CachedStep, DecodingConfig, caption_texts, caption_cached_tokens
 from ituning.distributed import (barrier, data_parallel, gradient_sync, is_main_process, join_from_environment,
                                  process_device, shard, summed, unwrapped, world)
 from ituning.model import ITuningCaptioner, trainable_parameters
+from ituning.progress import Progress
+from ituning.precision import autocast
 from ituning.training_state import (
     BEST,
     FINAL,
@@ -106,13 +106,6 @@ def caption_loss_sum(model: ITuningCaptioner, batch: CaptionBatch) -> torch.Tens
     )  # position t predicts token t + 1
 
 
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (precision auto or bf16); full precision elsewhere."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 class BlindStep(CachedStep):
     """Decoding with the modules switched off: the plain frozen language model (the caption-blind
     baseline). The visual tokens are ignored."""
@@ -125,15 +118,9 @@ class BlindStep(CachedStep):
 def caption_feature_set(model, tokenizer, features: Mapping, image_ids: list[str], decoding: DecodingConfig,
                         batch_size: int = 64, blind: bool = False) -> dict[str, str]:
     """Captions generated from cached visual tokens, by image id."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    prompt = torch.tensor([[bos]], device=device)  # (1, 1)
-    captions = {}
-    for chunk, visual in feature_batches(features, image_ids, batch_size):
-        token_ids = generate(model, visual.to(device, dtype), prompt, tokenizer.eos_token_id, decoding,
-                             step=BlindStep if blind else CachedStep)
-        captions.update(zip(chunk, (tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids)))
-    return captions
+    step = BlindStep if blind else CachedStep
+    return caption_cached_tokens(lambda visual: caption_texts(model, tokenizer, visual, decoding, step),
+                                 features, image_ids, batch_size, "validation captions")
 
 
 def evaluate_captions(model, tokenizer, features: Mapping, captions: dict[str, list[str]], score: Scorer,
@@ -195,7 +182,7 @@ class StageTrainer:
         self.model.eval()  # frozen backbones: no dropout; the modules have none
         total = self.steps_per_epoch * self.stage.epochs
         show = self.progress and is_main_process()
-        with tqdm(total=total, initial=self.state.step, desc=self.stage.name, disable=not show) as bar:
+        with Progress(total, self.stage.name, "steps", initial=self.state.step, enabled=show) as bar:
             while self.state.epoch < self.stage.epochs:
                 self.run_epoch(bar)
         final = self.stage_dir / FINAL
@@ -219,8 +206,7 @@ class StageTrainer:
             self.state.step_in_epoch += 1
             self.state.epoch_loss_sum += metrics["loss"]
             self.state.last_loss = metrics["loss"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            bar.update(1, loss=f"{metrics['loss']:.3f}")
             self.notify("on_step", self.state.step, metrics)
             if every and self.state.step % every == 0 and self.state.step_in_epoch < self.steps_per_epoch:
                 self.save()
@@ -270,7 +256,7 @@ class StageTrainer:
         return [batches[index] for index in range(len(batches))]
 
     def backward(self, batch: CaptionBatch, tokens: float, share: int) -> torch.Tensor:
-        with autocast_for(self.device, self.stage.precision):
+        with autocast(self.device, self.stage.precision):
             loss = caption_loss_sum(self.replica, batch.to(self.device)) / tokens * share
         loss.backward()
         return loss.detach()
@@ -298,7 +284,7 @@ class StageTrainer:
     def validate(self) -> dict[str, float]:
         image_ids = sorted(i for i, texts in self.data.val_captions.items() if texts)[: self.stage.val_images]
         decoding = DecodingConfig(num_beams=self.stage.val_beams, max_length=self.stage.val_max_length)
-        with autocast_for(self.device, self.stage.precision):
+        with autocast(self.device, self.stage.precision):
             scores = evaluate_captions(self.model, self.tokenizer, self.data.val_features,
                                        {i: self.data.val_captions[i] for i in image_ids}, self.score, decoding)
         return {f"val_{name}": value for name, value in scores.items()}

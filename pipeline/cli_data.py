@@ -5,6 +5,8 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli_errors import echo_error, fail
+
 catalog_app = typer.Typer(help="Build and query the DuckDB catalog of images and captions.", no_args_is_help=True)
 WorkspaceOption = Annotated[Path | None, typer.Option(help="workspace folder (default $ITUNING_WORKSPACE or ./workspace)")]
 
@@ -30,11 +32,11 @@ def download(
             typer.echo("note: Flickr30k images are access-gated; pass --images URL_OR_ARCHIVE to fetch them", err=True)
         report = download_dataset(chosen, workspace_root(workspace), concurrency=concurrency, progress=progress)
     except (DownloadError, MalformedInput, UnsafeArchive, OSError) as error:
-        _fail(error)
+        fail(error)
     typer.echo(f"{dataset}: {len(report.fetched)} files verified, {len(report.unpacked)} unpacked, "
                f"{report.images} images fetched")
     for failure in report.failures:
-        typer.echo(f"error: {failure}", err=True)
+        echo_error(failure)
     if report.failures:
         raise typer.Exit(1)
 
@@ -49,7 +51,8 @@ def catalog_build(
 ):
     """Read the downloaded annotations, check the images and write workspace/catalog.duckdb.
     One build at a time: a second one waits --wait seconds, then stops naming the first."""
-    from storage.catalog_build import BUILD_ORDER, MissingInput, build_dataset, open_for_build
+    from pipeline.data import build_dataset
+    from storage.catalog_build import BUILD_ORDER, MissingInput, open_for_build
     from storage.catalog_lock import BuildRunning, CatalogBusy
     from storage.jsonfields import MalformedInput
     from storage.workspace import workspace_root
@@ -57,7 +60,7 @@ def catalog_build(
     root = workspace_root(workspace)
     unknown = set(datasets or ()) - set(BUILD_ORDER)
     if unknown:
-        _fail(ValueError(f"unknown dataset(s) {', '.join(sorted(unknown))}; choose from {', '.join(BUILD_ORDER)}"))
+        fail(ValueError(f"unknown dataset(s) {', '.join(sorted(unknown))}; choose from {', '.join(BUILD_ORDER)}"))
     chosen = [name for name in BUILD_ORDER if name in (datasets or BUILD_ORDER)]
     try:
         with open_for_build(root, wait) as catalog:
@@ -66,16 +69,16 @@ def catalog_build(
                     summary = build_dataset(root, dataset, catalog, check_images, workers)
                 except MissingInput as error:
                     if datasets:  # asked for by name: its files must be there
-                        _fail(error)
+                        fail(error)
                     typer.echo(f"{dataset}: skipped ({error})")
                     continue
                 except MalformedInput as error:
-                    _fail(error)
+                    fail(error)
                 splits = ", ".join(f"{split} {count:,}" for split, count in summary.by_split.items())
                 typer.echo(f"{dataset}: {summary.images:,} images ({summary.usable:,} usable: {splits}), "
                            f"{summary.captions:,} captions" + (f", {summary.excluded:,} excluded" if summary.excluded else ""))
     except (BuildRunning, CatalogBusy) as error:
-        _fail(error)
+        fail(error)
 
 
 @catalog_app.command("query")
@@ -91,13 +94,13 @@ def catalog_query(sql: Annotated[str, typer.Argument(help="one SELECT-style stat
 
     path = catalog_path(workspace_root(workspace))
     if not path.is_file():
-        _fail(FileNotFoundError(f"no catalog at {path}; run `ituning catalog build` first"))
+        fail(FileNotFoundError(f"no catalog at {path}; run `ituning catalog build` first"))
     try:
         columns, rows = answer_query(path, sql)
     except QueryRefused as error:
-        _fail(error)
+        fail(error)
     except duckdb.Error as error:
-        _fail(_one_line(error))
+        fail(_one_line(error))
     typer.echo("\t".join(columns))
     for row in rows:
         typer.echo("\t".join("" if value is None else str(value) for value in row))
@@ -129,8 +132,3 @@ def register(app: typer.Typer) -> None:
     app.command()(download)
     app.command()(synthetic)
     app.add_typer(catalog_app, name="catalog")
-
-
-def _fail(error: Exception | str):
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)

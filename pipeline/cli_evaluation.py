@@ -14,7 +14,9 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli_errors import fail, on_one_line
 from storage.jsonfields import load_json, required
+from storage.sources import NOCAPS_DOMAINS, unknown_domains
 
 CANDIDATE_FORMATS = '[{"image_id", "caption"}, ...] (COCO results) or {image_id: caption}'
 REFERENCE_FORMATS = ('{"images", "annotations": [{"image_id", "caption"}]} (COCO captions), '
@@ -96,9 +98,7 @@ def _domains_of_images(data: dict, path: Path) -> dict[str, str]:
 
 
 def _known_domains(domains: dict[str, str], path: Path) -> dict[str, str]:
-    from ituning.evaluation import NOCAPS_DOMAINS
-
-    wrong = sorted({str(value) for value in domains.values()} - set(NOCAPS_DOMAINS))
+    wrong = unknown_domains(domains)
     if wrong:
         raise ScoreInputError(f"{path}: unknown domains {wrong}; expected {', '.join(NOCAPS_DOMAINS)}")
     return domains
@@ -136,6 +136,7 @@ def score(
     """Print BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where installed) as JSON; by NoCaps
     domain too when domains are known."""
     from ituning import evaluation
+    from pipeline.evaluation import score_nocaps
 
     chosen = metrics.split(",") if metrics else None
     try:
@@ -146,10 +147,9 @@ def score(
         if by_domain is None:
             scores = evaluation.score_captions(candidates, refs, chosen)
         else:
-            scores = evaluation.score_by_domain(candidates, refs, by_domain, chosen)
+            scores = score_nocaps(candidates, refs, by_domain, chosen)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        typer.echo(f"error: {' '.join(str(error).split())}", err=True)
-        raise typer.Exit(2)
+        fail(on_one_line(error))
     if chosen is None and not evaluation.spice_available():
         typer.echo(evaluation.spice_install_instructions(), err=True)
     note = evaluation.missing_domains_note(candidates, by_domain) if by_domain is not None else None

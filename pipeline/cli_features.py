@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli_errors import fail
+
 features_app = typer.Typer(help="Frozen vision tokens of a split, cached in HDF5 shards.",
                            invoke_without_command=True, pretty_exceptions_enable=False)
 
@@ -69,7 +71,7 @@ def features(
     if ctx.invoked_subcommand is not None:
         return
     from storage.feature_shards import ShardPlan
-    from pipeline.features import FeatureSettings, extract_features, split_cache_dir
+    from pipeline.features import FeatureSettings, encode_features, split_cache_dir
 
     encode = _encode_settings(device, dtype, precision, batch_size, workers)
     images, root, spec = _split_images(workspace, dataset, split, vision, vision_pretrained)
@@ -77,9 +79,9 @@ def features(
     shards = part.shards(ShardPlan(tuple(images), shard_size).count)
     _show_progress()
     try:
-        report = extract_features(images, spec, out_dir, FeatureSettings(shard_size, encode), shards=shards)
+        report = encode_features(images, spec, out_dir, FeatureSettings(shard_size, encode), shards=shards)
     except (OSError, ValueError, RuntimeError) as error:
-        _fail(error)
+        fail(error)
     for name, reason in sorted(report.damaged.items()):
         typer.echo(f"damaged: {name}: {reason}", err=True)
     typer.echo(f"{len(images)} usable images; shards encoded {report.encoded_shards}, reused {report.reused_shards}")
@@ -104,7 +106,9 @@ def verify(
     """Check the cache that training and evaluation on this device read (the one of its precision,
     else another finished one) against the catalog and its checksums: every shard intact, rows, ids,
     NaN/Inf. One line per problem; exits 1 on any."""
-    from pipeline.features import find_feature_entry, rebuild_command, verify_feature_cache
+    from pipeline.features import find_feature_entry
+    from storage.feature_cache import rebuild_command
+    from storage.feature_checks import verify_feature_cache
 
     images, root, spec = _split_images(workspace, dataset, split, vision, vision_pretrained)
     entry = find_feature_entry(root, dataset, split, spec, _encode_settings(device, dtype, precision))
@@ -125,7 +129,7 @@ def verify(
 def _split_images(workspace, dataset, split, vision, vision_pretrained):
     """The split's usable images as (image_id, path), the workspace folder and the encoder spec."""
     if not dataset or not split:
-        _fail(ValueError("--dataset and --split are required"))
+        fail(ValueError("--dataset and --split are required"))
     import duckdb
 
     from ituning.backbones import BackboneSpec
@@ -136,19 +140,19 @@ def _split_images(workspace, dataset, split, vision, vision_pretrained):
     spec = BackboneSpec(vision, None if vision_pretrained.lower() in {"", "none"} else vision_pretrained)
     try:
         with Catalog(root / "catalog.duckdb", read_only=True) as catalog:
-            usable = catalog.usable_images(dataset, split)
+            images = catalog.image_paths(dataset, split)
     except (OSError, duckdb.Error) as error:  # no catalog yet, or a catalog build holds the file
-        _fail(error)
-    images = [(image.image_id, image.path if image.path.is_absolute() else root / image.path) for image in usable]
+        fail(error)
     return images, root, spec
 
 
 def _encode_settings(device: str, dtype: str, precision: str, batch_size: int = 256, workers: int | None = None):
     from ituning.captioner import resolve_device
-    from storage.feature_shards import EncodeSettings
+    from ituning.encoding import OUTPUT_DTYPES, EncodeSettings
+    from ituning.precision import PRECISIONS
 
-    if dtype not in {"float16", "float32"} or precision not in {"auto", "float32", "bfloat16", "float16"}:
-        _fail(ValueError(f"unknown --dtype {dtype!r} or --precision {precision!r}"))
+    if dtype not in OUTPUT_DTYPES or precision not in PRECISIONS:
+        fail(ValueError(f"unknown --dtype {dtype!r} or --precision {precision!r}"))
     device = resolve_device(device)
     return EncodeSettings(batch_size, _default_workers(device) if workers is None else workers, device, dtype,
                           precision)
@@ -167,8 +171,3 @@ def _show_progress() -> None:
 def _default_workers(device: str) -> int:
     cores = os.cpu_count() or 1
     return min(16, cores) if device.startswith("cuda") else max(1, cores - 1)
-
-
-def _fail(error: Exception):
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)

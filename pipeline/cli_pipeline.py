@@ -8,31 +8,43 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli_errors import fail, first_line
+from storage.manifests import DATASETS
+
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-         "PREFECT_LOGGING_LEVEL": "WARNING",
+         # Prefect's INFO lines go to the flow run's log (the UI) but not to the terminal, which shows
+         # the progress bars; MLflow's artifact bars only show local copies.
+         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+         "MLFLOW_LOGGING_LEVEL": "WARNING",
          # The temporary server's first start (database migrations) can outlast Prefect's 20 s on a busy machine.
          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 DEMO = "demo"
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 FULL_PIPELINE = "flows.in_process:run_full_pipeline"
+FLOW_LOG = "The flow run's full log: `make serve`, then the Prefect UI at http://127.0.0.1:4200"
 
 
-def pipeline_environment(config: str, workspace: Path) -> dict[str, str]:
+SET_HELP = "KEY=VALUE: change one setting of the config, read as YAML (repeatable), e.g. stages[0].epochs=3"
+
+
+def pipeline_environment(config: str, workspace: Path, overrides: list[str] = ()) -> dict[str, str]:
     """What `pipeline` sets where the environment leaves it unset, before Prefect and huggingface_hub
     read it. A config whose backbones are stand-ins built in the workspace (the demo) runs offline;
     every other downloads its backbones (GPT-2, CLIP) from the Hugging Face hub on first use, into
     HF_HOME's cache."""
-    return {**QUIET, **(OFFLINE if uses_standins(config) else {}), "PREFECT_HOME": str(workspace / "prefect")}
+    offline = OFFLINE if uses_standins(config, overrides) else {}
+    return {**QUIET, **offline, "PREFECT_HOME": str(workspace / "prefect")}
 
 
-def uses_standins(config: str) -> bool:
+def uses_standins(config: str, overrides: list[str] = ()) -> bool:
+    """Whether the config (with its overrides, checked here first) runs on stand-in backbones."""
     from ituning.config import ConfigError, load_config
     from pipeline.presets import config_file
 
     try:
-        return load_config(config_file(config)).model.standins
+        return load_config(config_file(config), list(overrides)).model.standins
     except (ConfigError, OSError) as error:
-        raise typer.BadParameter(str(error), param_hint="--config") from error
+        raise typer.BadParameter(str(error), param_hint="--config / --set") from error
 
 
 def pipeline(
@@ -46,6 +58,13 @@ def pipeline(
     corpus: Annotated[list[str] | None, typer.Option(
         help="DATASET=FOLDER: the dataset already on disk in its published layout, used in place (repeatable)")] = None,
     register_as: Annotated[str | None, typer.Option(help="registered model name; default ituning-<preset>")] = None,
+    evaluate_on: Annotated[list[str] | None, typer.Option(
+        help="a split to score the final checkpoint on: test, val, coco/test, nocaps/val ... (repeatable; "
+             "default test)")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="images per feature-cache shard")] = 1024,
+    gallery_size: Annotated[int, typer.Option(min=0, help="images in each evaluation's caption gallery")] = 50,
+    backbone_steps: Annotated[int, typer.Option(min=1, help="training steps of each demo stand-in backbone")] = 100,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
 ):
     """Run full-pipeline: data, catalog, features, training, evaluation, registration. Backbones are
     downloaded from the Hugging Face hub on first use (the demo's are built locally, offline).
@@ -53,21 +72,18 @@ def pipeline(
     manifests, corpora = dataset_paths(manifest, "--manifest", "file"), dataset_paths(corpus, "--corpus", "dir")
     workspace = workspace.resolve()
     (workspace / "prefect").mkdir(parents=True, exist_ok=True)
-    for key, value in pipeline_environment(config, workspace).items():
+    for key, value in pipeline_environment(config, workspace, set_ or []).items():
         os.environ.setdefault(key, value)  # read when prefect is first imported, by the entrypoint below
     run_in_process = entrypoint(FULL_PIPELINE)  # imports prefect, which reads the variables just set
-    typer.echo(f"Running full-pipeline ({config}) in {workspace}; finished stages are reused ...")
+    typer.echo(f"Running full-pipeline ({config}) in {workspace}; finished steps are reused ...")
     try:
         outcome = run_in_process(config=config, source=source, workspace=str(workspace), synthetic_images=synthetic_images,
-                                device=device, manifests=manifests, corpora=corpora, register_as=register_as)
+                                device=device, manifests=manifests, corpora=corpora, register_as=register_as,
+                                evaluate_on=evaluate_on or ["test"], shard_size=shard_size, gallery_size=gallery_size,
+                                backbone_steps=backbone_steps, overrides=set_ or None)
     except Exception as error:  # the whole traceback stays in the flow run's log
-        typer.echo(f"error: {first_line(error)}", err=True)
-        typer.echo("The flow run's full log: `make serve`, then the Prefect UI at http://127.0.0.1:4200", err=True)
-        raise typer.Exit(1)
+        fail(first_line(error), 1, hint=FLOW_LOG)
     print_outcome(outcome, workspace)
-
-
-DATASETS = ("coco", "flickr30k", "vg", "nocaps")
 
 
 def dataset_paths(values: list[str] | None, option: str, kind: str) -> dict[str, str]:
@@ -92,11 +108,6 @@ def entrypoint(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 def demo(workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = Path("workspace")):
     """The offline demo: full-pipeline on the synthetic corpus with the demo backbones."""
     pipeline(config=DEMO, source="synthetic", workspace=workspace, synthetic_images=600, device="auto")
@@ -105,9 +116,9 @@ def demo(workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = 
 def print_outcome(outcome: dict, workspace: Path) -> None:
     from pipeline.tracking import tracking_uri
 
-    for record in outcome["stages"]:
-        state = "reused" if record["cached"] else "ran"
-        typer.echo(f"  {record['stage']:<22} {state:<7} run {record['run_id']}")
+    for record in outcome["steps"]:
+        state = "reused" if record["cached"] or record.get("already_done") else "ran"
+        typer.echo(f"  {record['step']:<22} {state:<7} run {record['run_id']}")
     typer.echo("Test metrics:")
     for name, value in outcome["test"].items():
         if isinstance(value, (int, float)):
@@ -116,7 +127,8 @@ def print_outcome(outcome: dict, workspace: Path) -> None:
     for image_id, caption in outcome["sample"]:
         typer.echo(f"  {image_id}\t{caption}")
     model, promotion = outcome["model"], outcome["promotion"]
-    typer.echo(f"Registered {model['name']} version {model['version']} ({model['model_uri']}); "
+    registered = "Registered" if model.get("new_version", True) else "Same weights as"
+    typer.echo(f"{registered} {model['name']} version {model['version']} ({model['model_uri']}); "
                f"champion {'moved to it' if promotion['promoted'] else 'kept'} ({promotion['reason']})")
     uri = tracking_uri(workspace)
     typer.echo("Where to look:")

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli_errors import fail
+
 KARPATHY_HELP = "a corpus in the Karpathy format (dataset_coco.json style) instead of the catalog and feature cache"
 
 
@@ -17,6 +19,8 @@ def train(
     workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = Path("workspace"),
     device: Annotated[str, typer.Option(help="auto (the config's), cpu, cuda, cuda:1 ...")] = "auto",
     fresh: Annotated[bool, typer.Option(help="ignore checkpoints of an earlier run in the same folder")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE: change one setting of the config, "
+                                                   "read as YAML (repeatable), e.g. stages[0].epochs=3")] = None,
 ):
     """Train the I-Tuning modules stage by stage; a rerun continues from the last checkpoint.
 
@@ -26,14 +30,16 @@ def train(
     from ituning.distributed import is_main_process
     from ituning.training import NonFiniteLoss
 
+    from pipeline.presets import with_overrides
+
     try:
+        config = Path(with_overrides(str(config), set_ or [], workspace))
         if karpathy_json is None:
             lines = train_from_catalog(config, workspace, out, device, fresh)
         else:
             lines = train_from_corpus(config, karpathy_json, images, workspace, out, device, fresh)
     except (ConfigError, NonFiniteLoss, OSError, ValueError, ImportError, RuntimeError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        fail(error)
     if not is_main_process():  # under torchrun the lines come once, from rank 0
         return
     for line in lines:
@@ -45,7 +51,7 @@ def train_from_catalog(config: Path, workspace: Path, out: Path | None, device: 
     torchrun every process trains, rank 0 tracks)."""
     from ituning.config import config_to_dict
     from ituning.distributed import is_main_process, launched_processes
-    from pipeline import evaluation, features, presets, tracking, training
+    from pipeline import presets, tracking, training
 
     run_config = presets.resolve_config(str(config), workspace)
     backbones = run_config.model.backbones().to_dict()
@@ -70,14 +76,14 @@ def train_from_catalog(config: Path, workspace: Path, out: Path | None, device: 
 
 
 def missing_features(workspace: Path, stage, backbones: dict) -> list[str]:
-    from pipeline import evaluation, features, presets, tracking, training
+    from pipeline import features, training
 
     return [split for dataset, split in training.splits_of(stage)
             if not features.feature_entry(workspace, dataset, split, backbones).is_file()]
 
 
 def encode_missing_features(workspace: Path, stage, backbones: dict, device: str) -> None:
-    from pipeline import evaluation, features, presets, tracking, training
+    from pipeline import features
 
     for split in missing_features(workspace, stage, backbones):
         typer.echo(f"encoding {stage.dataset}/{split} into the feature cache ...", err=True)
@@ -145,17 +151,16 @@ def evaluate(
 ):
     """Caption a split from the feature cache, score it and track captions, scores, gallery and heatmaps."""
     from ituning.checkpoint import read_config
-    from pipeline import evaluation, features, presets, tracking, training
+    from pipeline import evaluation, features
 
     try:
         spec = read_config(checkpoint)["backbones"]
         if not features.feature_entry(workspace, dataset, split, spec).is_file():
             features.finish_feature_cache(workspace, dataset, split, spec, device=device)
         result = evaluation.evaluate(workspace, str(checkpoint), dataset, split, device=device, num_beams=beams,
-                                 blind_baseline=blind_baseline)
+                                     blind_baseline=blind_baseline)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        fail(error)
     typer.echo(json.dumps(result["metrics"], indent=1))
     typer.echo(f"captions: {result['captions_path']} (MLflow run {result['run_id']})")
 
@@ -184,6 +189,5 @@ def standins(
             spec = build_trained_standins(karpathy_json, images or karpathy_json.parent,
                                           out or workspace / "backbones", settings)
     except (OSError, ValueError, KeyError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        fail(error)
     typer.echo(f"vision_model: {spec.vision_model}\nlanguage_model: {spec.language_model}")

@@ -7,7 +7,10 @@ import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
+from pipeline.image_check import inspect_images
+from storage import catalog_build
 from storage.catalog import Catalog
+from storage.catalog_build import BUILD_ORDER, BuildSummary, open_for_build
 from storage.workspace import catalog_path
 
 STANDIN_SPLIT = ("coco", "train")  # what the demo's stand-in backbones learn from
@@ -54,14 +57,19 @@ def use_local_corpus(workspace: Path, dataset: str, folder: str) -> dict:
 
 def build_catalog(workspace: Path, datasets: list[str]) -> dict[str, dict]:
     """Catalog rows for each dataset, in the order the builds depend on; per-dataset summaries."""
-    from storage.catalog_build import BUILD_ORDER, build_dataset, open_for_build
-
     unknown = sorted(set(datasets) - set(BUILD_ORDER))
     if unknown:
         raise ValueError(f"unknown datasets {unknown}; expected some of {list(BUILD_ORDER)}")
     with open_for_build(Path(workspace)) as catalog:
         return {dataset: asdict(build_dataset(Path(workspace), dataset, catalog))
                 for dataset in BUILD_ORDER if dataset in datasets}
+
+
+def build_dataset(root: Path, dataset: str, catalog: Catalog, check_images: bool = True,
+                  workers: int = 2) -> BuildSummary:
+    """A dataset's rows in the catalog, each image file checked by decoding it as training reads it
+    (or catalogued unchecked)."""
+    return catalog_build.build_dataset(root, dataset, catalog, inspect_images if check_images else None, workers)
 
 
 def open_catalog(workspace: Path) -> Catalog:
@@ -97,11 +105,10 @@ def content_digest(path: str | Path) -> str:
 def split_images(workspace: Path, dataset: str, split: str) -> list[tuple[str, Path]]:
     """The split's usable images as (image_id, absolute path), sorted by image id."""
     with open_catalog(workspace) as catalog:
-        usable = catalog.usable_images(dataset, split)
-    if not usable:
+        images = catalog.image_paths(dataset, split)
+    if not images:
         raise ValueError(f"{dataset}/{split}: no usable images in the catalog; download and build it first")
-    return [(image.image_id, image.path if image.path.is_absolute() else Path(workspace) / image.path)
-            for image in usable]
+    return images
 
 
 def build_demo_backbones(workspace: Path, seed: int = 0, vision_steps: int = 300, language_steps: int = 300,
@@ -116,5 +123,5 @@ def build_demo_backbones(workspace: Path, seed: int = 0, vision_steps: int = 300
               if captions.get(image_id)]
     settings = StandinTraining(vision_steps=vision_steps, language_steps=language_steps, batch_size=batch_size,
                                seed=seed)
-    spec = build_standins_from_images(images, Path(out_dir or Path(workspace) / "backbones"), settings, progress=False)
+    spec = build_standins_from_images(images, Path(out_dir or Path(workspace) / "backbones"), settings, progress=True)
     return spec.to_dict()

@@ -5,9 +5,11 @@ metrics, NoCaps domains and the evaluation report.
 from dataclasses import asdict
 from pathlib import Path
 
+from ituning.evaluation import score_by_domain
 from pipeline.data import catalog_fingerprint, open_catalog, split_images
 from pipeline.tracking import ExperimentTracker
 from pipeline.training import child_run, log_split_inputs, split_data
+from storage.sources import NOCAPS_DOMAINS, unknown_domains
 
 SAMPLE_SIZE = 5
 
@@ -33,6 +35,15 @@ def evaluate(workspace: Path, checkpoint: str, dataset: str, split: str, parent_
         result = _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references, dataset, split,
                                    decoding, gallery_size, blind_baseline)
     return {**result, "run_id": run_id, "task": evaluation_task(workspace, dataset, split)}
+
+
+def score_nocaps(candidates: dict[str, str], references: dict[str, list[str]], domains: dict[str, str | None],
+                 metrics=None) -> dict[str, dict[str, float]]:
+    """Scores by NoCaps domain and overall; a domain NoCaps does not have is an error."""
+    unknown = unknown_domains(domains)
+    if unknown:
+        raise ValueError(f"images with unknown domains {unknown}; expected {', '.join(NOCAPS_DOMAINS)}")
+    return score_by_domain(candidates, references, domains, metrics)
 
 
 def evaluation_task(workspace: Path, dataset: str, split: str) -> str:
@@ -63,7 +74,7 @@ def _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references,
         notes.append("submission/nocaps_test_submission.json is in the evaluation server's format")
     notes = [note for note in notes if note]
     if notes:
-        tracker.set_tags(run_id, {"ituning.notes": "; ".join(notes)})
+        tracker.client.set_tag(run_id, "ituning.notes", "; ".join(notes))
     if blind_baseline and references:
         scores = {**scores, "blind": _blind_scores(captioner, reader, references, decoding)}
     report = write_report(out_dir, f"{dataset} {split}", captions, scores, references, images, captioner,

@@ -5,8 +5,11 @@ import hashlib
 from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
 from ituning.backbones import LOCAL_DIR
-from ituning.config import load_config
+from ituning.config import ConfigError, apply_overrides, config_from_dict, load_config
+from storage.atomic import write_atomically
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 
@@ -22,6 +25,26 @@ def config_file(config: str) -> Path:
     """A preset's YAML file (configs/<config>.yaml), or the YAML file `config` names."""
     path = Path(config)
     return path if path.suffix else CONFIG_DIR / f"{config}.yaml"
+
+
+def with_overrides(config: str, overrides: list[str], workspace: Path) -> str:
+    """`config` itself when there are no overrides. Otherwise the config with the `KEY=VALUE`
+    overrides applied and checked (ituning.config.apply_overrides), written to
+    workspace/configs/<digest>/<file name of config>: a run reads it like any config file, and
+    keeps the preset's name for its registered model. Raises ConfigError naming the bad key."""
+    if not overrides:
+        return config
+    source = config_file(config)
+    try:
+        data = apply_overrides(yaml.safe_load(source.read_text()), list(overrides))
+        config_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from error
+    text = yaml.safe_dump(data, sort_keys=False)
+    target = Path(workspace) / "configs" / hashlib.sha256(text.encode()).hexdigest()[:12] / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, f"# {source.name} with --set {' --set '.join(overrides)}\n{text}")
+    return str(target)
 
 
 def config_digest(config: str) -> str:

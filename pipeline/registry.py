@@ -1,23 +1,41 @@
-"""The model registry: a trained captioner registered as a version of a model, and the champion
-alias moved only to a better score on the same task.
+"""The model registry: a trained captioner registered as a version of a model, once per set of
+weights, and the champion alias moved only to a better score on the same task.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from ituning.checkpoint import WEIGHTS_FILE
 from pipeline.evaluation import evaluation_task
 from pipeline.tracking import ExperimentTracker
+from storage.downloads import file_checksum
 
 CHAMPION = "champion"
+WEIGHTS_TAG = "ituning.weights_sha256"  # on every version: the sha256 of its module weights file
 
 
 def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str = "ituning-captioner") -> dict:
-    """Log the captioner as a pyfunc model under `run_id` and register it as a new version of `name`."""
+    """Log the captioner as a pyfunc model under `run_id` and register it as a new version of
+    `name`, unless a version with the same weights exists: then that version is the answer and
+    nothing is logged (`new_version` says which)."""
     tracker = ExperimentTracker(workspace=workspace)
+    digest = file_checksum(Path(checkpoint) / WEIGHTS_FILE)
+    same = _version_with_weights(tracker.client, name, digest)
+    if same is not None:
+        return {"name": name, "version": str(same.version), "model_uri": f"models:/{name}/{same.version}",
+                "new_version": False}
     model_uri = tracker.log_captioner_model(run_id, checkpoint, registered_name=name)
     versions = tracker.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     version = max(versions, key=lambda item: int(item.version))
-    return {"name": name, "version": str(version.version), "model_uri": model_uri}
+    tracker.client.set_model_version_tag(name, str(version.version), WEIGHTS_TAG, digest)
+    return {"name": name, "version": str(version.version), "model_uri": model_uri, "new_version": True}
+
+
+def _version_with_weights(client, name: str, digest: str):
+    """The newest version of `name` registered with these weights; None when there is none."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    same = [version for version in versions if version.tags.get(WEIGHTS_TAG) == digest]
+    return max(same, key=lambda version: int(version.version), default=None)
 
 
 def promotion_metric(scores: dict) -> tuple[str, float] | None:
@@ -55,6 +73,9 @@ def promote_if_better(name: str, version: str, metric: str = "CIDEr", value: flo
     if value is None:
         value = _run_metric(client, name, version, metric)
     champion = _champion(client, name, metric)
+    if champion.version == str(version):
+        return {"promoted": False, "candidate": value, "champion": champion.value, "champion_version": champion.version,
+                "reason": f"version {version} is the champion already"}
     promoted, reason = _verdict(champion, value, task)
     tags = {f"metric.{metric}": value, "promotion.metric": metric, "promotion.candidate": value,
             "promotion.champion": "none" if champion.value is None else champion.value,
@@ -108,3 +129,16 @@ def _champion(client, name: str, metric: str) -> Champion:
         return Champion()
     recorded = found.tags.get(f"metric.{metric}")
     return Champion(str(found.version), None if recorded is None else float(recorded), found.tags.get("promotion.task"))
+
+
+def load_registered_captioner(model_uri: str, workspace: Path | None = None, device: str = "auto"):
+    """The Captioner of a registered or logged model (`models:/ituning-captioner@champion`,
+    `models:/NAME/3`, `runs:/RUN/model`) in the workspace's tracking store, loaded as the model
+    server loads it: its bundled checkpoint and backbones, on `device`."""
+    import mlflow
+
+    from pipeline.tracking import fluent_store, tracking_uri
+
+    with fluent_store(tracking_uri(workspace)):
+        model = mlflow.pyfunc.load_model(model_uri, model_config={"serving_device": device})
+    return model.unwrap_python_model().captioner

@@ -2,7 +2,8 @@
 
     <out_dir>/captions.json    {image_id: generated caption}
     <out_dir>/metrics.json     the scores (by domain for NoCaps)
-    <out_dir>/gallery/         index.html (+ images/): image, generated caption, references
+    <out_dir>/gallery/         index.html, one self-contained page (thumbnails and heatmaps embedded,
+                               so it renders in MLflow's artifact viewer): image, caption, references
     <out_dir>/heatmaps/        <image_id>.png: attention over the image for each caption token
 """
 
@@ -10,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ituning.evaluation import save_json
-from pipeline.gallery import gallery_items, write_gallery
 from ituning.heatmaps import render_heatmaps
+from pipeline.gallery import gallery_items, write_gallery
+
+
+GALLERY_THUMBNAIL_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ def write_report(out_dir: str | Path, title: str, captions: dict[str, str], scor
     if captioner is not None and heatmap_count > 0:
         heatmaps = render_heatmaps(captioner, image_paths, captions, out_dir / "heatmaps", heatmap_count)
     items = gallery_items(captions, references, image_paths, heatmaps, gallery_size)
-    gallery = write_gallery(items, out_dir / "gallery", title).parent
+    gallery = write_gallery(items, out_dir / "gallery", title, embed_images=True,
+                            thumbnail_side=GALLERY_THUMBNAIL_SIDE).parent
     return ReportFiles(
         captions=save_json(captions, out_dir / "captions.json"),
         metrics=save_json(scores, out_dir / "metrics.json"),

@@ -1,4 +1,4 @@
-"""The pipeline's summary as markdown: one row per stage with its metrics and its MLflow run."""
+"""The pipeline's summary as markdown: one row per step with its metrics and its MLflow run."""
 
 from pipeline.tracking import tracking_uri
 
@@ -13,18 +13,33 @@ def run_link(run_id: str | None, uri: str) -> str:
     return f"`{run_id}`"
 
 
+def shown_value(value: int | float) -> str:
+    """Counts as counts (steps 120), scores with three decimals (CIDEr 1.975)."""
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+        return str(int(value))
+    return f"{value:.3f}"
+
+
 def metrics_cell(metrics: dict) -> str:
     shown = [f"{name} {metrics[name]:.3f}" for name in HEADLINE if isinstance(metrics.get(name), (int, float))]
-    shown += [f"{name} {value:.3f}" for name, value in metrics.items()
+    shown += [f"{name} {shown_value(value)}" for name, value in metrics.items()
               if name not in HEADLINE and isinstance(value, (int, float))][: max(0, 3 - len(shown))]
     return ", ".join(shown) or "—"
 
 
-def stage_rows(records: list[dict], uri: str) -> list[str]:
-    rows = ["| stage | status | metrics | MLflow run |", "|---|---|---|---|"]
+def step_status(record: dict) -> str:
+    if record["cached"]:
+        return "cached: reused, not re-run"
+    if record.get("already_done"):
+        return "ran: the stage was already trained on these inputs; its checkpoint reused"
+    return "ran"
+
+
+def step_rows(records: list[dict], uri: str) -> list[str]:
+    rows = ["| step | status | metrics | MLflow run |", "|---|---|---|---|"]
     for record in records:
-        status = "cached: reused, not re-run" if record["cached"] else "ran"
-        rows.append(f"| {record['stage']} | {status} | {metrics_cell(record.get('metrics', {}))} "
+        status = step_status(record)
+        rows.append(f"| {record['step']} | {status} | {metrics_cell(record.get('metrics', {}))} "
                     f"| {run_link(record.get('run_id'), uri)} |")
     return rows
 
@@ -32,7 +47,7 @@ def stage_rows(records: list[dict], uri: str) -> list[str]:
 def pipeline_markdown(title: str, records: list[dict], workspace, samples: list[list[str]] = (),
                       notes: list[str] = ()) -> str:
     uri = tracking_uri(workspace)
-    lines = [f"# {title}", "", *stage_rows(records, uri), ""]
+    lines = [f"# {title}", "", *step_rows(records, uri), ""]
     if samples:
         lines += ["## Sample captions", "", "| image | caption |", "|---|---|"]
         lines += [f"| {image_id} | {caption} |" for image_id, caption in samples]

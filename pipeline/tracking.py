@@ -1,12 +1,15 @@
 """MLflow tracking of pipeline runs: a parent run per pipeline run, a child run per stage.
 
-Runs are addressed by id through one MlflowClient (no global "active run"), so a stage running in
+Runs are addressed by id through one MlflowClient (no global "active run"), so a step running in
 another thread or process logs to the right run. The store is SQLite in the workspace
 (workspace/mlflow.db, artifacts in workspace/mlartifacts) unless MLFLOW_TRACKING_URI or the
 `uri` argument names another (a server, PostgreSQL, ...).
 """
 
+import contextlib
+import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -19,7 +22,7 @@ from dataclasses import asdict, is_dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
@@ -27,8 +30,10 @@ from ituning.version import code_version
 from storage.workspace import workspace_root
 
 EXPERIMENT = "ituning"
+log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
-STAGE_TAG = "ituning.stage"
+STEP_TAG = "ituning.step"  # every child run: the pipeline step it records
+STAGE_TAG = "ituning.stage"  # a training stage's child run: the stage's name in the config
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 BATCH = 100  # MLflow's limit on parameters per log_batch call
 MODEL_CODE = Path(__file__).with_name("captioner_model.py")
@@ -68,7 +73,7 @@ def flatten_metrics(scores: Mapping, prefix: str = "") -> dict[str, float]:
 
 
 class ExperimentTracker:
-    """Pipeline and stage runs of one experiment in one tracking store."""
+    """Pipeline runs and their steps' child runs, in one experiment of one tracking store."""
 
     def __init__(self, uri: str | None = None, experiment: str = EXPERIMENT, workspace: str | Path | None = None):
         self.uri = uri or tracking_uri(workspace)
@@ -93,10 +98,11 @@ class ExperimentTracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def start_stage(self, parent_run_id: str, stage: str, config=None) -> str:
-        """A child run of the pipeline run, for one stage (pre-training, fine-tuning, evaluation ...)."""
-        run = self.client.create_run(self.experiment_id, run_name=stage,
-                                     tags={PARENT_TAG: parent_run_id, STAGE_TAG: stage})
+    def start_step(self, parent_run_id: str, step: str, config=None, stage: str | None = None) -> str:
+        """A child run of the pipeline run, for one step (a training stage, an evaluation ...);
+        `stage` names the training stage the step trains, if it does."""
+        tags = {PARENT_TAG: parent_run_id, STEP_TAG: step, **({STAGE_TAG: stage} if stage else {})}
+        run = self.client.create_run(self.experiment_id, run_name=step, tags=tags)
         self.log_params(run.info.run_id, {**flatten(config or {}), "code_version": code_version()})
         return run.info.run_id
 
@@ -110,8 +116,8 @@ class ExperimentTracker:
             yield run_id
 
     @contextmanager
-    def stage_run(self, parent_run_id: str, stage: str, config=None):
-        run_id = self.start_stage(parent_run_id, stage, config)
+    def step_run(self, parent_run_id: str, step: str, config=None, stage: str | None = None):
+        run_id = self.start_step(parent_run_id, step, config, stage)
         with self._finishing(run_id):
             yield run_id
 
@@ -152,9 +158,6 @@ class ExperimentTracker:
         tags = [InputTag("mlflow.data.context", context)]
         self.client.log_inputs(run_id, [DatasetInput(dataset, tags)])
         self.log_params(run_id, {f"data.{context}.{name}.fingerprint": fingerprint})
-
-    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
     # ---- artifacts ---------------------------------------------------------------------------
 
@@ -210,7 +213,7 @@ class ExperimentTracker:
         signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
         with tempfile.TemporaryDirectory() as staging:
             artifacts = bundled_artifacts(Path(checkpoint), Path(staging))
-            with _fluent_store(self.uri), _status_kept(self.client, run_id), \
+            with fluent_store(self.uri), _status_kept(self.client, run_id), _stderr_to_log(), \
                     mlflow.start_run(run_id=run_id, nested=True):
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=str(MODEL_CODE), artifacts=artifacts, model_config=settings,
@@ -299,7 +302,7 @@ def pinned_requirements() -> list[str]:
 
 
 @contextmanager
-def _fluent_store(uri: str):
+def fluent_store(uri: str):
     """Point MLflow's module-level API at this store for the block only. Setting a URI also sets
     its environment variable, which tracking_uri() reads: those are put back as they were too."""
     import mlflow
@@ -321,6 +324,17 @@ def _fluent_store(uri: str):
 
 
 @contextmanager
+def _stderr_to_log():
+    """MLflow prints "Successfully registered model ..." on stderr: into the log at INFO instead."""
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        yield
+    for line in captured.getvalue().splitlines():
+        if line.strip():
+            log.info("%s", line.strip())
+
+
+@contextmanager
 def _status_kept(client: MlflowClient, run_id: str):
     """mlflow.start_run(run_id=...) ends the run on exit; give it back the status it had."""
     status = client.get_run(run_id).info.status
@@ -338,5 +352,16 @@ def start_pipeline_run(workspace: Path, name: str, parameters: dict) -> str:
     return tracker.start_pipeline(name, parameters, parameters.get("seed"))
 
 
-def finish_pipeline_run(workspace: Path, run_id: str, failed: bool = False) -> None:
-    ExperimentTracker(workspace=workspace).finish(run_id, failed)
+REUSED_TAG = "ituning.reused"  # on a pipeline run in which nothing ran: every step was reused
+
+
+def finish_pipeline_run(workspace: Path, run_id: str, failed: bool = False, all_reused: bool = False) -> None:
+    """End the pipeline's run. `all_reused`: nothing ran and no new weights were registered; the run
+    is tagged so (ituning.reused = true, with a note), so that it can be told from, or filtered out
+    among, the runs that did work: `tags.ituning.reused != 'true'`."""
+    tracker = ExperimentTracker(workspace=workspace)
+    if all_reused and not failed:
+        tracker.client.set_tag(run_id, REUSED_TAG, "true")
+        tracker.client.set_tag(run_id, "mlflow.note.content", "Nothing ran: every step was reused from an earlier "
+                               "run with the same inputs, and the registry already held these weights.")
+    tracker.finish(run_id, failed)

@@ -13,6 +13,8 @@ from pipeline.data import catalog_fingerprint, content_digest, open_catalog
 from pipeline.features import feature_entry
 from pipeline.presets import resolve_config
 from pipeline.tracking import ExperimentTracker
+from storage.atomic import write_atomically
+from storage.feature_cache import FeatureReader
 from storage.workspace import catalog_path
 
 TRAINED_FROM = "trained_from.json"
@@ -21,8 +23,6 @@ TRAINED_FROM = "trained_from.json"
 def split_data(workspace: Path, dataset: str, split: str, backbones: dict, device: str = "auto"):
     """(FeatureReader, captions of the images it holds) for a split, checked against the catalog;
     the feature cache is the one of `device`'s precision when there is one."""
-    from pipeline.features import FeatureReader
-
     entry = feature_entry(workspace, dataset, split, backbones, device)
     if not entry.is_file():
         raise FileNotFoundError(f"{dataset}/{split}: no feature cache at {entry}; build it first "
@@ -46,7 +46,7 @@ def log_split_inputs(tracker: ExperimentTracker, run_id: str, workspace: Path, d
 
 def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | None = None,
                 init_from: str | None = None, device: str = "auto", resume: bool = True,
-                out_dir: str | None = None, progress: bool = False, previous: str | None = None) -> dict:
+                out_dir: str | None = None, progress: bool = True, previous: str | None = None) -> dict:
     """Train one stage of a config on the catalog's captions and the feature cache, tracked as a
     child run of `parent_run_id` (of a pipeline run of its own when None). Checkpoints go to
     <out_dir>/<stage>/, by default workspace/runs/<config name>/<stage>/; a rerun continues from
@@ -77,7 +77,7 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
         return {**_train(workspace, run_config, data, out, device, resume, False, whole=whole), "run_id": None}
     tracker = ExperimentTracker(workspace=workspace)
     settings = config_to_dict(run_config)
-    with child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed) as run_id:
+    with child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed, stage) as run_id:
         data = _stage_inputs(workspace, run_config, stage_config, device)
         _log_stage_inputs(tracker, run_id, workspace, stage_config, data)
         result = _train(workspace, run_config, data, out, device, resume, progress, [tracker.callbacks(run_id)], whole)
@@ -86,13 +86,14 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
 
 
 @contextmanager
-def child_run(tracker: ExperimentTracker, parent_run_id: str | None, pipeline: str, stage: str, settings: dict,
-              seed: int | None = None):
-    """A stage's child run (params: settings, code version, seed), under `parent_run_id` or, when
-    None, under a pipeline run of its own; both end FAILED if the block raises."""
+def child_run(tracker: ExperimentTracker, parent_run_id: str | None, pipeline: str, step: str, settings: dict,
+              seed: int | None = None, stage: str | None = None):
+    """A step's child run (params: settings, code version, seed; `stage` for a training stage),
+    under `parent_run_id` or, when None, under a pipeline run of its own; both end FAILED if the
+    block raises."""
     parent = parent_run_id or tracker.start_pipeline(pipeline, settings, seed)
     try:
-        with tracker.stage_run(parent, stage, settings) as run_id:
+        with tracker.step_run(parent, step, settings, stage) as run_id:
             if seed is not None:
                 tracker.log_params(run_id, {"seed": seed})
             yield run_id
@@ -168,7 +169,8 @@ def _train(workspace: Path, run_config, data, out_dir: Path, device: str, resume
                          resume=resume, progress=progress, whole_config=whole)
     best = result.best_dir or _existing_best(out_dir / stage_config.name)
     best_cider = result.best_cider if result.best_cider is not None else _recorded_cider(best)
-    return {"checkpoint": str(best or result.final_dir), "best_cider": best_cider, "steps": _steps(result)}
+    return {"checkpoint": str(best or result.final_dir), "best_cider": best_cider, "steps": _steps(result),
+            "trained_now": result.steps >= 0}  # False: an earlier run had finished the stage with these inputs
 
 
 def stage_splits(workspace: Path, config: str, stage: str) -> list[tuple[str, str]]:
@@ -211,9 +213,7 @@ def _empty_unless_trained_from(stage_dir: Path, trained_from: dict, resume: bool
             if not child.name.startswith(TRAINED_FROM):
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    temporary = stage_dir / f"{TRAINED_FROM}.tmp-{os.getpid()}"
-    temporary.write_text(json.dumps(expected, indent=1, sort_keys=True))
-    temporary.replace(record)
+    write_atomically(record, json.dumps(expected, indent=1, sort_keys=True))
 
 
 def _existing_best(stage_dir: Path) -> Path | None:

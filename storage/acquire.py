@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from storage.atomic import write_atomically
 from storage.downloads import DownloadError, Ledger, RetryPolicy, check_free_space, fetch_verified
 from storage.extract import check_entry_name, unpack
 from storage.jsonfields import load_json, required
@@ -71,9 +72,7 @@ def choose_manifest(root: Path, dataset: str, manifest: Path | None = None, imag
 
 
 def record_manifest(folder: Path, manifest: Manifest) -> None:
-    temporary = folder / f"{RECORDED_MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest_to_json(manifest), indent=1))
-    temporary.replace(folder / RECORDED_MANIFEST)
+    write_atomically(folder / RECORDED_MANIFEST, json.dumps(manifest_to_json(manifest), indent=1))
 
 
 def recorded_manifest(root: Path, dataset: str) -> Manifest | None:

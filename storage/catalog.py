@@ -5,7 +5,7 @@ Tables
   captions  (dataset, image_id, caption_id, text, split)   -- NoCaps val and test reuse image ids
   downloads (name, url, bytes, checksum, verified_at, dataset)
   builds    (dataset, built_at, images, usable, captions, excluded)
-status is "ok" for usable images; see storage/image_check.py for the others. domain is a NoCaps
+status is "ok" for usable images; see pipeline/image_check.py for the others. domain is a NoCaps
 image's domain where its files name one (val, in the images of its captions file), else null.
 
 answer_query runs a user's SQL (`ituning catalog query`) on a connection that can only read the
@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS downloads (name TEXT NOT NULL, url TEXT NOT NULL, byt
 CREATE TABLE IF NOT EXISTS builds (dataset TEXT PRIMARY KEY, built_at TIMESTAMPTZ, images BIGINT,
     usable BIGINT, captions BIGINT, excluded BIGINT);
 """
+USABLE_IMAGES = "FROM images WHERE dataset = ? AND split = ? AND status = 'ok'"
 USABLE_CAPTIONS = ("FROM captions c JOIN images i USING (dataset, split, image_id) "
                    "WHERE c.dataset = ? AND c.split = ? AND i.status = 'ok'")
 IMAGE_COLUMNS = ("dataset", "image_id", "split", "path", "width", "height", "domain", "status", "reason")
@@ -83,9 +84,15 @@ class Catalog:
 
     def usable_images(self, dataset: str, split: str) -> list[CatalogImage]:
         rows = self.connection.execute(
-            "SELECT dataset, image_id, split, path, width, height, domain FROM images "
-            "WHERE dataset = ? AND split = ? AND status = 'ok' ORDER BY image_id", [dataset, split]).fetchall()
+            f"SELECT dataset, image_id, split, path, width, height, domain {USABLE_IMAGES} ORDER BY image_id",
+            [dataset, split]).fetchall()
         return [CatalogImage(d, i, s, Path(p), w, h, dom) for d, i, s, p, w, h, dom in rows]
+
+    def image_paths(self, dataset: str, split: str) -> list[tuple[str, Path]]:
+        """The split's usable images as (image_id, path), sorted by image id; a relative path is
+        taken from the catalog's folder, the workspace."""
+        return [(image.image_id, image.path if image.path.is_absolute() else self.path.parent / image.path)
+                for image in self.usable_images(dataset, split)]
 
     def captions(self, dataset: str, split: str) -> dict[str, list[str]]:
         """Captions of the split's usable images (for VG, its region phrases), in caption_id order."""
@@ -102,8 +109,7 @@ class Catalog:
         cache records; a relative path is taken from the catalog's folder, the workspace."""
         from storage.image_lists import image_list_fingerprint
 
-        rows = self.connection.execute("SELECT image_id, path FROM images WHERE dataset = ? AND split = ? "
-                                       "AND status = 'ok'", [dataset, split]).fetchall()
+        rows = self.connection.execute(f"SELECT image_id, path {USABLE_IMAGES}", [dataset, split]).fetchall()
         return image_list_fingerprint(rows, base=self.path.parent)
 
     def captions_fingerprint(self, dataset: str, split: str) -> str:

@@ -1,5 +1,6 @@
 """Building the catalog from a workspace's downloaded and unpacked files, one build at a time."""
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -7,11 +8,15 @@ from pathlib import Path
 from storage.catalog import Catalog
 from storage.catalog_lock import BUSY_WAIT_S, build_lock_held
 from storage.downloads import LEDGER, Ledger
-from storage.image_check import inspect_images
+from storage.manifests import DATASETS
 from storage.sources import SourceRecords, read_karpathy, read_nocaps, read_visual_genome, resolve_image_paths
 from storage.workspace import catalog_path, data_dir, downloads_dir
 
-BUILD_ORDER = ("coco", "flickr30k", "vg", "nocaps")  # vg needs coco's val/test ids
+BUILD_ORDER = DATASETS  # listed in build order (vg needs coco's val/test ids)
+
+
+ImageCheck = tuple[str, str | None, int | None, int | None]  # status, reason, width, height
+ImageInspector = Callable[[list[Path], int], list[ImageCheck]]  # (files, worker processes) -> one check each
 
 
 class MissingInput(FileNotFoundError):
@@ -67,15 +72,16 @@ def read_sources(root: Path, dataset: str, catalog: Catalog) -> SourceRecords:
     raise ValueError(f"unknown dataset {dataset!r}")
 
 
-def build_dataset(root: Path, dataset: str, catalog: Catalog, check_images: bool = True,
+def build_dataset(root: Path, dataset: str, catalog: Catalog, inspect: ImageInspector | None,
                   workers: int = 2) -> BuildSummary:
-    """Read a dataset's annotations, check its image files and replace its rows in the catalog."""
+    """Read a dataset's annotations, check its image files with `inspect` (None: catalogue them
+    unchecked) and replace its rows in the catalog."""
     records = read_sources(root, dataset, catalog)
     base = data_dir(root, dataset).absolute()
-    paths = resolve_image_paths(base, [row.path for row in records.images], locate=check_images)
+    paths = resolve_image_paths(base, [row.path for row in records.images], locate=inspect is not None)
     to_check = [index for index, row in enumerate(records.images) if row.status is None]
-    if check_images:
-        results = inspect_images([Path(paths[index]) for index in to_check], workers)
+    if inspect is not None:
+        results = inspect([Path(paths[index]) for index in to_check], workers)
     else:
         results = [("unchecked", "file not opened when the catalog was built", None, None)] * len(to_check)
     for index, (status, reason, width, height) in zip(to_check, results):

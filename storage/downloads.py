@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 import httpx
 from tqdm import tqdm
 
+from storage.atomic import write_atomically
 from storage.jsonfields import MalformedInput
 from storage.manifests import RemoteFile
 
@@ -82,9 +83,7 @@ class Ledger:
     def save(self) -> None:
         with self._lock:
             payload = {name: asdict(record) for name, record in sorted(self.records.items())}
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(payload, indent=1))
-            temporary.replace(self.path)
+            write_atomically(self.path, json.dumps(payload, indent=1))
 
 
 def file_checksum(path: Path, algorithm: str = "sha256") -> str:

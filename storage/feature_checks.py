@@ -1,4 +1,4 @@
-"""Checking a finished feature cache (pipeline/features.py) before it is trusted: `ituning features
+"""Checking a finished feature cache (storage/feature_cache.py) before it is trusted: `ituning features
 verify` and the pipeline's last feature step. Each shard is hashed against the sha256 recorded
 for it, opened, and read through for NaN/Inf; its ids are compared with the entry point's and the
 split's. Reading the whole cache, this is the slow, thorough check: readers never hash."""

@@ -15,16 +15,9 @@ crash leaves either a finished shard or a temporary file that the next run disca
 rename, the sha256 of the finished file goes beside it into shard-KKKKK.h5.sha256 (sha256sum's
 format), so damage done to the file later (truncation, bytes overwritten) can be told.
 
-Images are decoded by ituning.images.open_rgb (upright, 16-bit scaled, over-limit images
-unreadable). One whose shorter side exceeds REDUCE_ABOVE (4) times the model's input side is decoded
-at reduced size (JPEG DCT scaling, then a box reduction, to at least twice the input side) before
-the preprocessing resize, so its cached pixels come from that reduced decode; every other image is
-decoded exactly as stored.
-
-Decoding and preprocessing run in DataLoader worker processes (in the process itself where that
-one may not have children, e.g. a Dask worker), which send uint8 images (scaling and normalisation,
-the same arithmetic, happen on the device); the encoder runs in the main thread;
-a writer thread with a bounded queue writes to disk, so the encoder does not wait on the disk.
+The ShardWriter is a thread with a bounded queue: whoever encodes hands it batches of token arrays
+and goes on with the next batch while this one is written, so the encoder does not wait on the disk.
+What encodes the images is not known here (pipeline/features.py composes the two).
 """
 
 import hashlib
@@ -33,22 +26,17 @@ import logging
 import os
 import queue
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from ituning.data import usable_workers, worker_start_method
-from ituning.images import UnreadableImage, open_rgb
+from storage.atomic import sync_folder, write_atomically
 
 SHARD_NAME = "shard-{:05d}.h5"
 CHECKSUM_SUFFIX = ".sha256"
 STRING = h5py.string_dtype()
-STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 log = logging.getLogger(__name__)
 
 
@@ -68,82 +56,15 @@ class ShardPlan:
         return out_dir / SHARD_NAME.format(shard)
 
 
-@dataclass(frozen=True)
-class EncodeSettings:
-    batch_size: int = 64
-    num_workers: int = 2
-    device: str = "cpu"
-    dtype: str = "float16"  # storage dtype
-    precision: str = "auto"  # compute: float32, or bfloat16 / float16 autocast on CUDA; auto picks
-    queue_batches: int = 4  # encoded batches that may wait for the writer
-
-
-class ImageFiles(Dataset):
-    """(shard, image_id, path) -> (pixels, shard, image_id, error); an unreadable file gives zeros
-    and its reason instead of stopping the run. `min_side`: the model's input side (see open_rgb)."""
-
-    def __init__(self, items, transform, blank: torch.Tensor, min_side: int | None = None):
-        self.items, self.transform, self.blank, self.min_side = items, transform, blank, min_side
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        shard, image_id, path = self.items[index]
-        try:
-            return self.transform(open_rgb(path, self.min_side)), shard, image_id, ""
-        except UnreadableImage as error:
-            return self.blank, shard, image_id, str(error)
-
-
-TO_TENSOR_STEPS = {"ToTensor", "MaybeToTensor"}
-
-
-class BytePixels:
-    """The PIL steps of a preprocessing transform, then the image as uint8 (3, H, W)."""
-
-    def __init__(self, pil_steps):
-        self.pil_steps = pil_steps
-
-    def __call__(self, image) -> torch.Tensor:
-        array = np.array(self.pil_steps(image), dtype=np.uint8, copy=True)  # (H, W, 3)
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
-@dataclass(frozen=True)
-class ScaleAndNormalize:
-    """ToTensor's scaling and Normalize, on a uint8 batch already on the device: the same
-    arithmetic, so the same pixels as the whole transform run on the CPU."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.functional import normalize
-
-        return normalize(pixels.to(torch.float32).div(255), self.mean, self.std)
-
-
-def split_preprocess(preprocess, size: tuple[int, int]):
-    """(worker transform, blank image, device step). Where the transform ends in ToTensor and
-    Normalize, workers send uint8 images (a quarter of the bytes between processes and to the
-    GPU) and the device step finishes them; otherwise workers run all of it and the step is None."""
-    from torchvision.transforms import Compose
-
-    steps = list(getattr(preprocess, "transforms", ()))
-    if len(steps) >= 2 and type(steps[-2]).__name__ in TO_TENSOR_STEPS and hasattr(steps[-1], "std"):
-        finish = ScaleAndNormalize(tuple(steps[-1].mean), tuple(steps[-1].std))
-        return BytePixels(Compose(steps[:-2])), torch.zeros(3, *size, dtype=torch.uint8), finish
-    return preprocess, torch.zeros(3, *size), None
-
-
 @dataclass
-class EncodedBatch:
+class ShardBatch:
+    """Encoded images of one shard, in image-list order."""
+
     shard: int
     image_ids: list[str]
-    errors: list[str]
-    tokens: torch.Tensor  # on the host; complete once `ready` has fired (CUDA) or at once (CPU)
-    ready: object = None
+    errors: list[str]  # "" for an encoded image, else why it could not be decoded (its row is not kept)
+    tokens: object  # (B, tokens, width), anything np.asarray takes
+    ready: object = None  # if given, tokens are complete once its .synchronize() returns (an asynchronous copy)
 
 
 @dataclass
@@ -172,7 +93,7 @@ class ShardWriter(threading.Thread):
         self.finished: list[int] = []
         self.open: OpenShard | None = None
 
-    def submit(self, batch: EncodedBatch | None) -> None:
+    def submit(self, batch: ShardBatch | None) -> None:
         while True:
             if self.error is not None:
                 raise RuntimeError(f"the shard writer failed: {self.error}") from self.error
@@ -205,10 +126,10 @@ class ShardWriter(threading.Thread):
             raise RuntimeError(f"the shard writer failed: {self.error}") from self.error
         return self.finished
 
-    def _write(self, batch: EncodedBatch) -> None:
+    def _write(self, batch: ShardBatch) -> None:
         if batch.ready is not None:
             batch.ready.synchronize()
-        tokens = batch.tokens.numpy()
+        tokens = np.asarray(batch.tokens)
         shard = self.open if self.open is not None else self._start(batch.shard, tokens.shape[1:])
         good = [row for row, error in enumerate(batch.errors) if not error]
         for row, error in enumerate(batch.errors):
@@ -244,12 +165,12 @@ class ShardWriter(threading.Thread):
         handle.flush()
         handle.close()
         self.open = None
-        _fsync(shard.temp_path)
+        sync_file(shard.temp_path)
         check_shard(shard.temp_path, self.identity, shard.index, shard.assigned)
         final = self.plan.path(self.out_dir, shard.index)
         write_checksum(final, file_sha256(shard.temp_path))
         os.replace(shard.temp_path, final)
-        _fsync(self.out_dir)
+        sync_folder(self.out_dir)
         self.finished.append(shard.index)
         log.info("shard %d: %d rows, %d unreadable", shard.index, shard.rows, len(shard.unreadable))
 
@@ -298,10 +219,7 @@ def read_checksum(shard: Path) -> str | None:
 
 
 def write_checksum(shard: Path, digest: str) -> None:
-    path = checksum_path(shard)
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    temp.write_text(f"{digest}  {shard.name}\n")
-    os.replace(temp, path)
+    write_atomically(checksum_path(shard), f"{digest}  {shard.name}\n")
 
 
 def check_shard(path: Path, identity: dict, index: int, assigned: int) -> None:
@@ -319,72 +237,7 @@ def check_shard(path: Path, identity: dict, index: int, assigned: int) -> None:
         raise RuntimeError(f"{path}: shard check failed: {', '.join(problems)}")
 
 
-def encode_shards(encoder, plan: ShardPlan, shards: list[int], out_dir: Path, identity: dict,
-                  settings: EncodeSettings) -> list[int]:
-    """Encode and write the given shards (each complete, or not at all); returns those finished."""
-    items = [(shard, image_id, path) for shard in shards for image_id, path in plan.items(shard)]
-    if not items:
-        return []
-    loader, finish = _image_loader(encoder, plan, shards, items, settings)
-    writer = ShardWriter(out_dir, plan, identity, settings.dtype, settings.queue_batches)
-    writer.start()
-    device, storage_dtype = torch.device(settings.device), STORAGE_DTYPES[settings.dtype]
-    try:
-        with torch.inference_mode(), autocast(device, settings.precision):
-            for pixels, shard, image_ids, errors in loader:
-                pixels = pixels.to(device, non_blocking=True)
-                pixels = finish(pixels) if finish is not None else pixels  # (B, 3, H, W) float
-                tokens = encoder(pixels).to(storage_dtype)  # (B, 1 + P, width)
-                host, ready = _to_host(tokens)
-                writer.submit(EncodedBatch(int(shard[0]), list(image_ids), list(errors), host, ready))
-    except BaseException:
-        writer.abandon()
-        raise
-    return writer.close()
-
-
-def _image_loader(encoder, plan: ShardPlan, shards: list[int], items, settings: EncodeSettings):
-    batches, start = [], 0
-    for shard in shards:  # batches never cross a shard boundary
-        size = len(plan.items(shard))
-        batches += [list(range(i, min(i + settings.batch_size, start + size)))
-                    for i in range(start, start + size, settings.batch_size)]
-        start += size
-    size = image_size(encoder)
-    transform, blank, finish = split_preprocess(encoder.preprocess, size)
-    workers = usable_workers(settings.num_workers)
-    loader = DataLoader(ImageFiles(items, transform, blank, min(size)), batch_sampler=batches, num_workers=workers,
-                        pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False,
-                        multiprocessing_context=worker_start_method(workers))
-    return loader, finish
-
-
-def autocast(device: torch.device, precision: str):
-    if device.type != "cuda" or precision == "float32":
-        return nullcontext()
-    return torch.autocast("cuda", dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[precision])
-
-
-def image_size(encoder) -> tuple[int, int]:
-    size = encoder.visual.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def _to_host(tokens: torch.Tensor):
-    """A host copy of the tokens; on CUDA an asynchronous copy into pinned memory plus its event,
-    so the next batch is launched while this one travels."""
-    if tokens.device.type != "cuda":
-        return tokens, None
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+def sync_file(path: Path) -> None:
+    """Flush a written file's content to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from storage.jsonfields import MalformedInput, required
 
-DATASETS = ("coco", "flickr30k", "vg", "nocaps")
+DATASETS = ("coco", "flickr30k", "vg", "nocaps")  # every dataset, in build order: vg needs coco's val/test ids
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 KARPATHY_URL = "http://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
 

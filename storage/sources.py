@@ -16,6 +16,11 @@ NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
 FLICKR30K_FOLDER = "flickr30k-images"  # the Flickr30k image archive's top folder
 
 
+def unknown_domains(domains: dict) -> list[str]:
+    """The domain names, among {image_id: domain or None}, that NoCaps does not have, sorted."""
+    return sorted({str(domain) for domain in domains.values() if domain is not None} - set(NOCAPS_DOMAINS))
+
+
 @dataclass
 class ImageRow:
     image_id: str

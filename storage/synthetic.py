@@ -18,11 +18,11 @@ from pathlib import Path
 
 from storage.manifests import ImageList, Manifest, RemoteFile, manifest_to_json
 from storage.scenes import describe, random_scene, render_scene
+from storage.sources import NOCAPS_DOMAINS
 
 # Usable defects keep status "ok" with a reason; the others make the image unusable.
 COCO_DEFECTS = ("truncated", "not-an-image", "missing", "grayscale", "cmyk", "png-named-jpg")
 UNUSABLE = {"truncated": "unreadable", "not-an-image": "unreadable", "missing": "missing"}
-NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
 
 
 @dataclass

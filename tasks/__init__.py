@@ -1,1 +1,6 @@
-"""Prefect tasks: thin wrappers over one plain function each, passing paths, ids and names."""
+"""Prefect tasks: one @task per application function (pipeline/), passing paths, ids and names,
+plus the cache policies that decide when a task's earlier result is reused.
+
+Import rule: tasks/ imports pipeline/, ituning/ and storage/, never flows/. tests/test_layers.py
+checks it.
+"""

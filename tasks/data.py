@@ -10,6 +10,12 @@ from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents, retry_transient
 from pipeline.plan import plan_for_config
 
 
+@task(name="apply-config-overrides", cache_policy=NO_CACHE)
+def apply_config_overrides(config: str, overrides: list[str], workspace: Path) -> str:
+    """The config file a run with `--set` overrides reads (the preset itself without any)."""
+    return presets.with_overrides(config, overrides, workspace)
+
+
 @task(name="plan-pipeline", cache_policy=NO_CACHE)
 def plan_pipeline(config: str, evaluate_on: list[str]) -> dict:
     """Which datasets, splits and stages the run configuration needs."""

@@ -13,10 +13,9 @@ SHARD_CACHE = EXPENSIVE + CatalogContents(captions=False)
 
 
 @task(name="list-feature-shards", cache_policy=NO_CACHE, task_run_name="shards-{dataset}-{split}")
-def feature_shards(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int,
-                   catalog: dict | None = None) -> list[int]:
+def feature_shards(workspace: Path, dataset: str, split: str, shard_size: int, catalog: dict | None = None) -> list[int]:
     """`catalog` orders this after the catalog build."""
-    return features.feature_shards(workspace, dataset, split, backbones, shard_size=shard_size)
+    return features.feature_shards(workspace, dataset, split, shard_size=shard_size)
 
 
 @task(name="cache-feature-shard", cache_policy=SHARD_CACHE, **PERSISTED,

@@ -17,7 +17,7 @@ def publish_report(title: str, records: list[dict], workspace: Path, samples: li
     logger = get_run_logger()
     for record in records:
         if record["cached"]:
-            logger.info("%s: finished in an earlier run with the same inputs; reused, not re-run", record["stage"])
+            logger.info("%s: finished in an earlier run with the same inputs; reused, not re-run", record["step"])
     markdown = pipeline_markdown(title, records, workspace, samples, notes)
     create_markdown_artifact(markdown, key=key, description=title)
     return markdown

@@ -41,8 +41,9 @@ def evaluate_checkpoint(workspace: Path, checkpoint: str, dataset: str, split: s
                            gallery_size=gallery_size, device=device)
 
 
-@task(name="register-captioner", cache_policy=EXPENSIVE, **PERSISTED, **TRACKING_RETRIES)
+@task(name="register-captioner", cache_policy=NO_CACHE, **TRACKING_RETRIES)
 def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str) -> dict:
+    """Not cached: the registry itself answers with the existing version for weights it holds."""
     return registry.register_captioner(workspace, checkpoint, run_id, name=name)
 
 
@@ -57,5 +58,5 @@ def start_pipeline_run(workspace: Path, name: str, parameters: dict) -> str:
 
 
 @task(name="finish-pipeline-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)
-def finish_pipeline_run(workspace: Path, run_id: str, failed: bool = False) -> None:
-    tracking.finish_pipeline_run(workspace, run_id, failed=failed)
+def finish_pipeline_run(workspace: Path, run_id: str, failed: bool = False, all_reused: bool = False) -> None:
+    tracking.finish_pipeline_run(workspace, run_id, failed=failed, all_reused=all_reused)

@@ -51,10 +51,10 @@ def random_visual(images: int = 2) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def standin_backbones(tmp_path_factory):
-    from ituning.demo import shape_captions
+    from tests.scene_images import scene_captions
     from ituning.standins import build_random_standins
 
-    return build_random_standins(tmp_path_factory.mktemp("backbones"), shape_captions() * 10, seed=0)
+    return build_random_standins(tmp_path_factory.mktemp("backbones"), scene_captions() * 10, seed=0)
 
 
 @pytest.fixture(scope="session")

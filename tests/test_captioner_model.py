@@ -19,8 +19,8 @@ import pytest
 
 from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
-from ituning.demo import render_shape_image
 from pipeline.tracking import ExperimentTracker
+from tests.scene_images import shape_image
 from tests.service_logs import assert_clean_log
 
 DECODING = DecodingConfig(num_beams=2, max_length=8)
@@ -49,7 +49,7 @@ def logged_model(standin_backbones, standin_checkpoint, tmp_path_factory):
     workspace = tmp_path_factory.mktemp("workspace")
     saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
     tracker = ExperimentTracker(workspace=workspace)
-    with tracker.pipeline_run("serve") as parent, tracker.stage_run(parent, "finetune") as run_id:
+    with tracker.pipeline_run("serve") as parent, tracker.step_run(parent, "finetune") as run_id:
         model_uri = tracker.log_captioner_model(run_id, scratch / "checkpoint", REGISTERED, DECODING)
     shutil.rmtree(scratch)
     yield tracker, run_id, model_uri
@@ -60,7 +60,7 @@ def logged_model(standin_backbones, standin_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected_caption(standin_checkpoint):
     captioner = Captioner.from_checkpoint(standin_checkpoint, device="cpu")
-    return captioner.caption_images([render_shape_image("red", "circle")], DECODING)[0]
+    return captioner.caption_images([shape_image("red", "circle")], DECODING)[0]
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_logged_model_is_registered_and_bundles_its_backbones(logged_model, mode
 def test_loaded_model_captions_like_the_captioner(logged_model, model_store, expected_caption):
     _, _, model_uri = logged_model
     model = mlflow.pyfunc.load_model(model_uri)
-    image = png_base64(render_shape_image("red", "circle"))
+    image = png_base64(shape_image("red", "circle"))
     assert model.predict([image, image]) == [expected_caption, expected_caption]
     with pytest.raises(mlflow.exceptions.MlflowException, match="base64"):
         model.predict(["/etc/hostname"])  # paths are refused unless logged with accept_file_paths
@@ -151,7 +151,7 @@ def wait_until_healthy(url: str, server: subprocess.Popen, log: Path, timeout: f
 
 @pytest.mark.slow
 def test_served_model_returns_captions_over_rest(served_model, expected_caption):
-    image = png_base64(render_shape_image("red", "circle"))
+    image = png_base64(shape_image("red", "circle"))
     assert post(f"{served_model}/invocations", {"inputs": [image]}) == {"predictions": [expected_caption]}
     with pytest.raises(urllib.error.HTTPError) as error:
         post(f"{served_model}/invocations", {"inputs": ["not an image"]})
@@ -161,7 +161,7 @@ def test_served_model_returns_captions_over_rest(served_model, expected_caption)
 def test_images_arrive_as_base64_and_paths_only_when_allowed(tmp_path):
     from pipeline.captioner_model import decode_image
 
-    image = render_shape_image("blue", "square")
+    image = shape_image("blue", "square")
     image.save(tmp_path / "shape.png")
     assert decode_image(png_base64(image), accept_file_paths=False).tobytes() == image.convert("RGB").tobytes()
     assert decode_image(str(tmp_path / "shape.png"), accept_file_paths=True).tobytes() == image.tobytes()
@@ -224,7 +224,7 @@ def test_served_model_answers_bad_requests_with_a_message_alone_and_lives_on(ser
     bomb = base64.b64encode(png_claiming(30_000, 30_000)).decode()  # 900 million pixels
     near_limit = base64.b64encode(png_claiming(9_000, 9_000)).decode()  # 81 million, under PIL's own limit
     oversize = base64.b64encode(os.urandom(21_000_000)).decode()
-    cases = [([png_base64(render_shape_image("red", "circle")), bomb], "input 1: too large to decode"),
+    cases = [([png_base64(shape_image("red", "circle")), bomb], "input 1: too large to decode"),
              (["not an image"], "input 0: not a base64-encoded image"),
              ([near_limit] * 3, "over the limit of 200 million (max_request_megapixels)"),
              ([oversize], "21.0 MB of images, over the limit of 20 MB (max_request_mb)")]
@@ -234,7 +234,7 @@ def test_served_model_answers_bad_requests_with_a_message_alone_and_lives_on(ser
         assert status == 400 and body["error_code"] == "BAD_REQUEST", body
         assert reason in body["message"], body["message"]
         assert length < 1000  # the input is not sent back
-    image = png_base64(render_shape_image("red", "circle"))
+    image = png_base64(shape_image("red", "circle"))
     assert post(url, {"inputs": [image]}) == {"predictions": [expected_caption]}
 
 
@@ -273,7 +273,7 @@ def test_a_request_over_the_limits_is_refused_before_any_image_is_decoded(monkey
 def test_a_captioning_failure_answers_500_with_no_traceback_and_no_input():
     from pipeline.captioner_model import ServingError
 
-    image = png_base64(render_shape_image("red", "circle"))
+    image = png_base64(shape_image("red", "circle"))
     with pytest.raises(ServingError) as failure:
         bare_model().predict([image])
     error = failure.value

@@ -68,3 +68,29 @@ def test_standins_command_writes_backbones_the_normal_loaders_read(tmp_path):
     encoder = load_vision_encoder(BackboneSpec(f"local-dir:{tmp_path / 'bb' / 'vision'}", None))
     model, tokenizer = load_language_model(str(tmp_path / "bb" / "language"))
     assert encoder.width == 128 and model.config.vocab_size == len(tokenizer) > 256
+
+
+def test_train_takes_setting_overrides_checked_like_the_file(standin_backbones, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    corpus = write_karpathy_corpus(tmp_path / "corpus")
+    config = write_config(tmp_path / "run.yaml", standin_backbones)
+    ituning = [str(Path(sys.executable).with_name("ituning")), "train", "--config", str(config),
+               "--karpathy-json", str(corpus), "--out", str(tmp_path / "run"), "--workspace", str(tmp_path / "ws")]
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_TRACKING")}
+    refused = subprocess.run([*ituning, "--set", "stages[0].epochs=0"], capture_output=True, text=True,
+                             env=environment)
+    assert refused.returncode == 2 and refused.stderr.strip() == f"error: {config}: stages[0].epochs: must be " \
+                                                                 f"positive, got 0"
+    result = subprocess.run([*ituning, "--set", "stages[0].epochs=2", "--set", "stages[0].batch_size=4",
+                             "--set", "stages[0].micro_batch_size=4"], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr
+    [written] = (tmp_path / "ws" / "configs").glob("*/run.yaml")
+    assert yaml.safe_load(written.read_text())["stages"][0] | {"epochs": 2, "batch_size": 4} == \
+        yaml.safe_load(written.read_text())["stages"][0]
+    state = json.loads((tmp_path / "run" / "finetune" / "last" / "trainer_state.json").read_text())
+    assert state["trainer"]["epoch"] == 2 and len(state["trainer"]["history"]) == 2, state["trainer"]

@@ -18,8 +18,8 @@ from ituning.standins import save_vision_standin
 from ituning.backbones import BackboneSpec
 from storage.acquire import download_dataset
 from storage.catalog import Catalog
-from storage.catalog_build import build_dataset
-from storage.feature_shards import EncodeSettings
+from pipeline.data import build_dataset
+from ituning.encoding import EncodeSettings
 from pipeline.features import split_cache_dir
 from storage.manifests import load_manifest
 from storage.synthetic import write_corpus
@@ -147,18 +147,25 @@ def feature_command(workspace: Path, vision: str, *extra: str, batch_size: int =
 
 
 @pytest.mark.slow
-def test_a_second_features_run_on_the_same_split_stops_naming_the_first(catalogued, tmp_path):
-    vision = save_vision_standin(tmp_path / "vision", seed=0)
-    command = feature_command(catalogued, vision)
-    processes = start_together("ituning.backbones:VisionEncoder.forward", tmp_path / "hold", command, command)
+def race(hook: str, hold: Path, command: list[str]):
+    """Two copies of `command` started together, held at `hook`: one must stop at once (exit 2, one
+    line, no traceback) instead of doing the same work; returns (winner, loser's stderr, outputs)."""
+    processes = start_together(hook, hold, command, command)
     try:
         loser = first_exited(processes)
     finally:
-        outputs = finish(processes, tmp_path / "hold")
-    assert loser is not None, outputs  # one of them must stop at once instead of encoding too
+        outputs = finish(processes, hold)
+    assert loser is not None, outputs
     [winner] = [process for process in processes if process is not loser]
     _, loser_err = outputs[loser]
     assert loser.returncode == 2 and "Traceback" not in loser_err, loser_err
+    return winner, loser_err, outputs
+
+
+def test_a_second_features_run_on_the_same_split_stops_naming_the_first(catalogued, tmp_path):
+    vision = save_vision_standin(tmp_path / "vision", seed=0)
+    command = feature_command(catalogued, vision)
+    winner, loser_err, outputs = race("ituning.backbones:VisionEncoder.forward", tmp_path / "hold", command)
     [line] = error_lines(loser_err)
     assert line.startswith(f"error: another process is building this split: PID {winner.pid} on "
                            f"{socket.gethostname()} since "), loser_err
@@ -213,15 +220,7 @@ def test_parts_of_one_cache_are_built_side_by_side(catalogued, tmp_path):
 @pytest.mark.slow
 def test_a_second_catalog_build_waits_then_stops_naming_the_first(downloaded, tmp_path):
     command = ["catalog", "build", "coco", "--workspace", str(downloaded), "--workers", "1"]
-    processes = start_together("storage.catalog_build:inspect_images", tmp_path / "hold", command, command)
-    try:
-        loser = first_exited(processes)
-    finally:
-        outputs = finish(processes, tmp_path / "hold")
-    assert loser is not None, outputs
-    [winner] = [process for process in processes if process is not loser]
-    _, loser_err = outputs[loser]
-    assert loser.returncode == 2 and "Traceback" not in loser_err, loser_err
+    winner, loser_err, outputs = race("pipeline.data:inspect_images", tmp_path / "hold", command)
     [line] = error_lines(loser_err)
     assert line.startswith(f"error: another process is building the catalog: PID {winner.pid} on "
                            f"{socket.gethostname()} since "), loser_err
@@ -234,7 +233,7 @@ def test_a_second_catalog_build_waits_then_stops_naming_the_first(downloaded, tm
 def test_a_second_catalog_build_given_time_runs_after_the_first(downloaded, tmp_path):
     hold = tmp_path / "hold"
     command = ["catalog", "build", "coco", "--workspace", str(downloaded), "--workers", "1", "--wait", "300"]
-    processes = start_together("storage.catalog_build:inspect_images", hold, command, command)
+    processes = start_together("pipeline.data:inspect_images", hold, command, command)
     try:
         assert wait_until(lambda: list(hold.glob("*.working")))
         time.sleep(1.0)  # the other one is waiting for the build lock by now
@@ -248,7 +247,7 @@ def test_a_second_catalog_build_given_time_runs_after_the_first(downloaded, tmp_
 @pytest.mark.slow
 def test_reading_the_catalog_while_it_is_built_names_the_build(catalogued, tmp_path):
     hold = tmp_path / "hold"
-    [builder] = start_together("storage.catalog_build:inspect_images", hold,
+    [builder] = start_together("pipeline.data:inspect_images", hold,
                                ["catalog", "build", "coco", "--workspace", str(catalogued), "--workers", "1"])
     reader = ["features", "verify", "--dataset", "coco", "--split", "train", "--workspace", str(catalogued)]
     try:

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,20 @@ def test_folder_names_that_are_fine_and_stage_names_that_differ_only_in_case():
     assert [stage.name for stage in config.stages] == ["Stage_1.v2", "x" * 64]
     with pytest.raises(ConfigError, match=r"^stages: stage names must differ \(ignoring case\)"):
         config_from_dict({"name": "x", "stages": [stages[0], stages[0] | {"name": "stage_1.V2"}]})
+
+
+def test_overrides_change_settings_by_path_and_are_checked():
+    from ituning.config import apply_overrides
+
+    data = minimal()
+    changed = apply_overrides(data, ["stages[0].epochs=3", "device=cuda", "stages[0].learning_rate=1e-4",
+                                     "model.drop_first=2"])
+    config = config_from_dict(changed)
+    assert (config.stages[0].epochs, config.device, config.stages[0].learning_rate) == (3, "cuda", 1e-4)
+    assert config.model.drop_first == 2 and data == minimal()  # the data given is left as it was
+    for assignment, message in [("stages[3].epochs=1", "stages has 1 item(s), no [3]"),
+                                ("epochs", "expected KEY=VALUE"), ("stages.x[=1", "neither a key nor key[index]")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            apply_overrides(data, [assignment])
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.epochs: must be positive"):
+        config_from_dict(apply_overrides(data, ["stages[0].epochs=0"]))

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from storage.acquire import download_dataset
 from storage.catalog import Catalog
-from storage.catalog_build import BUILD_ORDER, build_dataset
+from pipeline.data import build_dataset
+from storage.catalog_build import BUILD_ORDER
 from storage.downloads import RetryPolicy
 from storage.extract import UnsafeArchive
 from storage.manifests import Manifest, RemoteFile, load_manifest

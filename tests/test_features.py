@@ -19,16 +19,20 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import pipeline.features
+import storage.feature_cache
 from ituning.backbones import BackboneSpec, load_vision_encoder
+from ituning.encoding import EncodeSettings, split_preprocess
 from ituning.images import open_rgb
 from ituning.standins import save_vision_standin
-from storage.feature_shards import EncodeSettings, split_preprocess
 from pipeline.features import (
-    ENTRY_NAME, FeatureReader, FeatureSettings, build_feature_cache, build_shard, encoder_cache_dir, encoder_slug,
-    extract_features, find_feature_entry, image_list_fingerprint, precision_key, split_cache_dir, verify_feature_cache,
+    FeatureSettings, build_feature_cache, build_shard, encoder_cache_dir, encoder_slug, encode_features,
+    find_feature_entry, precision_key, split_cache_dir,
 )
+from storage.feature_cache import ENTRY_NAME, FeatureReader
+from storage.feature_checks import verify_feature_cache
+from storage.image_lists import image_list_fingerprint
 from storage.scenes import random_scene, render_scene
+from tests.shard_damage import overwrite_tokens_in_place, truncate
 
 IMAGES = 13
 SETTINGS = FeatureSettings(shard_size=5, encode=EncodeSettings(batch_size=2, num_workers=0))
@@ -136,7 +140,7 @@ def test_unreadable_files_are_counted_and_the_run_goes_on(images, spec, encoder,
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(images[0][1].read_bytes()[:200])
     listed = images + [("9998", broken), ("9999", tmp_path / "gone.jpg")]
-    report = extract_features(listed, spec, tmp_path / "cache", SETTINGS, encoder=encoder)
+    report = encode_features(listed, spec, tmp_path / "cache", SETTINGS, encoder=encoder)
     assert sorted(report.unreadable) == ["9998", "9999"] and "no such file" in report.unreadable["9999"]
     reader = FeatureReader(report.entry)
     assert len(reader) == IMAGES and "9998" not in reader and sorted(reader.unreadable) == ["9998", "9999"]
@@ -153,7 +157,7 @@ def test_run_killed_mid_shard_resumes_to_identical_files(images, spec, encoder, 
         from pathlib import Path
         import ituning
         from ituning.backbones import BackboneSpec, VisionEncoder
-        from storage.feature_shards import EncodeSettings, split_preprocess
+        from ituning.encoding import EncodeSettings, split_preprocess
         from pipeline.features import FeatureSettings, build_feature_cache
 
         forward, calls = VisionEncoder.forward, []
@@ -174,7 +178,7 @@ def test_run_killed_mid_shard_resumes_to_identical_files(images, spec, encoder, 
     temp = [name for name in left if name.startswith("shard-00001.h5.tmp-")]
     assert len(temp) == 1 and left == sorted(["shard-00000.h5", "shard-00000.h5.sha256", *temp,
                                               *(f"shard-0000{k}.h5.lock" for k in range(3))])  # the dead run's
-    report = extract_features(images, spec, out, SETTINGS, encoder=encoder)  # takes over its locks at once
+    report = encode_features(images, spec, out, SETTINGS, encoder=encoder)  # takes over its locks at once
     assert report.reused_shards == [0] and report.encoded_shards == [1, 2]
     assert_same_cache(out, reference)
 
@@ -190,10 +194,10 @@ def test_failure_mid_shard_leaves_no_partial_shard(images, spec, encoder, refere
 
     monkeypatch.setattr(type(encoder), "forward", failing_forward)
     with pytest.raises(RuntimeError, match="device lost"):
-        extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
+        encode_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["shard-00000.h5", "shard-00000.h5.sha256"]
     monkeypatch.undo()
-    extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
+    encode_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
     assert_same_cache(tmp_path, reference)
 
 
@@ -207,7 +211,7 @@ def test_non_finite_tokens_stop_the_shard_and_are_never_written(images, spec, en
 
     monkeypatch.setattr(type(encoder), "forward", overflowing_forward)
     with pytest.raises(RuntimeError, match="shard writer failed") as failure:
-        extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
+        encode_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
     assert "non-finite tokens for ['0007', '0008']" in str(failure.value.__cause__)
     assert "non-finite tokens" in str(failure.value)  # the cause is in the message a command line shows
     assert sorted(path.name for path in tmp_path.iterdir()) == ["shard-00000.h5", "shard-00000.h5.sha256"]
@@ -227,25 +231,25 @@ def test_shards_built_separately_equal_one_build_and_are_then_reused(images, spe
     for shard in (2, 0):
         build_shard(shard, images, spec, tmp_path, SETTINGS, encoder=encoder)
     assert not (tmp_path / ENTRY_NAME).exists()  # shard 1 is still missing
-    report = extract_features(images, spec, tmp_path, SETTINGS, shards=[1], encoder=encoder)
+    report = encode_features(images, spec, tmp_path, SETTINGS, shards=[1], encoder=encoder)
     assert report.encoded_shards == [1] and report.entry == tmp_path / ENTRY_NAME
     assert_same_cache(tmp_path, reference)
-    again = extract_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
+    again = encode_features(images, spec, tmp_path, SETTINGS, encoder=encoder)
     assert again.encoded_shards == [] and again.reused_shards == [0, 1, 2] and not again.discarded_stale
 
 
 def test_changed_image_list_or_encoder_rebuilds_instead_of_mixing(images, spec, encoder, reference, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(reference, out)
-    fewer = extract_features(images[:-1], spec, out, SETTINGS, encoder=encoder)
+    fewer = encode_features(images[:-1], spec, out, SETTINGS, encoder=encoder)
     assert fewer.discarded_stale and fewer.encoded_shards == [0, 1, 2]
     assert FeatureReader(fewer.entry).attrs["image_list_fingerprint"] == image_list_fingerprint(images[:-1])
     # a local encoder re-saved with other weights under the same folder name: only the digest differs
     local = BackboneSpec(save_vision_standin(tmp_path / "vision", seed=0), None)
-    partial = extract_features(images, local, tmp_path / "swap", SETTINGS, shards=[0])
+    partial = encode_features(images, local, tmp_path / "swap", SETTINGS, shards=[0])
     assert partial.entry is None and partial.encoded_shards == [0]
     save_vision_standin(tmp_path / "vision", seed=1)
-    rebuilt = extract_features(images, local, tmp_path / "swap", SETTINGS)
+    rebuilt = encode_features(images, local, tmp_path / "swap", SETTINGS)
     assert rebuilt.discarded_stale and rebuilt.encoded_shards == [0, 1, 2]
     new_reader, old_reader = FeatureReader(rebuilt.entry), FeatureReader(reference / ENTRY_NAME)
     assert new_reader.attrs["encoder_weights_sha256"] != old_reader.attrs["encoder_weights_sha256"]
@@ -256,18 +260,18 @@ def test_shard_tasks_after_a_change_keep_one_anothers_work(images, spec, encoder
     """Parallel shard tasks after the image list changed: when one starts, another has already
     rebuilt shard 0 and is writing shard 1, while the old shards 1 and 2 are still there."""
     out, fewer = tmp_path / "cache", images[:-1]
-    extract_features(fewer, spec, out, SETTINGS, shards=[0], encoder=encoder)
+    encode_features(fewer, spec, out, SETTINGS, shards=[0], encoder=encoder)
     for name in (ENTRY_NAME, "shard-00001.h5", "shard-00002.h5"):
         shutil.copy(reference / name, out / name)
     in_progress = out / "shard-00001.h5.tmp-999999"
     in_progress.write_bytes(b"another task's shard being written")
     rebuilt = (out / "shard-00000.h5").stat().st_mtime_ns
-    report = extract_features(fewer, spec, out, SETTINGS, shards=[2], encoder=encoder)
+    report = encode_features(fewer, spec, out, SETTINGS, shards=[2], encoder=encoder)
     assert report.discarded_stale and report.encoded_shards == [2] and report.entry is None
     assert (out / "shard-00000.h5").stat().st_mtime_ns == rebuilt and in_progress.exists()
     assert not (out / "shard-00001.h5").exists()  # the old one
     in_progress.unlink()
-    finished = extract_features(fewer, spec, out, SETTINGS, shards=[1], encoder=encoder)
+    finished = encode_features(fewer, spec, out, SETTINGS, shards=[1], encoder=encoder)
     assert finished.entry == out / ENTRY_NAME
     assert_same_cache(out, build_feature_cache(fewer, spec, tmp_path / "whole", SETTINGS, encoder=encoder).parent)
 
@@ -313,19 +317,6 @@ def test_verify_compares_ids_with_the_catalog(images, reference):
     assert not verify_feature_cache(reference / "missing" / ENTRY_NAME, expected).ok
 
 
-def truncate(shard: Path):
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-
-
-def overwrite_tokens_in_place(shard: Path):
-    """Finite values over one token row's bytes: the file still opens and holds no NaN/Inf."""
-    with h5py.File(shard, "r") as handle:
-        offset = handle["tokens"].id.get_chunk_info(2).byte_offset
-    with open(shard, "r+b") as raw:
-        raw.seek(offset + 64)
-        raw.write(np.full(16, 0.5, dtype=np.float16).tobytes())
-
-
 @pytest.mark.parametrize("damage, problem", [
     (truncate, "shard-00001.h5: cannot be read (Unable to synchronously open file (truncated file"),
     (overwrite_tokens_in_place, "shard-00001.h5: checksum mismatch: its bytes changed after it was written"),
@@ -337,7 +328,7 @@ def test_a_damaged_shard_is_named_by_verify_and_encoded_again_by_the_next_build(
     damage(cache / "shard-00001.h5")
     report = verify_feature_cache(cache / ENTRY_NAME, expected)
     assert len(report.problems) == 1 and report.problems[0].startswith(problem), report.problems
-    rebuilt = extract_features(images, spec, cache, SETTINGS, encoder=encoder)
+    rebuilt = encode_features(images, spec, cache, SETTINGS, encoder=encoder)
     assert rebuilt.encoded_shards == [1] and rebuilt.reused_shards == [0, 2] and list(rebuilt.damaged) == [
         "shard-00001.h5"]
     assert_same_cache(cache, reference)
@@ -348,9 +339,10 @@ def test_a_part_build_checks_only_its_own_shards(images, spec, encoder, referenc
     cache = tmp_path / "cache"
     shutil.copytree(reference, cache)
     overwrite_tokens_in_place(cache / "shard-00002.h5")
-    hashed, file_sha256 = [], pipeline.features.file_sha256
-    monkeypatch.setattr(pipeline.features, "file_sha256", lambda path: hashed.append(path.name) or file_sha256(path))
-    report = extract_features(images, spec, cache, SETTINGS, shards=[0], encoder=encoder)
+    hashed, file_sha256 = [], storage.feature_cache.file_sha256
+    monkeypatch.setattr(storage.feature_cache, "file_sha256",
+                        lambda path: hashed.append(path.name) or file_sha256(path))
+    report = encode_features(images, spec, cache, SETTINGS, shards=[0], encoder=encoder)
     assert hashed == ["shard-00000.h5"] and report.encoded_shards == [] and report.reused_shards == [0]
 
 
@@ -381,7 +373,7 @@ def test_a_cache_without_checksums_still_reads_and_the_next_build_records_them(i
     report = verify_feature_cache(cache / ENTRY_NAME, expected)
     assert report.ok and len(report.notes) == 3 and "shard-00000.h5: no checksum recorded" in report.notes[0]
     assert np.array_equal(FeatureReader(cache / ENTRY_NAME)["0007"], FeatureReader(reference / ENTRY_NAME)["0007"])
-    again = extract_features(images, spec, cache, SETTINGS, encoder=encoder)
+    again = encode_features(images, spec, cache, SETTINGS, encoder=encoder)
     assert again.encoded_shards == [] and again.reused_shards == [0, 1, 2]
     assert_same_cache(cache, reference)  # the checksum files and the entry point's, as a new build writes them
     assert verify_feature_cache(cache / ENTRY_NAME, expected).notes == []
@@ -438,12 +430,12 @@ def test_caches_of_two_precisions_live_side_by_side(images, spec, encoder, refer
     cpu_dir, bf16_dir = (split_cache_dir(tmp_path, "coco", "train", spec, encode) for encode in (CPU, BF16))
     assert cpu_dir.parent == bf16_dir.parent == encoder_cache_dir(tmp_path, "coco", "train", spec)
     assert (cpu_dir.name, bf16_dir.name) == ("float32-float16", "bfloat16-float16")
-    cpu = extract_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
-    bf16 = extract_features(images, spec, bf16_dir, FeatureSettings(5, BF16), encoder=encoder)
+    cpu = encode_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
+    bf16 = encode_features(images, spec, bf16_dir, FeatureSettings(5, BF16), encoder=encoder)
     assert not bf16.discarded_stale and bf16.encoded_shards == [0, 1, 2]
     assert FeatureReader(bf16.entry).attrs["compute_precision"] == "bfloat16"
     assert_same_cache(cpu_dir, reference)
-    again = extract_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
+    again = encode_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
     assert again.encoded_shards == [] and again.reused_shards == [0, 1, 2] and not again.discarded_stale
     assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == cpu.entry
     assert find_feature_entry(tmp_path, "coco", "train", spec, BF16) == bf16.entry
@@ -453,13 +445,13 @@ def test_a_reader_without_its_precision_takes_the_most_precise_finished_cache(im
                                                                               tmp_path):
     cpu_dir = split_cache_dir(tmp_path, "coco", "train", spec, CPU)
     assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == cpu_dir / ENTRY_NAME  # where it would be
-    bf16 = extract_features(images, spec, split_cache_dir(tmp_path, "coco", "train", spec, BF16),
+    bf16 = encode_features(images, spec, split_cache_dir(tmp_path, "coco", "train", spec, BF16),
                             FeatureSettings(5, BF16), encoder=encoder)
     shutil.copytree(reference, cpu_dir)
     (cpu_dir / ENTRY_NAME).unlink()  # unfinished: not read
     assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == bf16.entry
     float32 = replace(CPU, dtype="float32")
-    exact = extract_features(images, spec, split_cache_dir(tmp_path, "coco", "train", spec, float32),
+    exact = encode_features(images, spec, split_cache_dir(tmp_path, "coco", "train", spec, float32),
                              FeatureSettings(5, float32), encoder=encoder)
     assert find_feature_entry(tmp_path, "coco", "train", spec, replace(CPU, precision="float16")) == exact.entry
 
@@ -472,12 +464,12 @@ def test_a_cache_of_the_earlier_layout_is_found_then_moved_into_its_precision(im
     as_built_before_checksums(earlier)
     cpu_dir, bf16_dir = (split_cache_dir(tmp_path, "coco", "train", spec, encode) for encode in (CPU, BF16))
     assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == earlier / ENTRY_NAME
-    bf16 = extract_features(images, spec, bf16_dir, FeatureSettings(5, BF16), encoder=encoder)
+    bf16 = encode_features(images, spec, bf16_dir, FeatureSettings(5, BF16), encoder=encoder)
     assert bf16.encoded_shards == [0, 1, 2]
     assert (earlier / ENTRY_NAME).is_file() and len(list(earlier.glob("shard-*.h5"))) == 3  # untouched
     assert find_feature_entry(tmp_path, "coco", "train", spec, CPU) == earlier / ENTRY_NAME
     assert find_feature_entry(tmp_path, "coco", "train", spec, BF16) == bf16.entry
-    cpu = extract_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
+    cpu = encode_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
     assert cpu.encoded_shards == [] and cpu.reused_shards == [0, 1, 2] and cpu.entry == cpu_dir / ENTRY_NAME
     assert sorted(path.name for path in earlier.iterdir()) == sorted([cpu_dir.name, bf16_dir.name])
     assert_same_cache(cpu_dir, reference)
@@ -491,9 +483,9 @@ def test_switching_between_gpu_and_cpu_keeps_both_caches(images, spec, encoder, 
     gpu_dir, cpu_dir = (split_cache_dir(tmp_path, "coco", "train", spec, encode) for encode in (cuda, CPU))
     assert (gpu_dir.name, cpu_dir.name) == ("bfloat16-float16", "float32-float16")
     gpu_encoder = load_vision_encoder(spec, "cuda")
-    gpu = extract_features(images, spec, gpu_dir, FeatureSettings(5, cuda), encoder=gpu_encoder)
-    cpu = extract_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
-    back = extract_features(images, spec, gpu_dir, FeatureSettings(5, cuda), encoder=gpu_encoder)
+    gpu = encode_features(images, spec, gpu_dir, FeatureSettings(5, cuda), encoder=gpu_encoder)
+    cpu = encode_features(images, spec, cpu_dir, FeatureSettings(5, CPU), encoder=encoder)
+    back = encode_features(images, spec, gpu_dir, FeatureSettings(5, cuda), encoder=gpu_encoder)
     assert back.encoded_shards == [] and not back.discarded_stale and not cpu.discarded_stale
     assert FeatureReader(gpu.entry).attrs["compute_precision"] == "bfloat16"
     assert_same_cache(cpu_dir, reference)

@@ -13,12 +13,14 @@ from pipeline.cli import app
 from ituning.standins import save_vision_standin
 from storage.acquire import download_dataset
 from storage.catalog import Catalog
-from storage.catalog_build import build_dataset
-from storage.feature_shards import EncodeSettings
-from pipeline.features import ENTRY_NAME, FeatureReader, split_cache_dir
+from pipeline.data import build_dataset
+from ituning.encoding import EncodeSettings
+from pipeline.features import split_cache_dir
+from storage.feature_cache import ENTRY_NAME, FeatureReader
 from storage.manifests import load_manifest
 from storage.synthetic import write_corpus
 from storage.workspace import catalog_path
+from tests.shard_damage import overwrite_tokens_in_place, truncate
 
 
 @pytest.fixture
@@ -64,18 +66,6 @@ def test_features_command_builds_by_parts_then_verifies(workspace):
     assert damaged.exit_code == 1 and f"NaN or Inf in 1 row(s): ['{usable_ids[0]}']" in damaged.output
 
 
-def truncate(path: Path):
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def overwrite_in_place(path: Path):
-    with h5py.File(path, "r") as handle:
-        offset = handle["tokens"].id.get_chunk_info(0).byte_offset
-    with open(path, "r+b") as raw:
-        raw.seek(offset + 64)
-        raw.write(np.full(16, 0.5, dtype=np.float16).tobytes())
-
-
 def test_verify_names_damaged_shards_and_the_build_encodes_them_again(workspace):
     vision = save_vision_standin(workspace / "vision", seed=0)
     common = ["--dataset", "coco", "--split", "train", "--workspace", str(workspace), "--vision", vision,
@@ -85,7 +75,7 @@ def test_verify_names_damaged_shards_and_the_build_encodes_them_again(workspace)
     assert runner.invoke(app, build).exit_code == 0
     cache = split_cache_dir(workspace, "coco", "train", BackboneSpec(vision, None), EncodeSettings(device="cpu"))
     truncate(cache / "shard-00001.h5")
-    overwrite_in_place(cache / "shard-00002.h5")
+    overwrite_tokens_in_place(cache / "shard-00002.h5", row=0)
     damaged = runner.invoke(app, ["features", "verify", *common])
     assert damaged.exit_code == 1 and isinstance(damaged.exception, SystemExit), damaged.output  # no traceback
     problems = [line for line in damaged.output.splitlines() if line.startswith("problem: ")]

@@ -4,6 +4,7 @@ a catalog change it redoes what reads the changed split), and feature shards on 
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from prefect.utilities.schema_tools import ValidationError, validate
 
 from flows.full_pipeline import full_pipeline
 from flows.parameters import PRESETS
-from pipeline.features import FeatureReader
+from storage.feature_cache import FeatureReader
 from tests.flow_fixtures import SMALL_RUN
 
 pytestmark = pytest.mark.slow
@@ -59,8 +60,8 @@ def test_bad_parameters_stop_a_flow_run_before_any_work(prefect_server, tmp_path
 
 def test_full_pipeline_trains_evaluates_and_registers(pipeline_runs):
     workspace, first, _ = pipeline_runs
-    assert [record["stage"] for record in first["stages"]] == ["finetune", "evaluate coco/test"]
-    assert not any(record["cached"] for record in first["stages"])
+    assert [record["step"] for record in first["steps"]] == ["finetune", "evaluate coco/test"]
+    assert not any(record["cached"] for record in first["steps"])
     assert 0 <= first["test"]["CIDEr"] and first["test"]["BLEU-1"] > 0
     assert first["model"]["version"] == "1" and first["promotion"]["promoted"]
     assert first["sample"] and any(caption for _, caption in first["sample"])
@@ -72,13 +73,18 @@ def test_rerun_with_nothing_changed_reuses_every_stage_and_says_so(pipeline_runs
     from pipeline.tracking import tracking_uri
 
     workspace, first, second = pipeline_runs
-    assert all(record["cached"] for record in second["stages"])
+    assert all(record["cached"] for record in second["steps"])
     assert second["test"] == first["test"]
     assert second["parent_run_id"] != first["parent_run_id"]
     assert not second["promotion"]["promoted"]  # the same version is not better than itself
-    runs = MlflowClient(tracking_uri(workspace)).search_runs(
-        [e.experiment_id for e in MlflowClient(tracking_uri(workspace)).search_experiments()])
-    assert {run.info.run_id for run in runs} >= {first["parent_run_id"], first["stages"][0]["run_id"]}
+    client = MlflowClient(tracking_uri(workspace), registry_uri=tracking_uri(workspace))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {run.info.run_id for run in runs} >= {first["parent_run_id"], first["steps"][0]["run_id"]}
+    # no clutter: the same weights stay one version, and the run in which nothing ran says so
+    assert second["model"]["version"] == first["model"]["version"] and not second["model"]["new_version"]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{first['model']['name']}'")] == ["1"]
+    reused = {run.info.run_id: run.data.tags.get("ituning.reused") for run in runs}
+    assert reused[second["parent_run_id"]] == "true" and reused[first["parent_run_id"]] is None
 
 
 def test_rerun_after_the_catalog_changed_redoes_what_reads_the_changed_split_and_reuses_the_rest(pipeline_runs,
@@ -96,13 +102,13 @@ def test_rerun_after_the_catalog_changed_redoes_what_reads_the_changed_split_and
     # registered under another name, so that the champion of the other tests stays as it was
     state = full_pipeline(workspace=str(workspace), **SMALL_RUN, register_as="after-catalog-change", return_state=True)
     third = state.result()
-    assert {record["stage"]: record["cached"] for record in third["stages"]} == \
+    assert {record["step"]: record["cached"] for record in third["steps"]} == \
         {"finetune": True, "evaluate coco/test": False}
     shards = {run.name: run.state.name for run in recorded_task_runs(state.state_details.flow_run_id)
               if run.task_key.startswith("cache_feature_shard")}
     encoded_again = {name for name, result in shards.items() if result != "Cached"}
     assert encoded_again and encoded_again == {name for name in shards if name.startswith("features-coco-test-")}
-    evaluation = next(record for record in third["stages"] if record["stage"] == "evaluate coco/test")
+    evaluation = next(record for record in third["steps"] if record["step"] == "evaluate coco/test")
     captions = MlflowClient(tracking_uri(workspace)).download_artifacts(
         evaluation["run_id"], "captions/coco_test.json", str(tmp_path))
     assert sorted(json.loads(Path(captions).read_text())) == test_images[1:]
@@ -118,6 +124,23 @@ def test_summary_artifact_lists_stages_and_reuse(pipeline_runs, prefect_server):
     assert len(texts) >= 2
     assert any("| finetune | cached: reused, not re-run |" in text for text in texts)
     assert any("| finetune | ran |" in text for text in texts)
+    first = next(text for text in texts if "| finetune | ran |" in text)
+    for step in ("download coco", "catalog", "stand-in backbones", "features coco/train", "features coco/test"):
+        assert f"| {step} | ran |" in first, first
+    assert re.search(r"\| catalog \| ran \| coco usable images \d+ \|", first), first
+
+
+def test_the_flow_runs_log_shows_the_progress_of_long_steps(pipeline_runs, prefect_server):
+    """What the Prefect UI shows of a run: the INFO lines of ituning.progress, step by step."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterName
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(name=LogFilterName(any_=["ituning.progress"])), limit=200)
+    messages = [log.message for log in logs]
+    for work in ("vision stand-in", "language stand-in", "encoding coco/train shard 0", "finetune", "captioning"):
+        assert any(re.match(rf"{re.escape(work)}: \d+ (steps|images) in ", message) for message in messages), \
+            (work, messages[:40])
 
 
 def test_prefect_yaml_deploys_the_demo_every_preset_and_a_scheduled_retrain():
@@ -130,6 +153,8 @@ def test_prefect_yaml_deploys_the_demo_every_preset_and_a_scheduled_retrain():
     retrain = deployments[("flows/retrain.py:retrain", "retrain-weekly")]
     assert retrain["schedules"][0]["cron"] == "0 3 * * 1"
     assert all(d["work_pool"]["name"] == "ituning-local" for d in spec["deployments"])
+    assert ("flows/training.py:evaluate", "default") in deployments
+    assert spec["pull"] == [{"flows.checkout.enter_checkout": {}}]
     for entry, _ in deployments:
         assert Path(entry.split(":")[0]).exists()
 
@@ -158,7 +183,7 @@ def test_feature_shards_run_in_dask_worker_processes_that_report_to_the_prefect_
     shard_workers = [task["worker"] for task in stream.data if task["key"].startswith("cache_feature_shard-")]
     assert os.getpid() not in worker_pids.values()
     assert not any(psutil.pid_exists(pid) for pid in worker_pids.values())  # the cluster closed its workers
-    shards = {split: features.feature_shards(workspace, "coco", split, {}, shard_size=4) for split in ("train", "test")}
+    shards = {split: features.feature_shards(workspace, "coco", split, shard_size=4) for split in ("train", "test")}
     assert len(shards["train"]) > 1 and len(shard_workers) == sum(len(indices) for indices in shards.values())
     assert set(shard_workers) <= set(worker_pids)
     shard_runs = [run for run in recorded_task_runs(state.state_details.flow_run_id)
@@ -199,17 +224,26 @@ def recorded_task_runs(flow_run_id, timeout: float = 30.0) -> list:
             time.sleep(0.5)
 
 
-def test_retrain_registers_a_new_version_and_records_the_comparison(pipeline_runs):
+def test_retrain_registers_a_new_version_and_records_the_comparison(pipeline_runs, prefect_server):
     from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.retrain import retrain
     from pipeline import data, evaluation, features
     from pipeline.tracking import tracking_uri
 
+    from storage.catalog import Catalog
+
     workspace, first, _ = pipeline_runs
+    with Catalog(workspace / "catalog.duckdb") as catalog:  # new training data: new weights, a new version
+        image_id = catalog.usable_images("coco", "train")[0].image_id
+        catalog.connection.execute("INSERT INTO captions VALUES ('coco', ?, 1000000000, 'a caption added later', "
+                                   "'train')", [image_id])
     outcome = retrain(config="demo", workspace=str(workspace), device="cpu")
     model, promotion = outcome["model"], outcome["promotion"]
     assert model["name"] == first["model"]["name"] == "ituning-demo" and model["version"] == "2"
+    assert model["new_version"]
     client = MlflowClient(tracking_uri(workspace), registry_uri=tracking_uri(workspace))
     tags = client.get_model_version(model["name"], "2").tags
     assert tags["promotion.champion_version"] == "1" and tags["promotion.promoted"] == str(promotion["promoted"])
@@ -222,6 +256,13 @@ def test_retrain_registers_a_new_version_and_records_the_comparison(pipeline_run
     expected_champion = "2" if promotion["promoted"] else "1"
     assert str(client.get_model_version_by_alias(model["name"], "champion").version) == expected_champion
     assert tags["promotion.reason"] == promotion["reason"]
+    # nothing new to learn: the stage's checkpoint is reused, no version is added, and the summary says so
+    again = retrain(config="demo", workspace=str(workspace), device="cpu")
+    assert (again["model"]["version"], again["model"]["new_version"]) == ("2", False)
+    assert [str(v.version) for v in client.search_model_versions("name = 'ituning-demo'")] == ["2", "1"]
+    with get_client(sync_client=True) as prefect:
+        summaries = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-summary"])))
+    assert any("| finetune | ran: the stage was already trained on these inputs" in item.data for item in summaries)
 
 
 def test_a_failed_retrain_ends_its_mlflow_parent_run_failed(pipeline_runs):
@@ -327,3 +368,17 @@ def test_a_planted_pickle_in_the_result_storage_is_never_loaded(prefect_server, 
     assert rerun == ("Completed", corpus)  # worked out again ...
     assert all(json.loads(path.read_bytes()) is not None for path in written)  # ... and stored as JSON anew
     assert demo_corpus(tmp_path / "ws") == ("Cached", corpus)
+
+
+def test_the_pull_step_enters_the_checkout_named_on_the_workers_machine(tmp_path, monkeypatch):
+    from flows.checkout import INSTALLED_CHECKOUT, enter_checkout
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ITUNING_HOME", raising=False)
+    assert enter_checkout() == {"directory": str(INSTALLED_CHECKOUT)} and Path.cwd() == INSTALLED_CHECKOUT
+    (tmp_path / "copy" / "flows").mkdir(parents=True)
+    monkeypatch.setenv("ITUNING_HOME", str(tmp_path / "copy"))
+    assert enter_checkout() == {"directory": str(tmp_path / "copy")} and Path.cwd() == tmp_path / "copy"
+    monkeypatch.setenv("ITUNING_HOME", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match="set ITUNING_HOME"):
+        enter_checkout()

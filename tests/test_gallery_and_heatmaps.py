@@ -1,4 +1,5 @@
 import base64
+import io
 import re
 
 import numpy as np
@@ -8,9 +9,9 @@ from PIL import Image
 
 from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
-from ituning.demo import render_shape_image
 from pipeline.gallery import gallery_items, write_gallery
 from ituning.heatmaps import caption_attention, patch_grid, save_heatmaps
+from tests.scene_images import shape_image
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def shape_files(tmp_path):
     paths = {}
     for image_id, (colour, shape) in {"7": ("red", "circle"), "12": ("blue", "square")}.items():
         paths[image_id] = tmp_path / f"{image_id}.png"
-        render_shape_image(colour, shape).save(paths[image_id])
+        shape_image(colour, shape).save(paths[image_id])
     return paths
 
 
@@ -37,7 +38,7 @@ def test_patch_grid_drops_the_class_token_and_keeps_patch_order():
 
 
 def test_attention_maps_cover_the_patch_grid_per_token(captioner):
-    image = render_shape_image("red", "circle")
+    image = shape_image("red", "circle")
     attention = caption_attention(captioner, image, "a red circle in the middle")
     assert "".join(attention.tokens).replace(" ", "") == "aredcircleinthemiddle"
     assert attention.maps.shape == (len(attention.tokens), 8, 8)  # 64 px / patch 8
@@ -47,16 +48,16 @@ def test_attention_maps_cover_the_patch_grid_per_token(captioner):
 
 
 def test_a_tokens_map_does_not_depend_on_later_tokens(captioner):
-    image = render_shape_image("blue", "square")
+    image = shape_image("blue", "square")
     full = caption_attention(captioner, image, "a blue square in the middle")
     prefix = caption_attention(captioner, image, "a blue square")
     np.testing.assert_allclose(full.maps[: len(prefix.tokens)], prefix.maps, rtol=1e-5, atol=1e-6)
-    other_image = caption_attention(captioner, render_shape_image("green", "circle"), "a blue square")
+    other_image = caption_attention(captioner, shape_image("green", "circle"), "a blue square")
     assert not np.allclose(other_image.maps, prefix.maps)
 
 
 def test_without_a_caption_the_generated_one_is_explained(captioner):
-    image = render_shape_image("yellow", "square")
+    image = shape_image("yellow", "square")
     decoding = DecodingConfig(num_beams=2, max_length=6)
     generated = caption_attention(captioner, image, decoding=decoding)
     assert generated.tokens, "the stand-in generated an empty caption"
@@ -65,7 +66,7 @@ def test_without_a_caption_the_generated_one_is_explained(captioner):
 
 
 def test_heatmap_png_has_a_panel_per_token(captioner, tmp_path):
-    image = render_shape_image("green", "square")
+    image = shape_image("green", "square")
     attention = caption_attention(captioner, image, "a green square in the middle")
     path = save_heatmaps(image, attention, tmp_path / "maps" / "12.png", columns=4)
     with Image.open(path) as png:
@@ -81,7 +82,7 @@ def test_gallery_copies_images_and_escapes_text(shape_files, tmp_path):
     text = page.read_text()
     assert "a red &lt;circle&gt; &amp; more" in text and "<circle>" not in text
     assert "<li>red disc</li>" in text and "no image file" not in text
-    sources = re.findall(r'<img src="([^"]+)"', text)
+    sources = re.findall(r'<img class="photo" src="([^"]+)"', text)
     assert len(sources) == 2
     assert all((page.parent / source).read_bytes() in {p.read_bytes() for p in shape_files.values()}
                for source in sources)
@@ -95,6 +96,16 @@ def test_embedded_gallery_is_one_file(shape_files, tmp_path):
     assert [p.name for p in page.parent.iterdir()] == ["index.html"]
     sources = re.findall(r'src="data:image/png;base64,([^"]+)"', page.read_text())
     assert [base64.b64decode(s) for s in sources] == [shape_files["7"].read_bytes(), shape_files["12"].read_bytes()]
+
+
+def test_embedded_thumbnails_are_small_upright_jpegs(tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (1000, 600), (200, 30, 30)).save(wide)
+    items = gallery_items({"1": "a red picture"}, {}, {"1": wide})
+    page = write_gallery(items, tmp_path / "thumbs", embed_images=True, thumbnail_side=256).read_text()
+    [source] = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
+    with Image.open(io.BytesIO(base64.b64decode(source))) as thumbnail:
+        assert thumbnail.format == "JPEG" and thumbnail.size == (256, 154)
 
 
 def test_heatmaps_for_a_split_are_written_per_image(captioner, shape_files, tmp_path):

@@ -82,11 +82,11 @@ def assert_cached(hf_home: Path, requested_as: str, repo) -> None:
 @pytest.fixture(scope="session")
 def served_models(tmp_path_factory) -> dict[str, Path]:
     """A tiny GPT-2 with its tokenizer, saved as transformers does, and a tiny open_clip repo."""
-    from ituning.demo import shape_captions
+    from tests.scene_images import scene_captions
     from ituning.standins import new_language_standin, save_language_standin, save_vision_standin, train_tokenizer
 
     root = tmp_path_factory.mktemp("served")
-    tokenizer = train_tokenizer(shape_captions() * 10)
+    tokenizer = train_tokenizer(scene_captions() * 10)
     save_language_standin(root / "gpt2", tokenizer, new_language_standin(tokenizer, SERVED_SEED))
     save_vision_standin(root / "tiny-clip", SERVED_SEED)
     return {GPT2: root / "gpt2", TINY_CLIP: root / "tiny-clip"}
@@ -186,12 +186,12 @@ class Stop(Exception):
     pass
 
 seen = {}
-def full_pipeline(config, **settings):  # stands in for the flow: what matters is the environment it runs in
+def run_full_pipeline(config, **settings):  # stands in for the flow: what matters is the environment it runs in
     seen[config] = os.environ.get("HF_HUB_OFFLINE")
     raise Stop
 
-sys.modules["flows.full_pipeline"] = types.ModuleType("flows.full_pipeline")
-sys.modules["flows.full_pipeline"].full_pipeline = full_pipeline
+sys.modules["flows.in_process"] = types.ModuleType("flows.in_process")  # the entry point `ituning pipeline` loads
+sys.modules["flows.in_process"].run_full_pipeline = run_full_pipeline
 from pipeline.cli import app
 
 for arguments in (["pipeline", "--config", "coco-gpt2", "--source", "download"], ["demo"]):
@@ -233,7 +233,7 @@ def vit_b_16_openai(tmp_path_factory) -> Path:
 def catalogued_workspace(tmp_path) -> Path:
     from storage.acquire import download_dataset
     from storage.catalog import Catalog
-    from storage.catalog_build import build_dataset
+    from pipeline.data import build_dataset
     from storage.manifests import load_manifest
     from storage.synthetic import write_corpus
     from storage.workspace import catalog_path

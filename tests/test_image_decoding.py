@@ -15,11 +15,10 @@ from PIL import ExifTags, Image, JpegImagePlugin
 
 from ituning.captioner import Captioner
 from ituning.images import UnreadableImage, open_rgb
-from ituning.karpathy import load_pixels
+from ituning.encoding import BytePixels, EncodeSettings, ImageFiles, load_pixels
 from storage.catalog import Catalog
-from storage.catalog_build import build_dataset
-from storage.feature_shards import BytePixels, EncodeSettings, ImageFiles
-from storage.image_check import inspect_image, inspect_images
+from pipeline.data import build_dataset
+from pipeline.image_check import inspect_image, inspect_images
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> colour type: gray, gray + alpha, RGB, RGBA
@@ -233,14 +232,15 @@ def test_catalog_build_records_each_fault_and_finishes(tmp_path):
 def test_feature_cache_records_an_over_limit_image_as_unreadable(tmp_path):
     from ituning.backbones import BackboneSpec, load_vision_encoder
     from ituning.standins import save_vision_standin
-    from pipeline.features import FeatureReader, FeatureSettings, extract_features
+    from pipeline.features import FeatureSettings, encode_features
+    from storage.feature_cache import FeatureReader
 
     spec = BackboneSpec(vision_model=save_vision_standin(tmp_path / "vision", seed=0), vision_pretrained=None)
     for name in ("a", "c"):
         smooth_image((48, 40)).save(tmp_path / f"{name}.jpg")
     images = [("a", tmp_path / "a.jpg"), ("b", write_huge_png(tmp_path / "b.png")), ("c", tmp_path / "c.jpg")]
     settings = FeatureSettings(shard_size=2, encode=EncodeSettings(batch_size=2, num_workers=0))
-    report = extract_features(images, spec, tmp_path / "cache", settings, encoder=load_vision_encoder(spec))
+    report = encode_features(images, spec, tmp_path / "cache", settings, encoder=load_vision_encoder(spec))
     assert report.unreadable == {"b": f"{tmp_path / 'b.png'}: {HUGE_REASON}"}
     assert list(FeatureReader(report.entry)) == ["a", "c"]
 

@@ -87,11 +87,3 @@ def test_caption_command_skips_an_image_over_the_pixel_limit(standin_checkpoint,
 def test_caption_command_reports_a_missing_checkpoint(tmp_path, image_files):
     result = runner.invoke(app, ["caption", str(image_files["good"]), "--checkpoint", str(tmp_path)])
     assert result.exit_code == 2 and "not an I-Tuning checkpoint" in result.stderr
-
-
-def test_offline_path_builds_a_checkpoint_and_captions_every_image(tmp_path):
-    from ituning.demo import run_offline_demo
-
-    captions = run_offline_demo(tmp_path)
-    assert [str(path).startswith(str(tmp_path / "images")) and error is None for path, _, error in captions] == [True] * 4
-    assert (tmp_path / "checkpoint" / "adapter_model.safetensors").is_file()

@@ -69,15 +69,19 @@ def test_only_transient_failures_are_retried(exception, transient):
     assert is_transient(exception) is transient
 
 
-def test_summary_markdown_has_a_row_per_stage_links_and_samples(tmp_path, monkeypatch):
+def test_summary_markdown_has_a_row_per_step_links_and_samples(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    records = [{"stage": "finetune", "cached": True, "metrics": {"best CIDEr": 0.5, "steps": 40}, "run_id": "abc123def"},
-               {"stage": "evaluate coco/test", "cached": False, "metrics": {"CIDEr": 0.61, "BLEU-4": 0.2}, "run_id": "f00"}]
+    records = [{"step": "finetune", "cached": True, "metrics": {"best CIDEr": 0.5, "steps": 40}, "run_id": "abc123def"},
+               {"step": "evaluate coco/test", "cached": False, "metrics": {"CIDEr": 0.61, "BLEU-4": 0.2}, "run_id": "f00"}]
     text = pipeline_markdown("full-pipeline (demo)", records, tmp_path, [["7", "a red circle"]], ["note"])
-    assert "| finetune | cached: reused, not re-run | best CIDEr 0.500, steps 40.000 |" in text
+    assert "| finetune | cached: reused, not re-run | best CIDEr 0.500, steps 40 |" in text
     assert "| evaluate coco/test | ran | CIDEr 0.610, BLEU-4 0.200 | [f00](http://127.0.0.1:5000/#/runs/f00) |" in text
     assert "| 7 | a red circle |" in text and "- note" in text
     assert metrics_cell({}) == "—"
+    assert metrics_cell({"steps": 120.0, "CIDEr": 1.974962450733877}) == "CIDEr 1.975, steps 120"
+    retrained = pipeline_markdown("retrain", [{"step": "finetune", "cached": False, "already_done": True,
+                                               "metrics": {}, "run_id": "r1"}], tmp_path)
+    assert "| finetune | ran: the stage was already trained on these inputs; its checkpoint reused |" in retrained
 
 
 # ---- cache keys follow the catalog's contents and what path inputs hold ---------------------------
@@ -183,7 +187,7 @@ def test_every_task_that_keeps_its_result_stores_plain_json_read_through_checked
              for value in vars(importlib.import_module(f"tasks.{module.name}")).values() if isinstance(value, Task)}
     kept = [task for task in found.values() if task.persist_result or task.cache_policy not in (None, NO_CACHE)]
     assert {task.name for task in kept} >= {"write-demo-corpus", "build-catalog", "cache-feature-shard",
-                                            "train-stage", "evaluate", "register-captioner"}
+                                            "train-stage", "evaluate"}
     for task in kept:
         assert task.persist_result and task.result_serializer == RESULT_SERIALIZER, task.name
         assert isinstance(task.cache_policy.key_storage, ResultMetadata), task.name

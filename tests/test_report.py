@@ -1,15 +1,20 @@
+import base64
+import io
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
-from ituning.demo import render_shape_image
 from ituning.evaluation import evaluate_split, score_captions
 from pipeline.report import write_report
 from pipeline.tracking import ExperimentTracker
+from tests.scene_images import shape_image
 
 SHAPES = {"21": ("red", "circle"), "22": ("blue", "square"), "23": ("yellow", "circle")}
 
@@ -21,7 +26,7 @@ def split(standin_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     paths, cache = {}, {}
     for image_id, (colour, shape) in SHAPES.items():
-        image = render_shape_image(colour, shape)
+        image = shape_image(colour, shape)
         paths[image_id] = folder / f"{image_id}.png"
         image.save(paths[image_id])
         with torch.inference_mode():
@@ -45,12 +50,28 @@ def test_evaluated_split_is_reported_and_tracked(split, tmp_path):
     assert sorted(p.name for p in files.heatmaps.iterdir()) == ["21.png", "22.png"]
     page = (files.gallery / "index.html").read_text()
     assert page.count('class="heatmap"') == 2 and "a yellow circle in the middle" in page
+    assert_self_contained(page, photos=len(captions), heatmaps=2)
 
     tracker = ExperimentTracker(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with tracker.pipeline_run("report") as parent, tracker.stage_run(parent, "evaluate") as run_id:
+    with tracker.pipeline_run("report") as parent, tracker.step_run(parent, "evaluate") as run_id:
         tracker.log_evaluation(run_id, "test", captions, scores, files.gallery, files.heatmaps)
     logged = {item.path for folder in ("gallery/test", "heatmaps/test")
               for item in tracker.client.list_artifacts(run_id, folder)}
-    assert {"gallery/test/index.html", "gallery/test/images", "heatmaps/test/21.png"} <= logged
+    assert {"gallery/test/index.html", "heatmaps/test/21.png"} <= logged
+    assert "gallery/test/images" not in logged  # nothing for the artifact viewer to resolve
+    viewed = Path(tracker.client.download_artifacts(run_id, "gallery/test/index.html", str(tmp_path / "viewer")))
+    assert_self_contained(viewed.read_text(), photos=len(captions), heatmaps=2)
     assert tracker.client.get_run(run_id).data.metrics["test/CIDEr"] == scores["CIDEr"]
     assert tracker.client.get_run(run_id).info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+
+
+def assert_self_contained(page: str, photos: int, heatmaps: int):
+    """Every image of the page is in the page: JPEG thumbnails of at most 256 px, PNG heatmaps."""
+    sources = re.findall(r'<img class="(photo|heatmap)" src="([^"]+)"', page)
+    assert [kind for kind, _ in sources].count("photo") == photos
+    assert [kind for kind, _ in sources].count("heatmap") == heatmaps
+    assert all(source.startswith("data:image/") for _, source in sources)
+    for kind, source in sources:
+        with Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))) as image:
+            assert image.format == ("JPEG" if kind == "photo" else "PNG")
+            assert kind == "heatmap" or max(image.size) <= 256

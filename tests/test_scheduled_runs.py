@@ -3,9 +3,11 @@
 (prefect.yaml), on its own. A schedule can show as active while the server's scheduler fails on
 every loop (SQLAlchemy 2.1 with Prefect 3.8); only the runs it creates show it works."""
 
+import json
 import os
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -27,8 +29,13 @@ def next_monday_3am(after: datetime) -> datetime:
     return day
 
 
-@pytest.fixture
-def prefect_server(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield from started_prefect_server(tmp_path_factory.mktemp("scheduled"), monkeypatch)
+
+
+def started_prefect_server(tmp_path, monkeypatch):
     for name in [name for name in os.environ if name.startswith("PREFECT_")]:
         monkeypatch.delenv(name)  # the server and the deploy see only this workspace's settings
     # The main scheduler loop runs every 60 s by default; the server schedules new deployments sooner anyway.
@@ -56,6 +63,17 @@ def scheduled_runs(api_url: str, deployment: str, wait_s: float = 300) -> list:
         while not (runs := client.read_flow_runs(deployment_filter=only_this)) and time.monotonic() < deadline:
             time.sleep(2)
     return runs
+
+
+def test_a_deployment_records_where_to_find_the_code_not_this_machines_path(prefect_server):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    settings, _ = prefect_server
+    with SyncPrefectClient(api=settings.prefect_api_url) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+    recorded = json.dumps([deployment.pull_steps, deployment.path, deployment.job_variables])
+    assert deployment.pull_steps == [{"flows.checkout.enter_checkout": {}}]
+    assert str(Path(__file__).resolve().parents[1]) not in recorded
 
 
 def test_the_server_schedules_weekly_retraining_on_mondays_at_3_utc(prefect_server):

@@ -6,7 +6,7 @@ import pytest
 
 from ituning.images import open_rgb
 from pipeline.small_corpus import read_karpathy_split
-from storage.image_check import inspect_image, inspect_images
+from pipeline.image_check import inspect_image, inspect_images
 from storage.jsonfields import MalformedInput
 from storage.scenes import random_scene, render_scene
 from storage.sources import read_karpathy, read_nocaps, read_visual_genome

@@ -11,7 +11,7 @@ from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ituning.version import code_version
 from pipeline import data, evaluation, features, presets, registry, tracking, training
 from storage.catalog import Catalog
-from pipeline.features import FeatureReader
+from storage.feature_cache import FeatureReader
 from pipeline.tracking import PARENT_TAG, STAGE_TAG, ExperimentTracker
 
 TINY_STAGE = {"name": "finetune", "dataset": "coco", "epochs": 2, "batch_size": 8, "micro_batch_size": 8,
@@ -58,7 +58,7 @@ def test_unknown_stage_and_missing_catalog_are_named(tracked_workspace):
     with pytest.raises(ValueError, match="no stage 'pretrain'"):
         training.train_stage(tracked_workspace, str(write_tiny_config(tracked_workspace / "t.yaml")), "pretrain")
     with pytest.raises(FileNotFoundError, match="catalog build"):
-        features.feature_shards(tracked_workspace, "coco", "train", {"vision_model": "ViT-B-16"})
+        features.feature_shards(tracked_workspace, "coco", "train")
     with pytest.raises(ValueError, match="unknown datasets"):
         data.build_catalog(tracked_workspace, ["imagenet"])
 
@@ -180,7 +180,7 @@ def pipeline(tmp_path_factory):
         backbones = data.build_demo_backbones(workspace, vision_steps=2, language_steps=2, batch_size=16)
         entries = {}
         for split in ("train", "val", "test"):
-            shards = features.feature_shards(workspace, "coco", split, backbones, shard_size=6)
+            shards = features.feature_shards(workspace, "coco", split, shard_size=6)
             files = [features.cache_feature_shard(workspace, "coco", split, backbones, k, 6, "cpu") for k in shards]
             entries[split] = features.finish_feature_cache(workspace, "coco", split, backbones, 6, "cpu")
             assert len(shards) > 1 and all(map(lambda f: f.endswith(".h5"), files))
@@ -250,12 +250,14 @@ def test_a_finished_stage_is_reused_for_the_same_data_and_trained_afresh_for_cha
 
     reused = training.train_stage(workspace, config, "finetune")  # the fixture trained it from the same
     assert trained_steps(reused) == [] and reused["checkpoint"] == str(workspace / "runs/tiny/finetune/best")
+    assert reused["trained_now"] is False  # what the summary reports as "already trained"
     with Catalog(workspace / "catalog.duckdb") as catalog:
         image_id = catalog.usable_images("coco", "train")[0].image_id
         catalog.connection.execute("INSERT INTO captions VALUES ('coco', ?, 1000000000, 'a caption added later', "
                                    "'train')", [image_id])
     changed = training.train_stage(workspace, config, "finetune")
     assert trained_steps(changed) == [1, 2, 3, 4, 5, 6]  # not the finished checkpoint of the old data
+    assert changed["trained_now"] is True
     record = json.loads((Path(changed["checkpoint"]).parent / training.TRAINED_FROM).read_text())
     assert record["data"] == data.catalog_fingerprint(workspace, [("coco", "train"), ("coco", "val")])
     again = training.train_stage(workspace, config, "finetune")
@@ -280,6 +282,20 @@ def test_evaluation_logs_scores_captions_gallery_and_heatmaps(pipeline):
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"coco/test"}
 
 
+def retrained_copy(checkpoint: str, destination: Path) -> Path:
+    """The checkpoint with other module weights, as another training would leave it."""
+    from safetensors.torch import load_file, save_file
+
+    from ituning.checkpoint import FORMAT
+
+    shutil.copytree(checkpoint, destination)
+    weights = load_file(destination / WEIGHTS_FILE)
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 0.01
+    save_file(weights, destination / WEIGHTS_FILE, metadata={"format": FORMAT})
+    return destination
+
+
 @pytest.mark.slow
 def test_registered_captioner_is_promoted_only_when_better(pipeline):
     tracker, registered, workspace = pipeline["tracker"], pipeline["registered"], pipeline["workspace"]
@@ -287,7 +303,13 @@ def test_registered_captioner_is_promoted_only_when_better(pipeline):
     cider = pipeline["evaluated"]["metrics"]["CIDEr"]
     first = registry.promote_if_better(registered["name"], registered["version"], value=cider, workspace=workspace)
     assert without_reason(first) == {"promoted": True, "candidate": cider, "champion": None, "champion_version": "1"}
-    second = registry.register_captioner(workspace, pipeline["trained"]["checkpoint"], pipeline["trained"]["run_id"])
+    same = registry.register_captioner(workspace, pipeline["trained"]["checkpoint"], pipeline["trained"]["run_id"])
+    assert (same["version"], same["new_version"]) == ("1", False)  # the same weights are not registered twice
+    again = registry.promote_if_better(same["name"], same["version"], value=cider, workspace=workspace)
+    assert not again["promoted"] and again["reason"] == "version 1 is the champion already"
+    other = retrained_copy(pipeline["trained"]["checkpoint"], workspace / "retrained")
+    second = registry.register_captioner(workspace, other, pipeline["trained"]["run_id"])
+    assert (second["version"], second["new_version"]) == ("2", True)
     worse = registry.promote_if_better(second["name"], second["version"], value=cider - 0.1, workspace=workspace)
     assert without_reason(worse) == \
         {"promoted": False, "candidate": cider - 0.1, "champion": cider, "champion_version": "1"}

@@ -50,9 +50,9 @@ def test_default_store_is_sqlite_in_the_workspace_unless_a_uri_is_set(tmp_path, 
 def test_pipeline_run_has_a_child_run_per_stage(tracker, workspace):
     config = {"model": {"language_model": "gpt2", "drop_first": 0}, "stages": ["pretrain", "finetune"]}
     with tracker.pipeline_run("coco-gpt2", config, seed=7) as parent:
-        with tracker.stage_run(parent, "pretrain", {"epochs": 10}) as pretrain:
+        with tracker.step_run(parent, "pretrain", {"epochs": 10}, stage="pretrain") as pretrain:
             pass
-        with pytest.raises(RuntimeError), tracker.stage_run(parent, "finetune", {"epochs": 30}) as finetune:
+        with pytest.raises(RuntimeError), tracker.step_run(parent, "finetune", {"epochs": 30}, stage="finetune") as finetune:
             raise RuntimeError("loss is NaN")
     runs = {run_id: tracker.client.get_run(run_id) for run_id in (parent, pretrain, finetune)}
     assert runs[parent].data.params == {"model.language_model": "gpt2", "model.drop_first": "0",
@@ -69,7 +69,7 @@ def test_training_callbacks_log_steps_epochs_and_module_weights(tracker, standin
     checkpoint = tmp_path / "last"
     shutil.copytree(standin_checkpoint, checkpoint)
     (checkpoint / "optimizer.pt").write_bytes(b"resume state, not a deliverable")
-    with tracker.pipeline_run("callbacks") as parent, tracker.stage_run(parent, "finetune") as run_id:
+    with tracker.pipeline_run("callbacks") as parent, tracker.step_run(parent, "finetune") as run_id:
         callbacks = tracker.callbacks(run_id, log_every=2)
         for step in range(5):
             callbacks.on_step(step, {"loss": 5.0 - step, "learning_rate": 1e-4 * step})
@@ -90,7 +90,7 @@ def test_training_callbacks_log_steps_epochs_and_module_weights(tracker, standin
 
 def test_dataset_inputs_show_what_a_run_read(tracker, workspace):
     fingerprint = "0123456789abcdef" * 4
-    with tracker.pipeline_run("data") as parent, tracker.stage_run(parent, "finetune") as run_id:
+    with tracker.pipeline_run("data") as parent, tracker.step_run(parent, "finetune") as run_id:
         tracker.log_dataset(run_id, "coco/train", fingerprint, workspace / "catalog.duckdb", "training", images=113287)
         tracker.log_dataset(run_id, "coco/val", fingerprint[::-1], workspace / "catalog.duckdb", "validation")
     inputs = tracker.client.get_run(run_id).inputs.dataset_inputs
@@ -106,7 +106,7 @@ def test_evaluation_artifacts_and_metrics(tracker, tmp_path):
     (gallery / "index.html").write_text("<html></html>")
     scores = {"in-domain": {"CIDEr": 0.8, "BLEU-4": 0.3}, "overall": {"CIDEr": 0.6, "BLEU-4": 0.25}}
     captions = {"2": "a cat", "1": "a dog"}
-    with tracker.pipeline_run("eval") as parent, tracker.stage_run(parent, "evaluate") as run_id:
+    with tracker.pipeline_run("eval") as parent, tracker.step_run(parent, "evaluate") as run_id:
         tracker.log_evaluation(run_id, "nocaps_val", captions, scores, gallery=gallery)
     metrics = tracker.client.get_run(run_id).data.metrics
     assert metrics == {"nocaps_val/in-domain/CIDEr": 0.8, "nocaps_val/in-domain/BLEU-4": 0.3,

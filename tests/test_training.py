@@ -288,13 +288,15 @@ def test_a_bf16_step_on_cuda_lowers_the_loss(standin_backbones, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # CUDA autocast built on a CPU-only machine
-def test_autocast_is_bf16_on_cuda_only():
-    from ituning.training import autocast_for
+def test_autocast_is_bf16_on_cuda_only(monkeypatch):
+    from ituning.precision import autocast
 
-    assert isinstance(autocast_for(torch.device("cpu"), "bf16"), type(autocast_for(torch.device("cpu"), "auto")))
-    assert not isinstance(autocast_for(torch.device("cpu"), "bf16"), torch.autocast)
-    assert isinstance(autocast_for(torch.device("cuda"), "auto"), torch.autocast)
-    assert not isinstance(autocast_for(torch.device("cuda"), "fp32"), torch.autocast)
+    assert isinstance(autocast(torch.device("cpu"), "bf16"), type(autocast(torch.device("cpu"), "auto")))
+    assert not isinstance(autocast(torch.device("cpu"), "bf16"), torch.autocast)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto means bf16 on a CUDA device that has it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert isinstance(autocast(torch.device("cuda"), "auto"), torch.autocast)
+    assert not isinstance(autocast(torch.device("cuda"), "fp32"), torch.autocast)
 
 
 def test_a_kill_during_the_checkpoint_swap_resumes_from_the_previous_one(standin_backbones, tmp_path):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ituning.demo import shape_captions
+from tests.scene_images import scene_captions
 
 TOKENS = 5
 
@@ -13,7 +13,7 @@ def random_feature_set(image_ids, width: int, seed: int = 0) -> dict[str, np.nda
 
 
 def caption_set(images: int, per_image: int = 2, prefix: str = "img") -> dict[str, list[str]]:
-    texts = shape_captions()
+    texts = scene_captions()
     return {f"{prefix}{i}": [texts[(i + k) % len(texts)] for k in range(per_image)] for i in range(images)}
 
 

@@ -68,12 +68,15 @@ class Captioner:
         """Captions for visual tokens (B, N, d_v), e.g. read from the feature cache."""
         return caption_texts(self.model, self.tokenizer, visual, decoding)
 
+    def encode_images(self, images) -> torch.Tensor:
+        """Visual tokens (B, 1 + P, d_v) of decoded images, on the model's device."""
+        return encode_pixels(self.vision, stack_pixels(images, self.vision.preprocess), self.device)
+
     @torch.inference_mode()
     def caption_images(self, images, decoding=DecodingConfig(), batch_size: int = 16) -> list[str]:
         captions = []
         for start in range(0, len(images), batch_size):
-            pixels = stack_pixels(images[start : start + batch_size], self.vision.preprocess)
-            captions += self.caption_features(encode_pixels(self.vision, pixels, self.device), decoding)
+            captions += self.caption_features(self.encode_images(images[start : start + batch_size]), decoding)
         return captions
 
     @property

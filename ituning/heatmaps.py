@@ -36,8 +36,7 @@ def caption_attention(captioner, image: Image.Image, caption: str | None = None,
                       decoding: DecodingConfig = DecodingConfig()) -> TokenAttention:
     """Attention of the last module for each token of `caption`, or of the caption the
     captioner generates for the image when none is given."""
-    pixels = captioner.vision.preprocess(image).unsqueeze(0).to(captioner.device)  # (1, 3, H, W)
-    visual = captioner.vision(pixels).to(next(captioner.model.parameters()).dtype)  # (1, 1 + P, d_v)
+    visual = captioner.encode_images([image]).to(next(captioner.model.parameters()).dtype)  # (1, 1 + P, d_v)
     prompt = captioner.prompt_ids()  # (1, 1)
     if caption is None:
         token_ids = generate(captioner.model, visual, prompt, captioner.eos_id, decoding)[0]

@@ -14,7 +14,6 @@ import torch
 
 from ituning.backbones import BackboneSpec, load_vision_encoder
 from ituning.encoding import EncodeSettings, encode_batches
-from ituning.encoding import load_pixels  # noqa: F401  (ituning.standins imports it from here)
 from ituning.images import UnreadableImage
 
 

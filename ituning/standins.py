@@ -184,7 +184,7 @@ def build_standins_from_images(images: list[tuple[Path, list[str]]], directory: 
                                settings: StandinTraining = StandinTraining(), progress: bool = True) -> BackboneSpec:
     """Tokenizer, ViT and GPT-2 stand-ins learned from (image file, its captions) pairs, saved under
     directory/vision (open_clip folder) and directory/language (transformers folder)."""
-    from ituning.karpathy import load_pixels
+    from ituning.encoding import load_pixels
 
     directory = Path(directory)
     captions = [texts for _, texts in images]

@@ -25,6 +25,12 @@ def write_atomically(path: Path, content: str | bytes, durable: bool = False) ->
         sync_folder(path.parent)
 
 
+def sync_file(path: Path) -> None:
+    """Flush a written file's content to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def sync_folder(folder: Path) -> None:
     """Flush a folder's entries (a rename into it) to disk."""
     descriptor = os.open(folder, os.O_RDONLY)

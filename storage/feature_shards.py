@@ -32,7 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from storage.atomic import sync_folder, write_atomically
+from storage.atomic import sync_file, sync_folder, write_atomically
 
 SHARD_NAME = "shard-{:05d}.h5"
 CHECKSUM_SUFFIX = ".sha256"
@@ -235,9 +235,3 @@ def check_shard(path: Path, identity: dict, index: int, assigned: int) -> None:
         ]
     if problems:
         raise RuntimeError(f"{path}: shard check failed: {', '.join(problems)}")
-
-
-def sync_file(path: Path) -> None:
-    """Flush a written file's content to disk."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())

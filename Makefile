@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test test-fast bench serve stop clean
+.PHONY: install browser demo test test-fast bench serve stop clean
 
 install: $(INSTALLED)
 
@@ -28,7 +28,14 @@ $(INSTALLED): pyproject.toml constraints.txt
 demo: $(INSTALLED)
 	$(BIN)/ituning demo
 
-test: $(INSTALLED)
+# The web page's tests drive a real browser; Playwright cannot download its own here, so they use
+# Debian's chromium (installed when missing and apt-get is at hand).
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "the tests need Chromium: install Debian's chromium package (apt-get install chromium)"; exit 1; }
+
+test: $(INSTALLED) browser
 	$(BIN)/python -m pytest
 
 test-fast: $(INSTALLED)

@@ -64,5 +64,5 @@ def _run_plan(root, plan, run_id, data, shard_size, device, gallery_size, regist
     notes = [promotion_note(model, promotion), f"pipeline parent run: {run_id}"]
     before = data_records(plan["datasets"], downloads, catalog, built, entries)
     publish_report(f"full-pipeline ({plan['config']})", before + records, root, first.get("sample", [])[:5], notes)
-    return {"parent_run_id": run_id, "steps": records, "test": first["metrics"], "model": model,
+    return {"parent_run_id": run_id, "data": before, "steps": records, "test": first["metrics"], "model": model,
             "promotion": promotion, "sample": first.get("sample", [])[:5]}

@@ -115,16 +115,26 @@ def _unavailable(what: str, name: str, error: Exception, how: str) -> BackboneUn
 
 
 def load_vision_encoder(spec: BackboneSpec = BackboneSpec(), device: str = "cpu") -> VisionEncoder:
+    model, preprocess = create_open_clip(
+        spec.vision_model, spec.vision_pretrained, device, "vision encoder",
+        "Pass a local copy: --vision local-dir:/path/to/open_clip_folder, or "
+        "--vision-pretrained /path/to/weights.safetensors.")
+    return VisionEncoder(model, preprocess, spec).to(device)
+
+
+def create_open_clip(name: str, pretrained: str | None, device: str, role: str, remedy: str):
+    """(model, evaluation preprocess) of an open_clip model: a name with a pretrained tag or weights
+    file, `local-dir:FOLDER` or `hf-hub:ORG/NAME`. Raises BackboneUnavailable naming `role` and the
+    `remedy` when it cannot be had."""
     ensure_torchvision_importable()
     import open_clip
 
-    name, pretrained = spec.vision_model, spec.vision_pretrained
     if name.startswith(LOCAL_DIR) and not (Path(name[len(LOCAL_DIR) :]) / "open_clip_config.json").is_file():
         raise BackboneUnavailable(f"{name}: no open_clip_config.json in that folder")
     if name.startswith((LOCAL_DIR, HF_HUB)):
         pretrained = None  # the folder or hub repo holds its own weights
     elif pretrained and _looks_like_path(pretrained) and not Path(pretrained).is_file():
-        raise BackboneUnavailable(f"vision weights file not found: {pretrained}")
+        raise BackboneUnavailable(f"{role} weights file not found: {pretrained}")
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # URL downloads in open_clip have no timeout of their own
     try:
@@ -135,14 +145,10 @@ def load_vision_encoder(spec: BackboneSpec = BackboneSpec(), device: str = "cpu"
     except (OSError, RuntimeError, ValueError) as error:
         if "not found" in str(error) and "config" in str(error).lower():
             raise BackboneUnavailable(f"unknown open_clip model '{name}': {error}") from error
-        raise _unavailable(
-            "vision encoder", f"{name} ({pretrained})" if pretrained else name, error,
-            "Pass a local copy: --vision local-dir:/path/to/open_clip_folder, or "
-            "--vision-pretrained /path/to/weights.safetensors.",
-        ) from error
+        raise _unavailable(role, f"{name} ({pretrained})" if pretrained else name, error, remedy) from error
     finally:
         socket.setdefaulttimeout(previous_timeout)
-    return VisionEncoder(model, preprocess, spec).to(device)
+    return model, preprocess
 
 
 def _weight_options(open_clip, name: str, pretrained: str | None) -> dict:

@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 
 from ituning.backbones import BackboneSpec
+from ituning.clip_score import PAPER_MODEL, PAPER_PRETRAINED
 from ituning.model import ITuningConfig
 from ituning.precision import FORMER_SPELLINGS
 
@@ -82,6 +83,7 @@ class StageConfig:
     max_caption_tokens: int = 40  # EOS included
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on a CUDA device that has it
     data_workers: int | None = None  # processes collating micro-batches ahead; None: 4 on CUDA, 0 on CPU
+    share_visual: bool = True  # an image's visual keys/values once per micro-batch for all its captions
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
     validate_every_epochs: int = 1
     val_images: int | None = None  # score only the first n validation images (None: all)
@@ -118,11 +120,24 @@ class StageConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationSettings:
+    # CLIPScore's CLIP, a whole one (text tower too): an open_clip name, hf-hub:org/name or
+    # local-dir:PATH; null turns CLIP-S and RefCLIP-S off. The paper's is ViT-B-32 with OpenAI's weights.
+    clip_score_model: str | None = PAPER_MODEL
+    clip_score_pretrained: str | None = PAPER_PRETRAINED  # tag or weights file; unused for local-dir:/hf-hub:
+
+    def checks(self):
+        yield "clip_score_model", self.clip_score_model is None or self.clip_score_model.strip() != "", (
+            "must name a CLIP model, or be null for no CLIPScore")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str
     stages: list[StageConfig]
     model: ModelSettings = field(default_factory=ModelSettings)
     device: str = "auto"
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)  # how test splits are scored
 
     def checks(self):
         yield "name", is_folder_name(self.name), FOLDER_NAME_RULE

@@ -4,6 +4,10 @@ An epoch's order is a pure function of (seed, epoch), so a resumed run only need
 the number of steps already taken in it to continue exactly where it stopped. Micro-batches are
 collated (tokenized, their visual tokens read and stacked) ahead of the step that needs them, in
 DataLoader worker processes when asked for, so the accelerator does not wait on the CPU.
+
+When an epoch visits every caption, an image's captions follow one another, so they land in the
+same micro-batch (unless it ends between them); a micro-batch then reads each image's visual tokens
+once and the model computes each module's keys and values once per image (`share_visual`).
 """
 
 import multiprocessing
@@ -25,21 +29,25 @@ class CaptionBatch:
     input_ids: torch.Tensor  # (B, T): BOS, caption tokens, EOS, then padding
     labels: torch.Tensor  # (B, T): the token at each position, IGNORE_INDEX on BOS and padding
     attention_mask: torch.Tensor  # (B, T)
-    visual: torch.Tensor  # (B, N, d_v), in the feature cache's dtype (float16) until on the device
+    # (B_img, N, d_v) one row per distinct image, or (B, N, d_v) one per caption when image_index is
+    # None; in the feature cache's dtype (float16) until on the device
+    visual: torch.Tensor
+    image_index: torch.Tensor | None = None  # (B,) the row of `visual` each caption shows
 
     @property
     def target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.input_ids, self.labels, self.attention_mask, self.visual
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.input_ids, self.labels, self.attention_mask, self.visual, self.image_index
 
     def to(self, device) -> "CaptionBatch":
         """On the device, dtypes unchanged: float16 visual tokens travel at half the bytes of float32."""
-        return CaptionBatch(*(tensor.to(device, non_blocking=True) for tensor in self.tensors()))
+        return CaptionBatch(*(None if tensor is None else tensor.to(device, non_blocking=True)
+                              for tensor in self.tensors()))
 
     def pin_memory(self) -> "CaptionBatch":  # called by a DataLoader with pin_memory=True
-        return CaptionBatch(*(tensor.pin_memory() for tensor in self.tensors()))
+        return CaptionBatch(*(None if tensor is None else tensor.pin_memory() for tensor in self.tensors()))
 
 
 def samples_per_epoch(captions: Mapping[str, list[str]], mode: str) -> int:
@@ -51,15 +59,17 @@ def samples_per_epoch(captions: Mapping[str, list[str]], mode: str) -> int:
 def epoch_samples(captions: Mapping[str, list[str]], mode: str, seed: int, epoch: int) -> list[tuple[str, int]]:
     """(image_id, caption index) pairs in this epoch's shuffled order.
 
-    mode "all": every caption once; mode "random": one caption per image, drawn anew each epoch.
+    mode "all": every caption once, the images in shuffled order and each image's captions together
+    (so a micro-batch computes the image's visual keys and values once for all of them);
+    mode "random": one caption per image, drawn anew each epoch.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     image_ids = sorted(image_id for image_id, texts in captions.items() if texts)
     if mode == "all":
-        pairs = [(image_id, index) for image_id in image_ids for index in range(len(captions[image_id]))]
-    else:
-        draws = torch.randint(0, 2**31 - 1, (len(image_ids),), generator=generator).tolist()
-        pairs = [(image_id, draw % len(captions[image_id])) for image_id, draw in zip(image_ids, draws)]
+        order = torch.randperm(len(image_ids), generator=generator).tolist()
+        return [(image_ids[k], index) for k in order for index in range(len(captions[image_ids[k]]))]
+    draws = torch.randint(0, 2**31 - 1, (len(image_ids),), generator=generator).tolist()
+    pairs = [(image_id, draw % len(captions[image_id])) for image_id, draw in zip(image_ids, draws)]
     order = torch.randperm(len(pairs), generator=generator).tolist()
     return [pairs[index] for index in order]
 
@@ -85,10 +95,21 @@ def pad_caption_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, 
     return input_ids, labels, attention_mask
 
 
-def collate(samples, captions, features: Mapping, tokenizer, max_tokens: int) -> CaptionBatch:
+def collate(samples, captions, features: Mapping, tokenizer, max_tokens: int,
+            share_visual: bool = True) -> CaptionBatch:
+    """The micro-batch of (image_id, caption index) samples. With `share_visual`, each distinct
+    image's visual tokens are read once, in order of first appearance, and every caption points at
+    its image's row; otherwise every caption carries its own copy (the reference path)."""
     rows = caption_token_rows([captions[image_id][index] for image_id, index in samples], tokenizer, max_tokens)
-    visual = np.stack([np.asarray(features[image_id]) for image_id, _ in samples])  # (B, N, d_v)
-    return CaptionBatch(*pad_caption_rows(rows, tokenizer.eos_token_id), torch.from_numpy(visual))
+    text = pad_caption_rows(rows, tokenizer.eos_token_id)
+    image_ids = [image_id for image_id, _ in samples]
+    if not share_visual:
+        visual = np.stack([np.asarray(features[image_id]) for image_id in image_ids])  # (B, N, d_v)
+        return CaptionBatch(*text, torch.from_numpy(visual))
+    row_of = {image_id: row for row, image_id in enumerate(dict.fromkeys(image_ids))}
+    visual = np.stack([np.asarray(features[image_id]) for image_id in row_of])  # (B_img, N, d_v)
+    image_index = torch.tensor([row_of[image_id] for image_id in image_ids], dtype=torch.long)  # (B,)
+    return CaptionBatch(*text, torch.from_numpy(visual), image_index)
 
 
 def micro_batch_count(samples: list, micro_batch_size: int) -> int:
@@ -99,16 +120,18 @@ class MicroBatches(Dataset):
     """Item k: the k-th micro-batch of a run of steps, each step cut into micro-batches in order."""
 
     def __init__(self, steps: list[list[tuple[str, int]]], micro_batch_size: int, captions: Mapping,
-                 features: Mapping, tokenizer, max_tokens: int):
+                 features: Mapping, tokenizer, max_tokens: int, share_visual: bool = True):
         self.chunks = [step[i : i + micro_batch_size] for step in steps
                        for i in range(0, len(step), micro_batch_size)]
         self.captions, self.features, self.tokenizer, self.max_tokens = captions, features, tokenizer, max_tokens
+        self.share_visual = share_visual
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, index: int) -> CaptionBatch:
-        return collate(self.chunks[index], self.captions, self.features, self.tokenizer, self.max_tokens)
+        return collate(self.chunks[index], self.captions, self.features, self.tokenizer, self.max_tokens,
+                       self.share_visual)
 
 
 def micro_batch_loader(batches: MicroBatches, workers: int, pin_memory: bool) -> DataLoader:

@@ -126,9 +126,29 @@ class _Hypotheses:
         return self.entries[0][1]
 
 
+@dataclass(frozen=True)
+class Beam:
+    """A finished hypothesis: its token ids (without prompt and EOS) and its ranking score,
+    sum of log-probabilities / (generated tokens ** length_penalty)."""
+
+    tokens: list[int]
+    score: float
+
+
 @torch.inference_mode()
 def beam_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=CachedStep):
     """Token ids (without prompt and EOS) of the best beam for each image."""
+    return [h.best() for h in _search_beams(model, visual, prompt_ids, eos_id, config, step)]
+
+
+@torch.inference_mode()
+def ranked_beams(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=CachedStep) -> list[list[Beam]]:
+    """Every finished hypothesis of each image, best first (the first is `beam_search`'s answer)."""
+    hypotheses = _search_beams(model, visual, prompt_ids, eos_id, config, step)
+    return [[Beam(tokens, score) for score, tokens in h.entries] for h in hypotheses]
+
+
+def _search_beams(model, visual, prompt_ids, eos_id, config, step) -> list[_Hypotheses]:
     images, beams = visual.shape[0], config.num_beams
     next_log_probs = step(model, visual)
     sequences = prompt_ids.expand(images * beams, -1)  # (B·K, P), beams of an image adjacent
@@ -152,7 +172,7 @@ def beam_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step
             break
     else:
         _finish_live_beams(sequences, beam_scores, hypotheses, prompt_length, config.max_length)
-    return [h.best() for h in hypotheses]
+    return hypotheses
 
 
 def _select_beams(sequences, top_scores, top_ids, vocab, hypotheses, eos_id, generated, prompt_length):

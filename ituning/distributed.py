@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 --no-python ituning train --config configs/coco-gpt2.yaml
 
-Each process takes every world_size-th caption of a step's batch and runs the forward through
+Each process takes its contiguous share of a step's batch and runs the forward through
 `data_parallel(model)`, a DistributedDataParallel wrapper whose backward all-reduces (averages) the
 I-Tuning modules' gradients, once per optimizer step (`gradient_sync`); the frozen backbone is
 loaded from the same files by every process and left out of DDP altogether. DDP gives every process
@@ -35,8 +35,10 @@ def is_main_process() -> bool:
 
 
 def shard(samples: list) -> list:
+    """This process's contiguous block of a step's samples (sizes differ by at most one), so an
+    image's adjacent captions stay together and share its visual keys/values."""
     rank, size = world()
-    return samples[rank::size]
+    return samples[rank * len(samples) // size : (rank + 1) * len(samples) // size]
 
 
 def summed(value: float | int) -> float:

@@ -64,6 +64,19 @@ def encoder_view(image: Image.Image, size: int = 224) -> Image.Image:
     return ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
 
 
+def heatmap_overlay(view: Image.Image, heat: np.ndarray, opacity: float = 0.5) -> Image.Image:
+    """One token's attention map (grid_h, grid_w), stretched bilinearly over the encoder's view of
+    the image and blended onto it in the 'jet' colours of `save_heatmaps`."""
+    from matplotlib import colormaps
+
+    span = float(heat.max() - heat.min())
+    scaled = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+    small = Image.fromarray(np.uint8(np.clip(scaled, 0, 1) * 255))
+    stretched = np.asarray(small.resize(view.size, Image.Resampling.BILINEAR)) / 255.0  # (H, W)
+    colours = Image.fromarray(np.uint8(colormaps["jet"](stretched)[..., :3] * 255))
+    return Image.blend(view.convert("RGB"), colours, opacity)
+
+
 def save_heatmaps(image: Image.Image, attention: TokenAttention, path: str | Path, columns: int = 4) -> Path:
     """One PNG: the image, then one panel per token with its attention map over the image."""
     import matplotlib

@@ -16,6 +16,10 @@ as adapters and LoRA do; λ then multiplies how fast Δh grows. λ = 4 follows t
 scaling of He et al. (2022); the paper only says λ > 1.
 
 "I-Tuning Dropping" leaves the first `drop_first` layers without modules. Only the modules train.
+
+K and V depend on the image alone, so each module computes them once per image and every row that
+shows the image attends to them: the beams of an image in decoding, its captions in training (an
+image's rows are laid side by side as one long query sequence, see `ImageGroups`).
 """
 
 import math
@@ -36,12 +40,59 @@ class ITuningConfig:
     drop_first: int = 0  # I-Tuning Dropping: no modules in the first k layers
 
 
+@dataclass(frozen=True)
+class ImageGroups:
+    """Which image each row of a batch shows, when rows are not the images' equal adjacent blocks
+    (captions of a micro-batch: several per image, uneven counts, any order).
+
+    The rows of one image are placed on a grid (B_img, per_image, T), padded with zero queries where
+    an image has fewer rows; an image's rows then attend to its keys and values as one sequence,
+    exactly as adjacent beams do, and the padding's outputs are dropped."""
+
+    image_index: torch.Tensor  # (B,) the image of each row
+    slot: torch.Tensor  # (B,) the row's place among its image's rows
+    per_image: int  # the most rows of any one image
+
+    @classmethod
+    def of(cls, image_index: torch.Tensor, images: int) -> "ImageGroups":
+        if image_index.dim() != 1 or image_index.numel() == 0:
+            raise ValueError(f"image_index must be a non-empty 1-D tensor, got shape {tuple(image_index.shape)}")
+        low, high = int(image_index.min()), int(image_index.max())
+        if low < 0 or high >= images:
+            raise ValueError(f"image_index must lie in [0, {images}) for {images} images' visual tokens, "
+                             f"got [{low}, {high}]")
+        counts = torch.bincount(image_index, minlength=images)  # (B_img,)
+        first_row = counts.cumsum(0) - counts  # where each image's rows start once sorted by image
+        order = torch.argsort(image_index, stable=True)
+        rank = torch.arange(len(image_index), device=image_index.device)
+        slot = torch.empty_like(image_index)
+        slot[order] = rank - first_row[image_index[order]]
+        return cls(image_index, slot, int(counts.max()))
+
+
 @dataclass
 class VisualMemory:
     """One module's keys and values for a batch of images (Eq. 2-3), computed once per image."""
 
     key: torch.Tensor  # (B_img, N, r)
     value: torch.Tensor  # (B_img, N, r)
+    groups: ImageGroups | None = None  # None: the rows are B_img equal adjacent blocks (beams)
+
+    def queries_by_image(self, query: torch.Tensor) -> torch.Tensor:
+        """Queries (B, T, r) as one sequence per image: (B_img, 1, g·T, r)."""
+        images, width = self.key.shape[0], query.shape[-1]
+        if self.groups is None:
+            return query.reshape(images, 1, -1, width)  # (B_img, 1, g·T, r)
+        grid = query.new_zeros(images, self.groups.per_image, query.shape[1], width)  # (B_img, g, T, r)
+        grid = grid.index_put((self.groups.image_index, self.groups.slot), query)
+        return grid.reshape(images, 1, -1, width)  # (B_img, 1, g·T, r)
+
+    def rows(self, attended: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """The inverse of `queries_by_image`: (B_img, 1, g·T, r) back to the batch's rows (B, T, r)."""
+        if self.groups is None:
+            return attended.reshape(batch, length, -1)  # (B, T, r)
+        grid = attended.reshape(attended.shape[0], self.groups.per_image, length, -1)  # (B_img, g, T, r)
+        return grid[self.groups.image_index, self.groups.slot]  # (B, T, r)
 
 
 class ITuningModule(nn.Module):
@@ -59,19 +110,18 @@ class ITuningModule(nn.Module):
         if config.zero_init_output:
             nn.init.zeros_(self.output.weight)
 
-    def visual_memory(self, visual: torch.Tensor) -> VisualMemory:
-        return VisualMemory(self.key(visual), self.value(visual))
+    def visual_memory(self, visual: torch.Tensor, groups: ImageGroups | None = None) -> VisualMemory:
+        return VisualMemory(self.key(visual), self.value(visual), groups)
 
     def forward(self, x: torch.Tensor, memory: VisualMemory) -> torch.Tensor:
-        """Δh for hidden states x (B, T, d). B may be a multiple of the images' batch (beams of
-        one image are adjacent): their queries then share that image's keys and values."""
+        """Δh for hidden states x (B, T, d). Several rows may show one image (its beams, adjacent and
+        equally many; or its captions, as `memory.groups` says): they share its keys and values."""
         batch, length, _ = x.shape
-        images = memory.key.shape[0]
-        query = self.query(x).reshape(images, 1, -1, self.query.out_features)  # (B_img, 1, g·T, r)
+        query = memory.queries_by_image(self.query(x))  # (B_img, 1, g·T, r)
         attended = F.scaled_dot_product_attention(
             query, memory.key.unsqueeze(1), memory.value.unsqueeze(1), scale=self.attention_scaling
         )  # (B_img, 1, g·T, r)
-        attended = attended.reshape(batch, length, -1)  # (B, T, r)
+        attended = memory.rows(attended, batch, length)  # (B, T, r)
         return self.scale * self.output(attended) + self.output_bias
 
     def attention_weights(self, x: torch.Tensor, memory: VisualMemory) -> torch.Tensor:
@@ -133,9 +183,12 @@ class ITuningCaptioner(nn.Module):
             if isinstance(block.mlp, MLPWithITuning)
         }
 
-    def visual_memory(self, visual: torch.Tensor) -> list[VisualMemory]:
-        """Keys and values of every module for visual tokens (B_img, N, d_v)."""
-        return [layer.ituning.visual_memory(visual) for layer in self.wrapped_layers.values()]
+    def visual_memory(self, visual: torch.Tensor, image_index: torch.Tensor | None = None) -> list[VisualMemory]:
+        """Keys and values of every module for visual tokens (B_img, N, d_v), once per image.
+        `image_index` (B,) names the image of each row the model will run on; without it the rows
+        are the images' equal adjacent blocks (one row per image, or its beams)."""
+        groups = None if image_index is None else ImageGroups.of(image_index, visual.shape[0])
+        return [layer.ituning.visual_memory(visual, groups) for layer in self.wrapped_layers.values()]
 
     @contextmanager
     def conditioned_on(self, memory: list[VisualMemory] | None):
@@ -148,10 +201,13 @@ class ITuningCaptioner(nn.Module):
             for layer in layers:
                 layer.memory = None
 
-    def forward(self, input_ids, visual=None, memory=None, **language_model_kwargs):
-        """Run the language model conditioned on `visual` tokens, or on precomputed `memory`."""
+    def forward(self, input_ids, visual=None, memory=None, image_index=None, **language_model_kwargs):
+        """Run the language model conditioned on `visual` tokens, or on precomputed `memory`.
+
+        `visual` holds one row per row of input_ids, or, with `image_index` (B,), one per distinct
+        image (B_img, N, d_v), row b of input_ids showing image image_index[b]."""
         if memory is None and visual is not None:
-            memory = self.visual_memory(visual)
+            memory = self.visual_memory(visual, image_index)
         with self.conditioned_on(memory):
             return self.language_model(input_ids=input_ids, **language_model_kwargs)
 

@@ -33,7 +33,9 @@ def train_tokenizer(texts, vocab_size: int = 400):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=[EOS_TOKEN])
+    # no progress: a second's work, and off a terminal the trainer's bar leaves only empty lines
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=[EOS_TOKEN],
+                            show_progress=False)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=EOS_TOKEN
     )

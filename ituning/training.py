@@ -8,11 +8,13 @@ GPT-2's dropout is off and a step is a deterministic function of the data and th
 A step averages the loss over every caption token of the whole effective batch (4,096 captions in
 the paper), accumulated over micro-batches, so the gradient does not depend on how the batch is
 split: into micro-batches, or across the processes of a torchrun launch (DistributedDataParallel,
-see ituning/distributed.py). The learning rate warms up linearly, then decays along a cosine to
-zero. Stages run in order (VG pre-training, then COCO or Flickr30k fine-tuning), each starting from
-the modules the previous stage ended with. Progress goes to plain callbacks: any objects with some of
-`on_step(step, metrics)`, `on_epoch(epoch, metrics)`, `on_checkpoint(path)` and, between stages,
-`on_stage(name, config)`.
+see ituning/distributed.py). Within a micro-batch, each image's visual keys and values are computed
+once and shared by its captions (`share_visual`, on by default; off recomputes them per caption,
+the same loss and gradients at more cost). The learning rate warms up linearly, then decays along
+a cosine to zero. Stages run in order (VG pre-training, then COCO or Flickr30k fine-tuning), each
+starting from the modules the previous stage ended with. Progress goes to plain callbacks: any
+objects with some of `on_step(step, metrics)`, `on_epoch(epoch, metrics)`, `on_checkpoint(path)`
+and, between stages, `on_stage(name, config)`.
 """
 
 import json
@@ -99,8 +101,9 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 def caption_loss_sum(model: ITuningCaptioner, batch: CaptionBatch) -> torch.Tensor:
     """Σ over the batch's caption tokens of -log P(token | prefix, image)."""
-    visual = batch.visual.float()  # on the device when the batch is: cached tokens travel as float16
-    logits = model(batch.input_ids, visual=visual, attention_mask=batch.attention_mask).logits
+    dtype = next(model.parameters()).dtype  # on the device when the batch is: cached tokens travel as float16
+    logits = model(batch.input_ids, visual=batch.visual.to(dtype), image_index=batch.image_index,
+                   attention_mask=batch.attention_mask).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), reduction="sum"
     )  # position t predicts token t + 1
@@ -220,7 +223,7 @@ class StageTrainer:
 
     def micro_batch_set(self, steps: list[list[tuple[str, int]]]) -> MicroBatches:
         return MicroBatches(steps, self.stage.micro_batch_size, self.data.captions, self.data.features,
-                            self.tokenizer, self.stage.max_caption_tokens)
+                            self.tokenizer, self.stage.max_caption_tokens, self.stage.share_visual)
 
     def train_step(self, samples: list[tuple[str, int]], batches: list[CaptionBatch] | None = None) -> dict:
         """One optimizer step on `samples`; `batches`, when given, are this process's share of them,

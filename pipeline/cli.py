@@ -4,9 +4,12 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli_app import serve_app
+from pipeline.cli_compare import compare
 from pipeline.cli_data import register as register_dataset_commands
 from pipeline.cli_evaluation import score
 from pipeline.cli_features import features_app
+from pipeline.cli_hub import push
 from pipeline.cli_model import caption, params
 from pipeline.cli_pipeline import demo, pipeline
 from pipeline.cli_services import serve, stop
@@ -36,12 +39,15 @@ app.add_typer(features_app, name="features")
 register_dataset_commands(app)
 app.command()(params)
 app.command()(caption)
+app.command()(push)
 app.command()(score)
 app.command()(train)
 app.command()(evaluate)
+app.command()(compare)
 app.command()(standins)
 app.command()(serve)
 app.command()(stop)
+app.command(name="app")(serve_app)
 app.command()(demo)
 app.command()(pipeline)
 

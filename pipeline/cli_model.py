@@ -29,9 +29,10 @@ def params(
 def caption(
     images: Annotated[list[str], typer.Argument(help="image files or http(s) URLs")],
     checkpoint: Annotated[Path | None, typer.Option(help="I-Tuning checkpoint folder")] = None,
-    model: Annotated[str | None, typer.Option(help="a registered or logged model instead of a checkpoint: "
+    model: Annotated[str | None, typer.Option(help="a registered, logged or shared model instead of a checkpoint: "
                                                    "models:/ituning-captioner@champion, models:/NAME/VERSION, "
-                                                   "runs:/RUN_ID/model")] = None,
+                                                   "runs:/RUN_ID/model, NAME@ALIAS, or hub:OWNER/NAME (hub:OWNER/NAME@REVISION "
+                                                   "for a branch, tag or commit) from the Hugging Face hub")] = None,
     workspace: Annotated[Path | None, typer.Option(help="whose tracking store --model is in (default "
                                                         "$MLFLOW_TRACKING_URI, else $ITUNING_WORKSPACE or ./workspace)")] = None,
     beams: Annotated[int, typer.Option(min=1, help="beam size; 1 is greedy")] = 5,
@@ -70,9 +71,9 @@ def caption(
 
 def _load_captioner(checkpoint: Path | None, model: str | None, workspace: Path | None, device: str):
     if model is not None:
-        from pipeline.registry import load_registered_captioner
+        from pipeline.model_sources import load_captioner_from
 
-        return load_registered_captioner(model, workspace, device)
+        return load_captioner_from(model, workspace, device)
     from ituning.captioner import Captioner
 
     return Captioner.from_checkpoint(checkpoint, device)

@@ -116,9 +116,10 @@ def demo(workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = 
 def print_outcome(outcome: dict, workspace: Path) -> None:
     from pipeline.tracking import tracking_uri
 
-    for record in outcome["steps"]:
+    for record in [*outcome.get("data", []), *outcome["steps"]]:
         state = "reused" if record["cached"] or record.get("already_done") else "ran"
-        typer.echo(f"  {record['step']:<22} {state:<7} run {record['run_id']}")
+        run = f"run {record['run_id']}" if record.get("run_id") else ""
+        typer.echo(f"  {record['step']:<22} {state:<7} {run}".rstrip())
     typer.echo("Test metrics:")
     for name, value in outcome["test"].items():
         if isinstance(value, (int, float)):

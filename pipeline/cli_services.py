@@ -12,13 +12,16 @@ def serve(
     workspace: WorkspaceOption = Path("workspace"),
     prefect_port: Annotated[int, typer.Option(envvar="ITUNING_PREFECT_PORT")] = 4200,
     mlflow_port: Annotated[int, typer.Option(envvar="ITUNING_MLFLOW_PORT")] = 5000,
+    app_port: Annotated[int, typer.Option(envvar="ITUNING_APP_PORT")] = 7860,
 ):
-    """Start Prefect (server, work pool, worker, deployments) and the MLflow UI on 127.0.0.1."""
+    """Start Prefect (server, work pool, worker, deployments), the MLflow UI and the captioner's web
+    page (on the registry's champion) on 127.0.0.1."""
     from pipeline.services import ServiceSettings, start_all
 
-    settings = ServiceSettings(workspace, prefect_port=prefect_port, mlflow_port=mlflow_port)
+    settings = ServiceSettings(workspace, prefect_port=prefect_port, mlflow_port=mlflow_port, app_port=app_port)
     start_all(settings)
-    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   MLflow UI: {settings.mlflow_url}")
+    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   MLflow UI: {settings.mlflow_url}   "
+               f"Captioner: {settings.app_url}")
     typer.echo(f"In your shell: . {settings.directory / 'env.sh'}   then: prefect deployment run full-pipeline/demo --watch")
 
 

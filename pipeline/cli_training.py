@@ -148,8 +148,13 @@ def evaluate(
     beams: Annotated[int, typer.Option(min=1)] = 5,
     blind_baseline: Annotated[bool, typer.Option(help="also score the language model with the modules off")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    clip_model: Annotated[str | None, typer.Option(
+        help="CLIP for CLIP-S and RefCLIP-S: an open_clip name, hf-hub:org/name, local-dir:PATH, or none; "
+             "default the one the checkpoint's run config names, else ViT-B-32")] = None,
+    clip_pretrained: Annotated[str | None, typer.Option(help="its open_clip tag or weights file")] = "openai",
 ):
-    """Caption a split from the feature cache, score it and track captions, scores, gallery and heatmaps."""
+    """Caption a split from the feature cache, score it (COCO metrics, CLIP-S, RefCLIP-S) and track
+    captions, scores, gallery and heatmaps."""
     from ituning.checkpoint import read_config
     from pipeline import evaluation, features
 
@@ -158,9 +163,12 @@ def evaluate(
         if not features.feature_entry(workspace, dataset, split, spec).is_file():
             features.finish_feature_cache(workspace, dataset, split, spec, device=device)
         result = evaluation.evaluate(workspace, str(checkpoint), dataset, split, device=device, num_beams=beams,
-                                     blind_baseline=blind_baseline)
+                                     blind_baseline=blind_baseline,
+                                     scoring=evaluation.scoring_from_options(clip_model, clip_pretrained))
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         fail(error)
+    for note in result["notes"]:
+        typer.echo(f"note: {note}", err=True)
     typer.echo(json.dumps(result["metrics"], indent=1))
     typer.echo(f"captions: {result['captions_path']} (MLflow run {result['run_id']})")
 

@@ -1,24 +1,32 @@
 """Scoring a checkpoint on a split as a child run of the pipeline's MLflow run: captions, COCO
-metrics, NoCaps domains and the evaluation report.
+metrics, CLIPScore and RefCLIPScore, NoCaps domains and the evaluation report.
 """
 
+import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from ituning.evaluation import score_by_domain
+from ituning.config import EvaluationSettings, config_from_dict
+from ituning.evaluation import OVERALL, score_by_domain
 from pipeline.data import catalog_fingerprint, open_catalog, split_images
 from pipeline.tracking import ExperimentTracker
 from pipeline.training import child_run, log_split_inputs, split_data
 from storage.sources import NOCAPS_DOMAINS, unknown_domains
 
 SAMPLE_SIZE = 5
+RUN_CONFIG = "config.json"  # what training writes into a run folder: the whole run config, resolved
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(workspace: Path, checkpoint: str, dataset: str, split: str, parent_run_id: str | None = None,
-             gallery_size: int = 50, device: str = "auto", num_beams: int = 5, blind_baseline: bool = False) -> dict:
+             gallery_size: int = 50, device: str = "auto", num_beams: int = 5, blind_baseline: bool = False,
+             scoring: EvaluationSettings | None = None) -> dict:
     """Caption a split from the feature cache, score it (NoCaps by domain; a server-format file for
     NoCaps test, which has no public references) and log captions, scores, gallery and heatmaps to
-    a child run. With blind_baseline, also scores the same language model with the modules off."""
+    a child run. With blind_baseline, also scores the same language model with the modules off.
+    CLIP-S and RefCLIP-S use the CLIP `scoring` names; by default the checkpoint's run config's."""
     from ituning.captioner import Captioner
     from ituning.decoding import DecodingConfig
 
@@ -27,13 +35,14 @@ def evaluate(workspace: Path, checkpoint: str, dataset: str, split: str, parent_
     decoding = DecodingConfig(num_beams=num_beams)
     reader, references = split_data(workspace, dataset, split, captioner.backbones.to_dict(), device)
     tracker = ExperimentTracker(workspace=workspace)
+    scoring = scoring or evaluation_settings(checkpoint)
     settings = {"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "decoding": asdict(decoding),
-                "backbones": captioner.backbones.to_dict()}
+                "backbones": captioner.backbones.to_dict(), "clip_score": asdict(scoring)}
     name = f"evaluate-{dataset}-{split}"
     with child_run(tracker, parent_run_id, name, name, settings) as run_id:
         log_split_inputs(tracker, run_id, workspace, dataset, split, reader, "evaluation")
         result = _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references, dataset, split,
-                                   decoding, gallery_size, blind_baseline)
+                                   decoding, gallery_size, blind_baseline, scoring)
     return {**result, "run_id": run_id, "task": evaluation_task(workspace, dataset, split)}
 
 
@@ -46,6 +55,26 @@ def score_nocaps(candidates: dict[str, str], references: dict[str, list[str]], d
     return score_by_domain(candidates, references, domains, metrics)
 
 
+def evaluation_settings(checkpoint: str | Path) -> EvaluationSettings:
+    """How a checkpoint's evaluations score: the `evaluation` settings of the run config its training
+    recorded (runs/<config>/config.json beside the stage folder), or the defaults (the paper's
+    ViT-B/32 for CLIPScore) for a checkpoint kept elsewhere."""
+    stage_dir = Path(checkpoint).parent
+    record = stage_dir.parent / RUN_CONFIG
+    try:
+        config = config_from_dict(json.loads(record.read_text()))
+    except (OSError, ValueError):  # no record, not JSON, or not a run config (ConfigError)
+        return EvaluationSettings()
+    return config.evaluation if stage_dir.name in {stage.name for stage in config.stages} else EvaluationSettings()
+
+
+def scoring_from_options(clip_model: str | None, clip_pretrained: str | None) -> EvaluationSettings | None:
+    """The command line's choice of CLIPScore model: None to keep the run config's, "none" for no CLIPScore."""
+    if clip_model is None:
+        return None
+    return EvaluationSettings(None if clip_model.strip().lower() == "none" else clip_model, clip_pretrained)
+
+
 def evaluation_task(workspace: Path, dataset: str, split: str) -> str:
     """What an evaluation's scores are comparable on: the split and the catalog's images and
     references of it (CIDEr depends on the whole reference set), e.g. "coco/test@3f2a...". The
@@ -54,7 +83,7 @@ def evaluation_task(workspace: Path, dataset: str, split: str) -> str:
 
 
 def _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references, dataset, split, decoding,
-                      gallery_size, blind_baseline) -> dict:
+                      gallery_size, blind_baseline, scoring) -> dict:
     from ituning.evaluation import evaluate_split, generate_captions, missing_domains_note, write_nocaps_submission
     from pipeline.report import write_report
 
@@ -72,16 +101,44 @@ def _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references,
         submission = write_nocaps_submission(captions, out_dir / "nocaps_test_submission.json", reader.image_ids)
         tracker.client.log_artifact(run_id, str(submission), "submission")
         notes.append("submission/nocaps_test_submission.json is in the evaluation server's format")
+    scores, image_scores, clip_note = _with_clip_scores(scores, scoring, captions, images, references,
+                                                        str(captioner.device))
+    notes.append(clip_note)
     notes = [note for note in notes if note]
     if notes:
         tracker.client.set_tag(run_id, "ituning.notes", "; ".join(notes))
     if blind_baseline and references:
         scores = {**scores, "blind": _blind_scores(captioner, reader, references, decoding)}
     report = write_report(out_dir, f"{dataset} {split}", captions, scores, references, images, captioner,
-                          gallery_size)
+                          gallery_size, image_scores=image_scores)
+    if image_scores:
+        tracker.log_json(run_id, image_scores, f"clip_scores/{dataset}_{split}.json")
     tracker.log_evaluation(run_id, f"{dataset}_{split}", captions, scores, report.gallery, report.heatmaps)
     sample = [[image_id, captions[image_id]] for image_id in sorted(captions)[:SAMPLE_SIZE]]
     return {"metrics": scores, "captions_path": str(report.captions), "sample": sample, "notes": notes}
+
+
+def _with_clip_scores(scores: dict, scoring: EvaluationSettings, captions: dict[str, str], images: dict[str, Path],
+                      references: dict[str, list[str]], device: str) -> tuple[dict, dict, str | None]:
+    """(scores with the corpus CLIP-S and RefCLIP-S beside the COCO metrics (NoCaps: in "overall"),
+    {image_id: its CLIP-S and RefCLIP-S}, a note when they are left out). Like SPICE without
+    CoreNLP, a CLIP that cannot be loaded leaves the other scores standing."""
+    from ituning.backbones import BackboneUnavailable
+    from ituning.clip_score import load_clip_scorer
+
+    if not references or not scoring.clip_score_model:
+        return scores, {}, None
+    try:
+        scorer = load_clip_scorer(scoring.clip_score_model, scoring.clip_score_pretrained, device)
+    except BackboneUnavailable as error:
+        log.warning("CLIPScore left out: %s", error)
+        return scores, {}, (f"CLIP-S and RefCLIP-S left out: {error} (name a CLIP in the config's "
+                            "evaluation.clip_score_model or `ituning evaluate --clip-model`; none turns them off)")
+    scored = {key: captions[key] for key in captions if key in images}
+    clip = scorer.score(scored, images, {key: references[key] for key in scored})
+    if OVERALL in scores:
+        return {**scores, OVERALL: {**scores[OVERALL], **clip.means()}}, clip.per_image(), None
+    return {**scores, **clip.means()}, clip.per_image(), None
 
 
 def _domains(workspace: Path, dataset: str, split: str) -> dict[str, str | None]:

@@ -1,4 +1,5 @@
-"""An HTML caption gallery: each image with its generated caption and its reference captions.
+"""An HTML caption gallery: each image with its generated caption (and that caption's scores, such
+as CLIP-S and RefCLIP-S, when given) and its reference captions.
 
 The page stands alone: images are either copied into an images/ folder beside it or embedded
 as data URIs: one file, which is what a tracking UI's artifact viewer can show (it cannot follow
@@ -21,7 +22,7 @@ PAGE_STYLE = (
     "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:.5em;vertical-align:top;text-align:left}"
     "img.photo{max-width:240px;max-height:240px}.generated{font-weight:bold}"
-    "img.heatmap{width:100%;max-width:1150px;height:auto}"
+    "img.heatmap{width:100%;max-width:1150px;height:auto}.scores{font-weight:normal;color:#555;margin-top:.5em}"
 )
 THUMBNAIL_QUALITY = 85
 
@@ -33,14 +34,18 @@ class GalleryItem:
     caption: str
     references: list[str] = field(default_factory=list)
     heatmap_path: Path | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # the caption's, by metric name
 
 
 def gallery_items(captions: dict[str, str], references: dict[str, list[str]], image_paths: dict[str, Path],
-                  heatmaps: dict[str, Path] | None = None, limit: int | None = None) -> list[GalleryItem]:
-    """Items for the captioned images that have an image file, in image_id order."""
-    heatmaps = heatmaps or {}
+                  heatmaps: dict[str, Path] | None = None, limit: int | None = None,
+                  scores: dict[str, dict[str, float]] | None = None) -> list[GalleryItem]:
+    """Items for the captioned images that have an image file, in image_id order; `scores` are
+    each caption's by image id ({image_id: {"CLIP-S": ..., "RefCLIP-S": ...}})."""
+    heatmaps, scores = heatmaps or {}, scores or {}
     items = [
-        GalleryItem(key, Path(image_paths[key]), captions[key], list(references.get(key, [])), heatmaps.get(key))
+        GalleryItem(key, Path(image_paths[key]), captions[key], list(references.get(key, [])), heatmaps.get(key),
+                    dict(scores.get(key, {})))
         for key in sorted(captions)
         if key in image_paths
     ]
@@ -66,6 +71,11 @@ def _data_uri(mime: str, content: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(content).decode('ascii')}"
 
 
+def thumbnail_data_uri(path: Path, side: int) -> str:
+    """The image as an embedded JPEG thumbnail within side x side, for pages that must stand alone."""
+    return _data_uri("image/jpeg", thumbnail_jpeg(path, side))
+
+
 def _image_source(path: Path, out_dir: Path, name: str, embed: bool, thumbnail_side: int | None = None) -> str:
     if embed and thumbnail_side:
         return _data_uri("image/jpeg", thumbnail_jpeg(path, thumbnail_side))
@@ -83,7 +93,8 @@ def _row(item: GalleryItem, out_dir: Path, embed: bool, thumbnail_side: int | No
     row = (
         f"<tr><td>{html.escape(item.image_id)}<br><img class=\"photo\" src=\"{image}\" "
         f"alt=\"{html.escape(item.image_id)}\"></td>"
-        f"<td class=\"generated\">{html.escape(item.caption)}</td><td><ul>{references}</ul></td></tr>"
+        f"<td class=\"generated\">{html.escape(item.caption)}{_scores(item.scores)}</td>"
+        f"<td><ul>{references}</ul></td></tr>"
     )
     if item.heatmap_path is not None:
         source = _image_source(item.heatmap_path, out_dir, _file_name(item.image_id, item.heatmap_path, "heatmap"),
@@ -91,6 +102,14 @@ def _row(item: GalleryItem, out_dir: Path, embed: bool, thumbnail_side: int | No
         row += (f'\n<tr><td colspan="3"><img class="heatmap" src="{source}" '
                 f'alt="attention of {html.escape(item.image_id)} for each caption token"></td></tr>')
     return row
+
+
+def _scores(scores: dict[str, float]) -> str:
+    """A caption's scores under it, e.g. "CLIP-S 0.712 · RefCLIP-S 0.655"; nothing without scores."""
+    if not scores:
+        return ""
+    shown = " · ".join(f"{html.escape(name)} {value:.3f}" for name, value in scores.items())
+    return f'<div class="scores">{shown}</div>'
 
 
 def write_gallery(items: list[GalleryItem], out_dir: str | Path, title: str = "Generated captions",

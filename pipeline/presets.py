@@ -18,7 +18,8 @@ def resolve_config(config: str, workspace: Path):
     """configs/<config>.yaml (or a YAML path) with local backbone paths made absolute: a relative
     one is taken from the workspace when it exists there (e.g. backbones/vision)."""
     run_config = load_config(config_file(config))
-    return replace(run_config, model=replace(run_config.model, **_workspace_backbones(run_config.model, workspace)))
+    return replace(run_config, model=replace(run_config.model, **_workspace_backbones(run_config.model, workspace)),
+                   evaluation=_workspace_clip_score_model(run_config.evaluation, workspace))
 
 
 def config_file(config: str) -> Path:
@@ -56,6 +57,16 @@ def config_digest(config: str) -> str:
 def workspace_backbones(workspace: Path, config: str) -> dict:
     """The config's backbones as training and evaluation load them: local paths taken from the workspace."""
     return resolve_config(config, workspace).model.backbones().to_dict()
+
+
+def _workspace_clip_score_model(evaluation, workspace: Path):
+    """The CLIPScore model's local-dir: path taken from the workspace like the backbones' (the demo's
+    is its vision stand-in, a whole CLIP)."""
+    name = evaluation.clip_score_model or ""
+    folder = Path(workspace) / name[len(LOCAL_DIR):]
+    if not name.startswith(LOCAL_DIR) or Path(name[len(LOCAL_DIR):]).is_absolute() or not folder.exists():
+        return evaluation
+    return replace(evaluation, clip_score_model=LOCAL_DIR + str(folder.resolve()))
 
 
 def _workspace_backbones(model, workspace: Path) -> dict:

@@ -28,14 +28,16 @@ class ReportFiles:
 
 def write_report(out_dir: str | Path, title: str, captions: dict[str, str], scores: dict,
                  references: dict[str, list[str]], image_paths: dict, captioner=None,
-                 gallery_size: int | None = 100, heatmap_count: int = 8) -> ReportFiles:
+                 gallery_size: int | None = 100, heatmap_count: int = 8,
+                 image_scores: dict[str, dict[str, float]] | None = None) -> ReportFiles:
     """Write the files above; heatmaps need the captioner and are drawn for the first images
-    of the gallery, which shows them beside their captions."""
+    of the gallery, which shows them beside their captions, with each image's `image_scores`
+    (e.g. its CLIP-S and RefCLIP-S)."""
     out_dir = Path(out_dir)
     heatmaps = {}
     if captioner is not None and heatmap_count > 0:
         heatmaps = render_heatmaps(captioner, image_paths, captions, out_dir / "heatmaps", heatmap_count)
-    items = gallery_items(captions, references, image_paths, heatmaps, gallery_size)
+    items = gallery_items(captions, references, image_paths, heatmaps, gallery_size, image_scores)
     gallery = write_gallery(items, out_dir / "gallery", title, embed_images=True,
                             thumbnail_side=GALLERY_THUMBNAIL_SIDE).parent
     return ReportFiles(

@@ -1,4 +1,5 @@
-"""The local servers: Prefect (API, UI and a process worker) and MLflow (tracking server and UI).
+"""The local servers: Prefect (API, UI and a process worker), MLflow (tracking server and UI) and
+the captioner's web page (`ituning app`, on the registry's champion).
 
 `make serve` starts them on 127.0.0.1, each in its own session with a pid file and a log under
 workspace/services/, registers the deployments of prefect.yaml and writes workspace/services/env.sh
@@ -27,7 +28,7 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-STOP_ORDER = ("worker", "prefect-server", "mlflow")
+STOP_ORDER = ("app", "worker", "prefect-server", "mlflow")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
 
@@ -42,6 +43,7 @@ class ServiceSettings:
     host: str = "127.0.0.1"
     prefect_port: int = 4200
     mlflow_port: int = 5000
+    app_port: int = 7860
     work_pool: str = "ituning-local"
 
     @property
@@ -55,6 +57,10 @@ class ServiceSettings:
     @property
     def mlflow_url(self) -> str:
         return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def app_url(self) -> str:
+        return f"http://{self.host}:{self.app_port}"
 
     def environment(self) -> dict[str, str]:
         """What a client (shell, worker, flow run) needs to reach these servers."""
@@ -78,6 +84,9 @@ def start_all(settings: ServiceSettings) -> None:
     start_prefect(settings)
     _start(settings, "worker", [_bin("prefect"), "worker", "start", "--pool", settings.work_pool])
     _wait_healthy(f"{settings.mlflow_url}/health", "MLflow server", settings)
+    _start(settings, "app", [_bin("ituning"), "app", "--host", settings.host, "--port", str(settings.app_port),
+                             "--workspace", str(settings.workspace.resolve())])
+    _wait_healthy(f"{settings.app_url}/health", "captioner page", settings)
     _write_env_file(settings)
 
 

@@ -189,7 +189,9 @@ def _trained_from(workspace: Path, run_config, stage_config, data) -> dict:
     from ituning.config import config_to_dict
 
     readers = [data.features] + ([data.val_features] if stage_config.val_split else [])
-    return {"settings": config_to_dict(run_config),
+    # How test splits are scored changes no checkpoint: another CLIPScore model keeps a finished stage.
+    settings = {key: value for key, value in config_to_dict(run_config).items() if key != "evaluation"}
+    return {"settings": settings,
             "data": catalog_fingerprint(workspace, splits_of(stage_config)),
             "features": [dict(reader.attrs) for reader in readers],
             "init_from": content_digest(stage_config.init_from) if stage_config.init_from else None}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ituning.decoding import CachedStep, DecodingConfig, RecomputingStep, beam_search, greedy_search
+from ituning.decoding import CachedStep, DecodingConfig, RecomputingStep, beam_search, greedy_search, ranked_beams
 from tests.conftest import random_visual, tiny_captioner
 
 EOS = 0
@@ -93,3 +93,19 @@ def test_invalid_decoding_settings_are_rejected():
         DecodingConfig(num_beams=0)
     with pytest.raises(ValueError):
         DecodingConfig(max_length=5, min_length=5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ranked_beams_start_with_the_beam_search_answer_and_carry_their_scores(seed):
+    model = double_precision_captioner(seed)
+    visual = random_visual(2).double()
+    config = DecodingConfig(num_beams=4, max_length=6)
+    ranked = ranked_beams(model, visual, PROMPT, EOS, config)
+    assert [beams[0].tokens for beams in ranked] == beam_search(model, visual, PROMPT, EOS, config)
+    for image, beams in enumerate(ranked):
+        assert len(beams) == config.num_beams
+        assert [beam.score for beam in beams] == sorted((beam.score for beam in beams), reverse=True)
+        for beam in beams:  # length penalty 1: the mean log-probability of the tokens written, EOS included
+            generated = len(beam.tokens) + (len(beam.tokens) < config.max_length)
+            expected = sequence_log_prob(model, visual[image : image + 1], beam.tokens) / generated
+            assert beam.score == pytest.approx(expected, rel=1e-6)  # scores are kept in float32

@@ -48,7 +48,7 @@ def test_two_processes_match_one_at_the_same_effective_batch(standin_backbones, 
     trainable = count_trainable(build_model(run_config(standin_backbones, [stage_dict()]), "cpu")[0])
     # finetune: 2 epochs of 3 steps (24 captions, batch 8); uneven: 3 steps (7 captions, batch 3)
     assert double["reduced_per_step"] == [trainable] * 9  # one all-reduce per step, the modules only
-    assert_close(double["losses"], single["losses"], rtol=1e-6, atol=0)
+    assert_close(double["losses"], single["losses"], rtol=1e-5, atol=0)  # float32 noise that AdamW amplifies (below)
     for stage in ("finetune", "uneven"):
         one = load_file(tmp_path / "one" / stage / "final" / WEIGHTS_FILE)
         two = load_file(tmp_path / "two" / stage / "final" / WEIGHTS_FILE)

@@ -37,3 +37,51 @@ def test_disabled_progress_says_nothing(caplog):
 
 def test_durations_read_naturally():
     assert [progress_module._duration(s) for s in (4.4, 75, 3725)] == ["4 s", "1 min 15 s", "1 h 02 min"]
+
+
+def run_in_terminal(command: list[str], cwd, env: dict, timeout_s: float = 900) -> str:
+    """What a command writes to a real (pseudo-)terminal of 120 x 40 characters, as a user would see
+    it; its exit status checked."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # rows, columns
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the command has exited and closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=60) == 0, b"".join(chunks).decode(errors="replace")[-3000:]
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_bars_with_rate_and_time_left(tmp_path):
+    import os
+    import re
+    import sys
+    from pathlib import Path
+
+    from storage.synthetic import unpack_karpathy_coco, write_corpus
+
+    karpathy_json = unpack_karpathy_coco(write_corpus(tmp_path / "corpus", images=40, seed=0, with_defects=False))
+    command = [str(Path(sys.executable).parent / "ituning"), "standins", "--karpathy-json", str(karpathy_json),
+               "--out", str(tmp_path / "backbones"), "--vision-steps", "12", "--language-steps", "12"]
+    shown = run_in_terminal(command, tmp_path, dict(os.environ))
+    for stand_in in ("vision stand-in", "language stand-in"):
+        bars = [frame for frame in re.split(r"[\r\n]", shown) if frame.startswith(f"{stand_in}:")]
+        rate = r"[\d.]+(?: steps/s|s/ steps)"  # tqdm shows seconds per step when a step takes over a second
+        assert any(re.search(rf"100%\|█+\| 12/12 \[[\d:]+<[\d:]+, +{rate}", bar) for bar in bars), shown

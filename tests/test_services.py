@@ -1,9 +1,11 @@
 """`make serve`, a deployment run through the real servers, `make stop` (all on 127.0.0.1, free ports)."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,13 +36,33 @@ def run_deployment(env: dict, *params: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+def assert_page_captions_with_the_champion(app_url: str) -> None:
+    """The page `make serve` started (before any model was registered) now offers the champion the demo
+    deployment registered, and captions with it."""
+    import io
+
+    from tests.scene_images import shape_image
+
+    with urllib.request.urlopen(f"{app_url}/api/models", timeout=30) as response:
+        models = json.load(response)
+    assert models["default"] == "ituning-demo@champion" and models["choices"][0] == "ituning-demo@champion"
+    image = io.BytesIO()
+    shape_image("red", "circle").save(image, format="PNG")
+    request = urllib.request.Request(f"{app_url}/api/caption", data=image.getvalue(), method="POST")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        answer = json.load(response)
+    assert answer["model"] == "ituning-demo@champion" and answer["caption"]
+    assert len(answer["heatmaps"]) == len(answer["tokens"])
+
+
 def test_make_serve_runs_the_demo_deployment_then_make_stop(tmp_path):
     from mlflow import MlflowClient
 
     workspace = tmp_path / "ws"
     base = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "MLFLOW_"))}
     base.update(ITUNING_WORKSPACE=str(workspace), ITUNING_PREFECT_PORT=str(free_port()),
-                ITUNING_MLFLOW_PORT=str(free_port()), PREFECT_HOME=str(workspace / "prefect"))
+                ITUNING_MLFLOW_PORT=str(free_port()), ITUNING_APP_PORT=str(free_port()),
+                PREFECT_HOME=str(workspace / "prefect"))
     try:
         subprocess.run(["make", "serve"], cwd=ROOT, env=base, check=True, timeout=300, capture_output=True)
         env = {**base, **exported(workspace / "services" / "env.sh")}
@@ -54,9 +76,10 @@ def test_make_serve_runs_the_demo_deployment_then_make_stop(tmp_path):
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert {run.data.tags.get("mlflow.runName") for run in runs} >= {"full-pipeline-demo"}
         assert len(runs) >= 3  # the parent run, its fine-tuning and its evaluation
+        assert_page_captions_with_the_champion(f"http://127.0.0.1:{base['ITUNING_APP_PORT']}")
     finally:
         stopped = subprocess.run(["make", "stop"], cwd=ROOT, env=base, capture_output=True, text=True, timeout=120)
-    assert "worker" in stopped.stdout and "prefect-server" in stopped.stdout
+    assert "worker" in stopped.stdout and "prefect-server" in stopped.stdout and "app" in stopped.stdout
     assert not list((workspace / "services").glob("*.pid"))
-    for service in ("prefect-server", "mlflow", "worker"):
+    for service in ("prefect-server", "mlflow", "worker", "app"):
         assert_clean_log(workspace / "services" / f"{service}.log")

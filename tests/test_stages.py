@@ -22,6 +22,7 @@ def write_tiny_config(path, backbones="backbones", **stage):
     config = {"name": "tiny", "device": "cpu",
               "model": {"vision_model": f"local-dir:{backbones}/vision", "vision_pretrained": None,
                         "language_model": f"{backbones}/language"},
+              "evaluation": {"clip_score_model": f"local-dir:{backbones}/vision", "clip_score_pretrained": None},
               "stages": [{**TINY_STAGE, **stage}]}
     path.write_text(yaml.safe_dump(config))
     return path
@@ -280,6 +281,55 @@ def test_evaluation_logs_scores_captions_gallery_and_heatmaps(pipeline):
     assert {"metrics/coco_test.json", "captions/coco_test.json", "gallery/coco_test/index.html"} <= artifacts
     assert any(path.startswith("heatmaps/coco_test/") and path.endswith(".png") for path in artifacts)
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"coco/test"}
+    assert_clip_scores_logged(tracker, evaluated, captions, pipeline["workspace"] / "backbones" / "vision")
+
+
+def assert_clip_scores_logged(tracker, evaluated, captions, clip_folder):
+    """CLIP-S and RefCLIP-S beside the COCO metrics (the run config's CLIP: the stand-in), their
+    per-image values as an artifact and in each gallery row."""
+    from mlflow.artifacts import download_artifacts
+
+    run = tracker.client.get_run(evaluated["run_id"])
+    assert run.data.params["clip_score.clip_score_model"] == f"{LOCAL_DIR}{clip_folder.resolve()}"
+    for name in ("CLIP-S", "RefCLIP-S"):
+        assert 0 <= evaluated["metrics"][name] <= 2.5 and run.data.metrics[f"coco_test/{name}"] == \
+            pytest.approx(evaluated["metrics"][name])
+    folder = Path(download_artifacts(run_id=evaluated["run_id"], artifact_path="", tracking_uri=tracker.uri))
+    per_image = json.loads((folder / "clip_scores" / "coco_test.json").read_text())
+    assert sorted(per_image) == sorted(captions)
+    assert evaluated["metrics"]["CLIP-S"] == pytest.approx(sum(row["CLIP-S"] for row in per_image.values())
+                                                          / len(per_image))
+    page = (folder / "gallery" / "coco_test" / "index.html").read_text()
+    shown = sorted(captions)[:3]  # gallery_size=3
+    assert page.count('class="scores"') == 3
+    for image_id in shown:
+        row = next(part for part in page.split("<tr>") if f'alt="{image_id}"' in part)
+        assert f"CLIP-S {per_image[image_id]['CLIP-S']:.3f} · RefCLIP-S {per_image[image_id]['RefCLIP-S']:.3f}" in row
+
+
+@pytest.mark.slow
+def test_clip_scores_can_be_turned_off_and_are_left_out_with_a_note_when_unavailable(pipeline):
+    import os
+    import subprocess
+    import sys
+
+    from ituning.config import EvaluationSettings
+
+    workspace, checkpoint = pipeline["workspace"], pipeline["trained"]["checkpoint"]
+    off = evaluation.evaluate(workspace, checkpoint, "coco", "test", gallery_size=1, num_beams=1,
+                              scoring=EvaluationSettings(clip_score_model=None))
+    assert "CIDEr" in off["metrics"] and not {"CLIP-S", "RefCLIP-S"} & set(off["metrics"]) and off["notes"] == []
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_TRACKING")}
+    missing = subprocess.run(
+        [Path(sys.executable).with_name("ituning"), "evaluate", "--checkpoint", checkpoint, "--split", "test",
+         "--workspace", str(workspace), "--beams", "1", "--device", "cpu",
+         "--clip-model", f"{LOCAL_DIR}{workspace / 'no-such-clip'}"], capture_output=True, text=True, env=environment)
+    assert missing.returncode == 0, missing.stderr
+    metrics = json.loads(missing.stdout.split("\ncaptions: ")[0])
+    assert "CIDEr" in metrics and "CLIP-S" not in metrics
+    assert "note: CLIP-S and RefCLIP-S left out" in missing.stderr and "no open_clip_config.json" in missing.stderr
+    run_id = missing.stdout.rsplit("(MLflow run ", 1)[1].split(")")[0]
+    assert "CLIP-S and RefCLIP-S left out" in pipeline["tracker"].client.get_run(run_id).data.tags["ituning.notes"]
 
 
 def retrained_copy(checkpoint: str, destination: Path) -> Path:
@@ -365,6 +415,8 @@ def test_nocaps_is_scored_by_domain_and_its_test_split_written_for_the_server(pi
         features.finish_feature_cache(workspace, "nocaps", split, pipeline["backbones"], device="cpu")
     val = evaluation.evaluate(workspace, checkpoint, "nocaps", "val", gallery_size=2, num_beams=2)
     assert set(val["metrics"]) == {"in-domain", "near-domain", "out-domain", "overall"}
+    assert {"CLIP-S", "RefCLIP-S"} <= set(val["metrics"]["overall"])  # overall only: not per domain
+    assert "CLIP-S" not in val["metrics"]["in-domain"]
     assert tracker.client.get_run(val["run_id"]).data.metrics["nocaps_val/out-domain/CIDEr"] == \
         val["metrics"]["out-domain"]["CIDEr"]
     assert val["notes"] == [] and "ituning.notes" not in tracker.client.get_run(val["run_id"]).data.tags

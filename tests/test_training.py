@@ -230,7 +230,7 @@ class PoisonedFeatures(dict):
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(standin_backbones, tmp_path):
     config = run_config(standin_backbones, [stage_dict(epochs=3, checkpoint_every_steps=1, val_split=None)])
     data = stage_data()
-    data.features = PoisonedFeatures(data.features, good_reads=8 * 4)  # four good steps of 8 captions
+    data.features = PoisonedFeatures(data.features, good_reads=4 * 4)  # four good steps of 8 captions, 4 images
     with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 5 .*last"):
         train_run(config, {"finetune": data}, tmp_path, cider_scorer, progress=False)
     state = json.loads((tmp_path / "finetune" / "last" / "trainer_state.json").read_text())

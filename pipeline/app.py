@@ -1,0 +1,213 @@
+"""A web page to try a captioner: upload an image or give its URL, read the beam-5 caption, the
+other beams with their scores, and where the last I-Tuning module looked for each word.
+
+`ituning app` serves it on 127.0.0.1 (`make serve` starts it beside the Prefect and MLflow UIs).
+The page (app_page.html) talks to three endpoints:
+
+- GET  /api/models  the model to start from and the registered models a user can pick.
+- POST /api/caption?model=SPEC[&url=URL]  the image file's bytes as the body (or none, with a URL);
+  answers the caption, the ranked beams, the caption's tokens and one heatmap per token.
+- GET  /health  for whoever waits on the server.
+
+A model is a checkpoint folder, `NAME@ALIAS` or `models:/...` of the registry, `runs:/...` or
+`hub:REPO` (pipeline/model_sources.py); the last few used stay loaded. Without a start model the page
+starts with the champion of the most recently updated registered model. Bad input (not an image, an
+image over PIL's pixel limit, a body over `max_upload_mb`, a URL that fails, an unknown model)
+answers 400 with a one-line message the page shows; the server keeps serving.
+"""
+
+import base64
+import io
+import logging
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from pipeline.cli_errors import on_one_line
+
+PAGE = Path(__file__).with_name("app_page.html")
+CHAMPION = "champion"
+_logger = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """A request the app refuses, with the message the page shows."""
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    model: str | None = None  # the model the page starts with; None: the latest champion
+    workspace: Path | None = None  # whose tracking store registry names are looked up in
+    device: str = "auto"
+    max_upload_mb: float = 20
+    models_kept: int = 2  # loaded captioners kept in memory
+
+
+class CaptionerPool:
+    """Captioners by model spec, loaded on first use; the least recently used is dropped first.
+    One request at a time uses them (a lock), so a busy server queues rather than runs out of memory."""
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.loaded: OrderedDict[str, object] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, spec: str):
+        if spec not in self.loaded:
+            from pipeline.model_sources import load_captioner_from
+
+            try:
+                self.loaded[spec] = load_captioner_from(spec, self.settings.workspace, self.settings.device)
+            except Exception as error:  # an unknown folder, name, alias or repo; an unreachable store
+                raise InputError(f"cannot load model {spec}: {on_one_line(error)}") from error
+            while len(self.loaded) > self.settings.models_kept:
+                self.loaded.popitem(last=False)
+        self.loaded.move_to_end(spec)
+        return self.loaded[spec]
+
+
+def describe_image(captioner, image, heatmap_side: int = 224) -> dict:
+    """The beam-5 caption of a decoded image, every beam with its score, and for each caption token
+    the last module's attention drawn over the image (JPEG data URIs)."""
+    from ituning.decoding import DecodingConfig
+    from ituning.heatmaps import caption_attention, encoder_view, heatmap_overlay
+
+    beams = captioner.caption_beams(image, DecodingConfig())
+    caption = beams[0][0]
+    attention = caption_attention(captioner, image, caption)
+    view = encoder_view(image, heatmap_side)
+    return {
+        "caption": caption,
+        "beams": [{"caption": text, "score": round(score, 4)} for text, score in beams],
+        "tokens": attention.tokens,
+        "heatmaps": [jpeg_data_uri(heatmap_overlay(view, heat)) for heat in attention.maps],
+        "image": jpeg_data_uri(view),
+    }
+
+
+def jpeg_data_uri(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_upload(content: bytes, min_side: int):
+    from ituning.images import UnreadableImage, open_rgb
+
+    if not content:
+        raise InputError("no image: choose a file or give a URL")
+    try:
+        return open_rgb(io.BytesIO(content), min_side)
+    except UnreadableImage as error:
+        raise InputError(str(error).replace("image data: ", "this file cannot be used: ", 1)) from error
+
+
+def fetch_url(url: str, max_bytes: int) -> bytes:
+    from pipeline.image_urls import ImageFetchError, fetch_image, is_image_url
+
+    if not is_image_url(url):
+        raise InputError(f"{url}: not an http(s) URL")
+    with tempfile.TemporaryDirectory(prefix="ituning-app-") as folder:
+        try:
+            return fetch_image(url, Path(folder) / "image", max_bytes).read_bytes()
+        except ImageFetchError as error:
+            raise InputError(str(error)) from error
+
+
+async def read_limited(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused as soon as it passes `max_bytes` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise InputError(f"the file is {int(declared):,} bytes, over the {max_bytes:,}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise InputError(f"the file is over the {max_bytes:,}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def registered_models(workspace: Path | None) -> list[str]:
+    """NAME@ALIAS for every alias in the registry and models:/NAME/VERSION for each latest version,
+    the most recently updated model first; none when there is no store."""
+    try:
+        from mlflow import MlflowClient
+
+        from pipeline.tracking import tracking_uri
+
+        client = MlflowClient(tracking_uri(workspace))
+        found = []
+        for model in client.search_registered_models(order_by=["last_updated_timestamp DESC"]):
+            found += [f"{model.name}@{alias}" for alias in sorted(model.aliases or {})]
+            versions = [int(v.version) for v in model.latest_versions or []]
+            if versions:
+                found.append(f"models:/{model.name}/{max(versions)}")
+        return found
+    except Exception as error:  # the page still works with the start model and typed-in ones
+        _logger.warning("cannot list registered models: %s", on_one_line(error))
+        return []
+
+
+def create_app(settings: AppSettings = AppSettings()) -> FastAPI:
+    app = FastAPI(title="I-Tuning captioner", docs_url=None, redoc_url=None, openapi_url=None)
+    pool = CaptionerPool(settings)
+    max_bytes = int(settings.max_upload_mb * 1024 * 1024)
+
+    @app.exception_handler(InputError)
+    async def refuse(_request: Request, error: InputError):
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def fail(_request: Request, error: Exception):
+        _logger.exception("captioning failed")
+        return JSONResponse({"error": f"captioning failed: {on_one_line(error)}"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return PAGE.read_text()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    def start_model(registered: list[str]) -> str | None:
+        champions = [name for name in registered if name.endswith(f"@{CHAMPION}")]
+        return settings.model or next(iter(champions), None)
+
+    @app.get("/api/models")
+    def models():
+        registered = registered_models(settings.workspace)
+        default = start_model(registered)
+        return {"default": default or "", "choices": list(dict.fromkeys([*([default] if default else []), *registered]))}
+
+    @app.post("/api/caption")
+    async def caption(request: Request, model: str = "", url: str = ""):
+        content = await read_limited(request, max_bytes)
+        if url and not content:
+            content = await run_in_threadpool(fetch_url, url, max_bytes)
+        spec = model or await run_in_threadpool(lambda: start_model(registered_models(settings.workspace)))
+        if not spec:
+            raise InputError("no model given and no champion in the registry yet: run `make demo`, or name a "
+                             "checkpoint folder or a registered model")
+        return await run_in_threadpool(caption_bytes, spec, content)
+
+    def caption_bytes(spec: str, content: bytes) -> dict:
+        with pool.lock:
+            captioner = pool.get(spec)
+            image = decode_upload(content, captioner.input_side)
+            return {"model": spec, **describe_image(captioner, image)}
+
+    return app
+
+
+def run_app(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")

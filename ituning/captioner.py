@@ -1,5 +1,6 @@
 """Images in, captions out: the frozen vision encoder, the I-Tuning model and the tokenizer."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,13 @@ from ituning.decoding import DecodingConfig, caption_prompt, caption_texts, rank
 from ituning.encoding import encode_pixels, input_side, stack_pixels
 from ituning.images import load_images
 from ituning.model import ITuningCaptioner, ITuningConfig, count_trainable
+
+
+@dataclass(frozen=True)
+class RankedCaption:
+    text: str
+    tokens: list[int]  # without prompt and EOS
+    score: float  # sum of log-probabilities / (generated tokens ** length_penalty)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -127,15 +135,15 @@ class Captioner:
         return captions
 
     @torch.inference_mode()
-    def caption_beams(self, image, decoding=DecodingConfig()) -> list[tuple[str, float]]:
-        """Every finished beam for one decoded image as (caption, score), best first; the first is
-        `caption_images`' caption. Greedy decoding (num_beams=1) has no beams to rank."""
+    def ranked_captions(self, visual: torch.Tensor, decoding=DecodingConfig()) -> list[RankedCaption]:
+        """Every finished beam for one image's visual tokens (1, N, d_v), best first; the first is
+        `caption_features`' caption. Greedy decoding (num_beams=1) has no beams to rank."""
         if decoding.num_beams < 2:
             raise ValueError("ranked beams need num_beams >= 2")
-        parameter = next(self.model.parameters())
-        visual = self.encode_images([image]).to(parameter.dtype)  # (1, 1 + P, d_v)
+        visual = visual.to(self.device, dtype=next(self.model.parameters()).dtype)
         beams = ranked_beams(self.model, visual, self.prompt_ids(), self.eos_id, decoding)[0]
-        return [(self.tokenizer.decode(beam.tokens, skip_special_tokens=True).strip(), beam.score) for beam in beams]
+        return [RankedCaption(self.tokenizer.decode(beam.tokens, skip_special_tokens=True).strip(), beam.tokens,
+                              beam.score) for beam in beams]
 
     @property
     def input_side(self) -> int:

@@ -37,13 +37,21 @@ def caption_attention(captioner, image: Image.Image, caption: str | None = None,
     """Attention of the last module for each token of `caption`, or of the caption the
     captioner generates for the image when none is given."""
     visual = captioner.encode_images([image]).to(next(captioner.model.parameters()).dtype)  # (1, 1 + P, d_v)
-    prompt = captioner.prompt_ids()  # (1, 1)
     if caption is None:
-        token_ids = generate(captioner.model, visual, prompt, captioner.eos_id, decoding)[0]
+        token_ids = generate(captioner.model, visual, captioner.prompt_ids(), captioner.eos_id, decoding)[0]
     else:
         token_ids = captioner.tokenizer(caption, add_special_tokens=False)["input_ids"]
+    return token_attention(captioner, visual, token_ids)
+
+
+@torch.inference_mode()
+def token_attention(captioner, visual: torch.Tensor, token_ids: list[int]) -> TokenAttention:
+    """Attention of the last module for each of `token_ids` (a caption without prompt and EOS) on
+    one image's visual tokens (1, 1 + P, d_v)."""
     if not token_ids:
         return TokenAttention([], np.zeros((0, 0, 0), dtype=np.float32))
+    visual = visual.to(captioner.device, dtype=next(captioner.model.parameters()).dtype)
+    prompt = captioner.prompt_ids()  # (1, 1)
     input_ids = torch.cat([prompt, torch.tensor([token_ids], device=captioner.device)], dim=1)  # (1, 1 + T)
     last_module = list(captioner.model.wrapped_layers.values())[-1]
     last_module.recorded_attention = []

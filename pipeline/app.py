@@ -75,16 +75,15 @@ class CaptionerPool:
 def describe_image(captioner, image, heatmap_side: int = 224) -> dict:
     """The beam-5 caption of a decoded image, every beam with its score, and for each caption token
     the last module's attention drawn over the image (JPEG data URIs)."""
-    from ituning.decoding import DecodingConfig
-    from ituning.heatmaps import caption_attention, encoder_view, heatmap_overlay
+    from ituning.heatmaps import encoder_view, heatmap_overlay, token_attention
 
-    beams = captioner.caption_beams(image, DecodingConfig())
-    caption = beams[0][0]
-    attention = caption_attention(captioner, image, caption)
+    visual = captioner.encode_images([image])  # (1, 1 + P, d_v): encoded once for the beams and the heatmaps
+    beams = captioner.ranked_captions(visual)
+    attention = token_attention(captioner, visual, beams[0].tokens)
     view = encoder_view(image, heatmap_side)
     return {
-        "caption": caption,
-        "beams": [{"caption": text, "score": round(score, 4)} for text, score in beams],
+        "caption": beams[0].text,
+        "beams": [{"caption": beam.text, "score": round(beam.score, 4)} for beam in beams],
         "tokens": attention.tokens,
         "heatmaps": [jpeg_data_uri(heatmap_overlay(view, heat)) for heat in attention.maps],
         "image": jpeg_data_uri(view),

@@ -152,7 +152,7 @@ def shared_images(runs: Sequence[EvaluatedRun]) -> list[str]:
     return sorted(set.intersection(*(set(run.captions) for run in runs)))
 
 
-def cider_per_image(candidates: Sequence[Mapping[str, str]],
+def cider_of_tokenized(candidates: Sequence[Mapping[str, str]],
                     references: Mapping[str, list[str]]) -> list[dict[str, float]]:
     """Each run's CIDEr per image over tokenized text, for the images of `references`. All runs are
     scored against the same references, which alone set CIDEr's n-gram weights: comparable scores."""
@@ -169,7 +169,7 @@ def cider_per_image(candidates: Sequence[Mapping[str, str]],
 
 def per_image_cider(candidates: Sequence[Mapping[str, str]],
                     references: Mapping[str, list[str]]) -> list[dict[str, float]]:
-    """cider_per_image after the PTB tokenization of the official evaluation (one Java call for
+    """cider_of_tokenized after the PTB tokenization of the official evaluation (one Java call for
     the references, one for every run's captions)."""
     from ituning.evaluation import ptb_tokenize
 
@@ -179,7 +179,7 @@ def per_image_cider(candidates: Sequence[Mapping[str, str]],
     tokenized_references = ptb_tokenize({key: list(references[key]) for key in image_ids})
     together = ptb_tokenize({key: [captions[key] for captions in candidates] for key in image_ids})
     tokenized = [{key: together[key][index] for key in image_ids} for index in range(len(candidates))]
-    return cider_per_image(tokenized, tokenized_references)
+    return cider_of_tokenized(tokenized, tokenized_references)
 
 
 def rank_by_difference(per_image: Sequence[Mapping[str, float]]) -> list[tuple[str, float]]:

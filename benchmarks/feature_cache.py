@@ -2,21 +2,26 @@
 
     .venv/bin/python benchmarks/feature_cache.py --images 240 --batch-size 32 --rounds 3
     python benchmarks/feature_cache.py --device cuda --images 20000 --image-size 640x480 --textured \
-        --batch-size 256 --workers 15 --rounds 1 --sample 2000
+        --batch-size 256 --workers 15 --rounds 1 --sample 2000 --decode-on-device never   # then auto
 
 On the same rendered JPEGs and the same encoder (ViT-B-16, random weights, 224 px), in one run,
 interleaved in rounds (each round takes every rounds-th image and runs all three in turn) so that
 other load on the machine falls on all three alike:
   encoder     the forward pass alone on tensors decoded and preprocessed beforehand (the ceiling)
-  pipeline    pipeline.features.encode_features: decoding in DataLoader workers, batched forward,
-              float16 HDF5 shards written by the writer thread
+  pipeline    pipeline.features.encode_features: decoding in DataLoader workers (JPEGs on the
+              device, see --decode-on-device), batched forward, float16 HDF5 shards written by
+              the writer thread
   per-image   ClipCap-style: decode and preprocess in the main process, one image per forward,
               tokens collected in memory
 and, to find the bottleneck, each stage of the pipeline alone:
-  decode      the DataLoader workers' decoding and resizing, nothing encoded
+  decode      the decoding and resizing of the pipeline, nothing encoded: in the DataLoader workers,
+              or, with JPEGs decoded on the device, their reading plus nvJPEG and the device resize
   write       float16 rows of the encoder's shape written into HDF5 shards, nothing encoded
-On CUDA the encoder runs under autocast at --precision, as the pipeline does. --textured adds
-sensor-like noise so that the JPEGs are about as large, and as slow to decode, as photographs.
+On CUDA the encoder runs under autocast at --precision, as the pipeline does, and --decode-on-device
+(auto, never, always: EncodeSettings.decode_on_device) says whether JPEGs are decoded by nvJPEG; run
+once with never and once with auto to compare (the result names where JPEGs were decoded).
+--textured adds sensor-like noise so that the JPEGs are about as large, and as slow to decode, as
+photographs.
 Figures go to docs/benchmarks.md.
 """
 
@@ -33,13 +38,13 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 import ituning  # noqa: F401  (makes torchvision importable before open_clip is)
 from ituning.backbones import BackboneSpec, load_vision_encoder
 from ituning.images import open_rgb
 from common import seconds_on
-from ituning.encoding import EncodeSettings, ImageFiles, image_size, split_preprocess
+from ituning.device_decoding import DECODE_ON_DEVICE, device_resize_crop, why_not_on_device
+from ituning.encoding import EncodeSettings, image_loader, image_size, split_preprocess
 from ituning.precision import autocast
 from pipeline.features import FeatureSettings, encode_features
 from storage.scenes import random_scene, render_scene
@@ -56,11 +61,17 @@ def render_one(job) -> None:
     image.save(path, quality=90)
 
 
-def render_images(folder: Path, count: int, width: int, height: int, textured: bool) -> list[tuple[str, Path]]:
+def render_images(folder: Path, count: int, width: int, height: int, textured: bool,
+                  distinct: int = 0) -> list[tuple[str, Path]]:
+    """`count` JPEGs; with `distinct`, only that many are rendered and the rest are hard links to
+    them: files of the same size and decoding work, without minutes of rendering."""
     images = [(f"{index:06d}", folder / f"{index:06d}.jpg") for index in range(count)]
-    jobs = [(index, path, width, height, textured) for index, (_, path) in enumerate(images)]
+    rendered = min(count, distinct or count)
+    jobs = [(index, path, width, height, textured) for index, (_, path) in enumerate(images[:rendered])]
     with ProcessPoolExecutor() as pool:
         list(pool.map(render_one, jobs, chunksize=64))
+    for index, (_, path) in enumerate(images[rendered:], start=rendered):
+        os.link(images[index % rendered][1], path)
     return images
 
 
@@ -77,14 +88,22 @@ def bare_encoder(encoder, images, batch_size: int, device: torch.device, precisi
     return len(images) / seconds_on(device, encode_all)
 
 
-def decode_only(encoder, images, batch_size: int, workers: int) -> float:
-    """The DataLoader workers' share of the pipeline: open, decode, resize, batch as uint8."""
-    transform, blank, _ = split_preprocess(encoder.preprocess, image_size(encoder))
-    items = [(0, image_id, path) for image_id, path in images]
-    loader = DataLoader(ImageFiles(items, transform, blank), batch_size=batch_size, num_workers=workers)
+def decode_only(encoder, images, encode: EncodeSettings) -> float:
+    """The pipeline's image loader alone: open, decode, resize, batch as uint8 (on the device where
+    JPEGs are decoded there)."""
+    batches, _ = image_loader(encoder, [(0, image_id, path) for image_id, path in images], encode)
     start = time.perf_counter()
-    count = sum(len(pixels) for pixels, *_ in loader)
+    count = sum(len(pixels) for pixels, *_ in batches)
+    if torch.device(encode.device).type == "cuda":
+        torch.cuda.synchronize()
     return count / (time.perf_counter() - start)
+
+
+def jpeg_decoding(encoder, encode: EncodeSettings) -> str:
+    """Where the pipeline decodes JPEGs with these settings, and why not on the device if it does not."""
+    transform, _, _ = split_preprocess(encoder.preprocess, image_size(encoder))
+    problem = why_not_on_device(torch.device(encode.device), device_resize_crop(transform))
+    return "cpu (never)" if encode.decode_on_device == "never" else f"cpu ({problem})" if problem else "device"
 
 
 def write_only(out_dir: Path, count: int, token_shape: tuple[int, int], batch_size: int) -> float:
@@ -125,6 +144,18 @@ def one_image_per_forward(encoder, images, device: torch.device, precision: str)
     return len(images) / (time.perf_counter() - start)
 
 
+def ratios(rates: dict[str, float]) -> dict[str, float]:
+    """The pipeline against the bare encoder and the per-image loop, and COCO's time, where measured."""
+    found = {}
+    if "pipeline" in rates and "encoder" in rates:
+        found["pipeline_over_encoder"] = round(rates["pipeline"] / rates["encoder"], 3)
+    if "pipeline" in rates and "per-image" in rates:
+        found["pipeline_over_per_image"] = round(rates["pipeline"] / rates["per-image"], 3)
+    if "pipeline" in rates:
+        found["coco_123287_images_s"] = round(123_287 / rates["pipeline"], 1)
+    return found
+
+
 def parse_size(text: str) -> tuple[int, int]:
     width, _, height = text.partition("x")
     return int(width), int(height or width)
@@ -141,6 +172,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="bfloat16", help="compute precision on CUDA")
+    parser.add_argument("--decode-on-device", default="auto", choices=DECODE_ON_DEVICE,
+                        help="decode JPEGs with nvJPEG on the device (auto: where CUDA has it)")
+    parser.add_argument("--distinct", type=int, default=0,
+                        help="render only this many distinct JPEGs, the rest hard links to them (0: all distinct)")
+    parser.add_argument("--only", default="encoder,decode,write,pipeline,per-image",
+                        help="the measurements to run, comma-separated")
     parser.add_argument("--sample", type=int, default=0,
                         help="time the bare encoder and the one-image-per-forward loop on at most this many "
                              "images per round (0: all); the encoder's input is held in memory as float32")
@@ -148,29 +185,32 @@ def main():
     device = torch.device(args.device)
     spec = BackboneSpec(args.model, None)
     encoder = load_vision_encoder(spec, args.device)
-    encode = EncodeSettings(args.batch_size, args.workers, args.device, precision=args.precision)
+    encode = EncodeSettings(args.batch_size, args.workers, args.device, precision=args.precision,
+                            decode_on_device=args.decode_on_device)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         (scratch / "images").mkdir()
         started = time.perf_counter()
-        images = render_images(scratch / "images", args.images, *args.image_size, args.textured)
+        images = render_images(scratch / "images", args.images, *args.image_size, args.textured, args.distinct)
         rendering_s = time.perf_counter() - started
         jpeg_kib = sum(path.stat().st_size for _, path in images) / len(images) / 1024
         with torch.inference_mode():  # warm-up, and the shape of one image's tokens
             token_shape = tuple(encoder(torch.zeros(2, 3, *image_size(encoder), device=device)).shape[1:])
-        seconds = dict.fromkeys(("encoder", "decode", "write", "pipeline", "per-image"), 0.0)
+        seconds = dict.fromkeys(args.only.split(","), 0.0)
         counted, load_before = dict.fromkeys(seconds, 0), os.getloadavg()[0]
         for round_ in range(args.rounds):
             subset = images[round_ :: args.rounds]
             sample = subset[: args.sample or None]
             rates = {
                 "encoder": (sample, lambda: bare_encoder(encoder, sample, args.batch_size, device, args.precision)),
-                "decode": (subset, lambda: decode_only(encoder, subset, args.batch_size, args.workers)),
+                "decode": (subset, lambda: decode_only(encoder, subset, encode)),
                 "write": (subset, lambda: write_only(scratch / "write", len(subset), token_shape, args.batch_size)),
                 "pipeline": (subset, lambda: pipeline(encoder, spec, subset, scratch / f"cache-{round_}", encode)),
                 "per-image": (sample, lambda: one_image_per_forward(encoder, sample, device, args.precision)),
             }
             for name, (measured, run) in rates.items():
+                if name not in seconds:
+                    continue
                 seconds[name] += len(measured) / run()
                 counted[name] += len(measured)
     rates = {name: counted[name] / spent for name, spent in seconds.items()}
@@ -179,12 +219,11 @@ def main():
         "precision": args.precision if device.type == "cuda" else "float32", "images": args.images,
         "image_size": "x".join(map(str, args.image_size)), "textured": args.textured,
         "mean_jpeg_kib": round(jpeg_kib, 1), "rendering_s": round(rendering_s, 1), "rounds": args.rounds,
+        "decode_on_device": args.decode_on_device, "jpeg_decoding": jpeg_decoding(encoder, encode),
         "batch_size": args.batch_size, "workers": args.workers, "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "images_per_s": {name: round(rate, 2) for name, rate in rates.items()},
-        "pipeline_over_encoder": round(rates["pipeline"] / rates["encoder"], 3),
-        "pipeline_over_per_image": round(rates["pipeline"] / rates["per-image"], 3),
-        "coco_123287_images_minutes": round(123_287 / rates["pipeline"] / 60, 1),
+        **ratios(rates),
     }
     print(json.dumps(result, indent=2))
 

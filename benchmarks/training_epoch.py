@@ -1,6 +1,7 @@
 """One COCO-sized training epoch at gpt2 size from cached features, through the real trainer.
 
     python benchmarks/training_epoch.py --device cuda --micro-batch 256     # the whole epoch
+    python benchmarks/training_epoch.py --device cuda --micro-batch auto --data-on-device auto --compile auto
     python benchmarks/training_epoch.py --device cuda --images 4096         # 5 steps' worth
     .venv/bin/python benchmarks/training_epoch.py --images 300 --batch 128 --micro-batch 32   # CPU smoke run
 
@@ -13,11 +14,14 @@ by row from an HDF5 file with one image per chunk, as the feature cache stores t
 holds --distinct-features different rows, and image i reads row i modulo that number, so the file
 stays small while every read still goes through HDF5.
 
-Besides the epoch (StageTrainer.run: micro-batches collated ahead by --data-workers processes,
-forward/backward per micro-batch, clipping, AdamW, the epoch-end checkpoint), the first step's
-micro-batches are timed in two halves to find the bottleneck: `collate` alone in one process
-(tokenize, read features, stack) and `compute` alone (micro-batches already on the device:
-forward, backward, optimizer step).
+Besides the epoch (StageTrainer.run: micro-batches collated ahead by --data-workers processes, or
+gathered on the device when the data are held there; forward/backward per micro-batch, clipping,
+AdamW, the epoch-end checkpoint), the first step's micro-batches are timed in two halves to find
+the bottleneck: `collate` alone (tokenize, read features, stack; or the device's gathers) and
+`compute` alone (micro-batches already on the device: forward, backward, optimizer step). Loading
+the data onto the device happens once per run and is reported apart (`device_load_s`);
+`bf16_peak_share` is the rate times ~14 GFLOP per caption (forward, and backward through the frozen
+model for the activations' gradients) over an H200's dense bf16 peak.
 """
 
 import argparse
@@ -36,10 +40,10 @@ import ituning  # noqa: F401  (torchvision importable before transformers)
 from common import CLIP_TOKENS, CLIP_WIDTH, gpt2_captioner, machine, seconds_on
 from ituning.backbones import BackboneSpec
 from ituning.config import StageConfig
-from ituning.data import collate, epoch_samples
+from ituning.data import epoch_samples
 from ituning.standins import train_tokenizer
 from ituning.precision import autocast
-from ituning.training import StageData, StageTrainer, caption_loss_sum
+from ituning.training import StageData, StageTrainer
 from storage.scenes import describe, random_scene
 
 COCO_TRAIN_IMAGES = 113_287
@@ -67,6 +71,14 @@ class PooledFeatures(Mapping):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "tokens": None}
 
+    def shard_blocks(self):
+        """Every image's tokens in blocks, as a feature cache's reader gives them for loading at once."""
+        pool = h5py.File(self.path, "r")["tokens"][:]
+        image_ids = list(self.row)
+        for first in range(0, len(image_ids), 8192):
+            block = image_ids[first : first + 8192]
+            yield block, pool[[self.row[image_id] for image_id in block]]
+
 
 def write_features(path: Path, rows: int) -> None:
     generator = np.random.default_rng(0)
@@ -84,23 +96,17 @@ def coco_shaped_captions(images: int, per_image: int) -> dict[str, list[str]]:
 
 
 def halves(trainer: StageTrainer, samples, stage: StageConfig, device: torch.device) -> dict:
-    """Collate alone, then forward/backward/AdamW alone on the same micro-batches held on the device."""
-    micro = stage.micro_batch_size
-    chunks = [samples[i : i + micro] for i in range(0, len(samples), micro)]
-    data, tokenizer, batches = trainer.data, trainer.tokenizer, []
-
-    def collate_all():
-        batches.extend(collate(chunk, data.captions, data.features, tokenizer, stage.max_caption_tokens)
-                       for chunk in chunks)
-
-    collate_s = seconds_on(device, collate_all)
+    """Collate alone (in this process, or gathered on the device), then forward/backward/AdamW alone
+    on the same micro-batches held on the device."""
+    batches = []
+    collate_s = seconds_on(device, lambda: batches.extend(trainer.micro_batches(samples)))
     on_device = [batch.to(device) for batch in batches]
     tokens = sum(batch.target_tokens for batch in batches)
 
     def compute():
         for batch in on_device:
             with autocast(device, stage.precision):
-                (caption_loss_sum(trainer.model, batch) / tokens).backward()
+                (trainer.loss_sum(trainer.model, batch) / tokens).backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
@@ -110,12 +116,33 @@ def halves(trainer: StageTrainer, samples, stage: StageConfig, device: torch.dev
             "compute_captions_per_s": round(len(samples) / compute_s, 1)}
 
 
+def micro_batch_setting(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def switch(text: str) -> bool | str:
+    return {"true": True, "false": False, "auto": "auto"}[text]
+
+
+H200_BF16_DENSE_FLOPS = 989e12  # NVIDIA's H200 SXM datasheet: dense bf16 tensor-core peak
+TRAINING_FLOPS_PER_CAPTION = 14e9  # gpt2 + modules, a COCO caption of ~14 tokens over 197 visual tokens
+
+
+def peak_share(captions_per_s: float, device: torch.device) -> float | None:
+    """The share of an H200's dense bf16 peak at this rate, from the cost model's ~14 GFLOP per caption."""
+    if device.type != "cuda" or "H200" not in torch.cuda.get_device_name(device):
+        return None
+    return round(captions_per_s * TRAINING_FLOPS_PER_CAPTION / H200_BF16_DENSE_FLOPS, 3)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=COCO_TRAIN_IMAGES)
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4096, help="effective batch (accumulated)")
-    parser.add_argument("--micro-batch", type=int, default=64)
+    parser.add_argument("--micro-batch", type=micro_batch_setting, default=64, help="a number or auto")
+    parser.add_argument("--data-on-device", type=switch, default="auto", help="true, false or auto")
+    parser.add_argument("--compile", type=switch, default="auto", help="true, false or auto")
     parser.add_argument("--data-workers", type=int, help="collating processes (default: the trainer's)")
     parser.add_argument("--distinct-features", type=int, default=4096)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +152,8 @@ def main():
     captions = coco_shaped_captions(args.images, args.captions_per_image)
     tokenizer = train_tokenizer([text for texts in list(captions.values())[:20_000] for text in texts], 2000)
     stage = StageConfig(name="finetune", dataset="coco", epochs=1, val_split=None, batch_size=args.batch,
-                        micro_batch_size=args.micro_batch, data_workers=args.data_workers)
+                        micro_batch_size=args.micro_batch, data_workers=args.data_workers,
+                        data_on_device=args.data_on_device, compile=args.compile)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         rows = min(args.distinct_features, args.images)
@@ -135,17 +163,23 @@ def main():
         trainer = StageTrainer(model, tokenizer, BackboneSpec("ViT-B-16", None, "gpt2"), stage, data,
                                scratch / "run", progress=True)
         setup_s = time.perf_counter() - started
+        load_s = seconds_on(device, lambda: trainer.device_data)
+        plan = trainer.plan()  # the micro-batch `auto` measures, with the data already on the device
         samples = epoch_samples(captions, stage.captions, stage.seed, 0)
         split = halves(trainer, samples[: args.batch], stage, device)
-        trainer = StageTrainer(gpt2_captioner("gpt2").to(device), tokenizer, BackboneSpec("ViT-B-16", None, "gpt2"),
-                               stage, data, scratch / "run", progress=True)
-        seconds = seconds_on(device, lambda: trainer.run(resume=False))
+        epoch_trainer = StageTrainer(gpt2_captioner("gpt2").to(device), tokenizer,
+                                     BackboneSpec("ViT-B-16", None, "gpt2"), stage, data, scratch / "run", progress=True)
+        epoch_trainer.device_data, epoch_trainer.micro_batch_size = trainer.device_data, trainer.micro_batch_size
+        del trainer
+        seconds = seconds_on(device, lambda: epoch_trainer.run(resume=False))
     rate = len(samples) / seconds
     result = {
         "machine": machine(), "images": args.images, "captions_per_epoch": len(samples),
         "batch": args.batch, "micro_batch": args.micro_batch, "precision": stage.precision,
-        "data_workers": args.data_workers, "steps": trainer.steps_per_epoch, "setup_s": round(setup_s, 1),
+        "data_workers": args.data_workers, "plan": plan, "steps": epoch_trainer.steps_per_epoch,
+        "setup_s": round(setup_s, 1), "device_load_s": round(load_s, 1),
         "epoch_s": round(seconds, 1), "captions_per_s": round(rate, 1),
+        "bf16_peak_share": peak_share(rate, device),
         "coco_epoch_minutes_at_this_rate": round(566_435 / rate / 60, 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         **split,

@@ -75,7 +75,9 @@ class StageConfig:
     val_split: str | None = "val"  # None: no validation (VG pre-training)
     captions: Literal["all", "random"] = "all"  # every caption once per epoch, or one random caption per image
     batch_size: int = 4096  # the paper's effective batch
-    micro_batch_size: int = 64  # per forward pass; gradients accumulate up to batch_size
+    # per forward pass; gradients accumulate up to batch_size. auto: the largest power of two dividing
+    # batch_size that fits the GPU's free memory (measured on the model), 64 on the CPU
+    micro_batch_size: int | Literal["auto"] = 64
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05  # linear warm-up over this share of the steps, then cosine decay to 0
@@ -84,6 +86,10 @@ class StageConfig:
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on a CUDA device that has it
     data_workers: int | None = None  # processes collating micro-batches ahead; None: 4 on CUDA, 0 on CPU
     share_visual: bool = True  # an image's visual keys/values once per micro-batch for all its captions
+    # The split's visual tokens and caption ids held on the training device, micro-batches gathered
+    # there; auto: on a CUDA device whose free memory holds them with room to spare
+    data_on_device: bool | Literal["auto"] = "auto"
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the training step; auto: on CUDA only
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
     validate_every_epochs: int = 1
     val_images: int | None = None  # score only the first n validation images (None: all)
@@ -102,10 +108,13 @@ class StageConfig:
             yield "val_split", self.val_split in (None, validates_on), (
                 f"{self.dataset} validates on {validates_on!r} or null" if validates_on
                 else f"{self.dataset} has no validation split, so it must be null")
-        for key in ("epochs", "batch_size", "micro_batch_size", "max_caption_tokens", "validate_every_epochs",
-                    "val_beams", "val_max_length"):
+        for key in ("epochs", "batch_size", "max_caption_tokens", "validate_every_epochs", "val_beams",
+                    "val_max_length"):
             yield key, getattr(self, key) > 0, "must be positive"
-        yield "batch_size", self.batch_size % self.micro_batch_size == 0, "must be a multiple of micro_batch_size"
+        if self.micro_batch_size != "auto":
+            yield "micro_batch_size", self.micro_batch_size > 0, "must be positive or auto"
+            yield "batch_size", self.batch_size % max(1, self.micro_batch_size) == 0, \
+                "must be a multiple of micro_batch_size"
         yield "learning_rate", self.learning_rate > 0, "must be positive"
         yield "weight_decay", self.weight_decay >= 0, "must be 0 or more"
         yield "warmup_fraction", 0 <= self.warmup_fraction < 1, "must be in [0, 1)"
@@ -113,10 +122,6 @@ class StageConfig:
         yield "checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be 0 or more"
         yield "val_images", self.val_images is None or self.val_images > 0, "must be positive"
         yield "data_workers", self.data_workers is None or self.data_workers >= 0, "must be 0 or more"
-
-    @property
-    def accumulation(self) -> int:
-        return self.batch_size // self.micro_batch_size
 
 
 @dataclass(frozen=True)
@@ -242,8 +247,7 @@ def _convert(hint, value, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (hint,) = [arg for arg in args if arg is not type(None)]
-        return _convert(hint, value, where)
+        return _convert_to_one_of([arg for arg in args if arg is not type(None)], value, where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: must be one of {', '.join(map(str, args))}, got {value!r}")
@@ -255,6 +259,24 @@ def _convert(hint, value, where: str):
     if hasattr(hint, "__dataclass_fields__"):
         return _build(hint, value, where)
     return _scalar(hint, value, where)
+
+
+def _convert_to_one_of(hints: list, value, where: str):
+    """The value as the first of `hints` it converts to (e.g. `bool | Literal["auto"]`)."""
+    if len(hints) == 1:
+        return _convert(hints[0], value, where)
+    for hint in hints:
+        try:
+            return _convert(hint, value, where)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{where}: must be {' or '.join(_hint_name(hint) for hint in hints)}, got {value!r}")
+
+
+def _hint_name(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(map(str, typing.get_args(hint)))
+    return hint.__name__
 
 
 def _scalar(hint, value, where: str):

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ituning.decoding import caption_prompt
+from ituning.model import ImageGroups
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (the prompt and the padding)
 
@@ -33,6 +34,11 @@ class CaptionBatch:
     # None; in the feature cache's dtype (float16) until on the device
     visual: torch.Tensor
     image_index: torch.Tensor | None = None  # (B,) the row of `visual` each caption shows
+    image_groups: ImageGroups | None = None  # image_index's groups, built on the host (see ImageGroups.to)
+
+    def __post_init__(self):
+        if self.image_groups is None and self.image_index is not None and self.image_index.device.type == "cpu":
+            self.image_groups = ImageGroups.of(self.image_index, self.visual.shape[0])
 
     @property
     def target_tokens(self) -> int:
@@ -43,11 +49,13 @@ class CaptionBatch:
 
     def to(self, device) -> "CaptionBatch":
         """On the device, dtypes unchanged: float16 visual tokens travel at half the bytes of float32."""
+        groups = None if self.image_groups is None else self.image_groups.to(device)
         return CaptionBatch(*(None if tensor is None else tensor.to(device, non_blocking=True)
-                              for tensor in self.tensors()))
+                              for tensor in self.tensors()), groups)
 
     def pin_memory(self) -> "CaptionBatch":  # called by a DataLoader with pin_memory=True
-        return CaptionBatch(*(None if tensor is None else tensor.pin_memory() for tensor in self.tensors()))
+        return CaptionBatch(*(None if tensor is None else tensor.pin_memory() for tensor in self.tensors()),
+                            self.image_groups)
 
 
 def samples_per_epoch(captions: Mapping[str, list[str]], mode: str) -> int:

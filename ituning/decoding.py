@@ -9,18 +9,24 @@ Beam search follows the usual rules: a hypothesis that ends in EOS among the top
 candidates is finished, an image is done once it has `num_beams` finished hypotheses, and
 hypotheses are ranked by sum of log-probabilities / (generated tokens ** length_penalty).
 
+`DecodingConfig.compile` picks the step when the caller passes none (`decoding_step`): "auto" uses
+`StaticCacheStep` compiled into CUDA graphs on CUDA (see ituning/static_decoding.py) and
+`CachedStep` on CPU; "never" always `CachedStep`; "always" the compiled step on any device.
+
 Every caption starts from `caption_prompt`, in training as in decoding. `caption_texts` turns a
 batch of visual tokens into captions; `caption_cached_tokens` captions cached visual tokens by image id.
 """
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 from ituning.model import ITuningCaptioner
 from ituning.progress import Progress
+from ituning.static_decoding import COMPILE_SETTINGS, StaticCacheStep, static_cache_supported
 
 
 @dataclass(frozen=True)
@@ -29,10 +35,14 @@ class DecodingConfig:
     max_length: int = 20  # new tokens, EOS included
     min_length: int = 0  # EOS is forbidden before this many new tokens
     length_penalty: float = 1.0
+    compile: str = "auto"  # compiled static-cache decoding: "auto" (on CUDA only), "never", "always"
 
     def __post_init__(self):
         if self.num_beams < 1 or self.max_length < 1 or not 0 <= self.min_length < self.max_length:
             raise ValueError(f"invalid decoding settings: {self}")
+        if self.compile not in COMPILE_SETTINGS:
+            raise ValueError(f"DecodingConfig.compile must be one of {', '.join(COMPILE_SETTINGS)}, "
+                             f"got {self.compile!r}")
 
 
 def caption_prompt(tokenizer) -> list[int]:
@@ -75,6 +85,16 @@ class RecomputingStep:
         return output.logits[:, -1].float().log_softmax(dim=-1)
 
 
+def decoding_step(config: DecodingConfig, device: torch.device) -> Callable:
+    """The step `config.compile` asks for on `device`: compiled static-cache decoding pays off where
+    kernel launches bound the speed (CUDA); on CPU the arithmetic dominates and compiling only costs."""
+    if config.compile == "never":
+        return CachedStep
+    if config.compile == "auto" and (torch.device(device).type != "cuda" or not static_cache_supported()):
+        return CachedStep
+    return partial(StaticCacheStep, max_new_tokens=config.max_length, compile=config.compile)
+
+
 def forbid_early_eos(log_probs: torch.Tensor, generated: int, eos_id: int, config: DecodingConfig):
     if generated < config.min_length:
         log_probs[:, eos_id] = float("-inf")
@@ -82,10 +102,10 @@ def forbid_early_eos(log_probs: torch.Tensor, generated: int, eos_id: int, confi
 
 
 @torch.inference_mode()
-def greedy_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(num_beams=1), step=CachedStep):
+def greedy_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(num_beams=1), step=None):
     """Token ids (without prompt and EOS) of the most likely next token at every step."""
     images = visual.shape[0]
-    next_log_probs = step(model, visual)
+    next_log_probs = (step or decoding_step(config, visual.device))(model, visual)
     sequences = prompt_ids.expand(images, -1)  # (B, P)
     finished = torch.zeros(images, dtype=torch.bool)
     outputs: list[list[int]] = [[] for _ in range(images)]
@@ -136,13 +156,13 @@ class Beam:
 
 
 @torch.inference_mode()
-def beam_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=CachedStep):
+def beam_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=None):
     """Token ids (without prompt and EOS) of the best beam for each image."""
     return [h.best() for h in _search_beams(model, visual, prompt_ids, eos_id, config, step)]
 
 
 @torch.inference_mode()
-def ranked_beams(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=CachedStep) -> list[list[Beam]]:
+def ranked_beams(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=None) -> list[list[Beam]]:
     """Every finished hypothesis of each image, best first (the first is `beam_search`'s answer)."""
     hypotheses = _search_beams(model, visual, prompt_ids, eos_id, config, step)
     return [[Beam(tokens, score) for score, tokens in h.entries] for h in hypotheses]
@@ -150,7 +170,7 @@ def ranked_beams(model, visual, prompt_ids, eos_id, config=DecodingConfig(), ste
 
 def _search_beams(model, visual, prompt_ids, eos_id, config, step) -> list[_Hypotheses]:
     images, beams = visual.shape[0], config.num_beams
-    next_log_probs = step(model, visual)
+    next_log_probs = (step or decoding_step(config, visual.device))(model, visual)
     sequences = prompt_ids.expand(images * beams, -1)  # (B·K, P), beams of an image adjacent
     beam_scores = torch.zeros(images, beams)
     beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
@@ -176,28 +196,30 @@ def _search_beams(model, visual, prompt_ids, eos_id, config, step) -> list[_Hypo
 
 
 def _select_beams(sequences, top_scores, top_ids, vocab, hypotheses, eos_id, generated, prompt_length):
-    """Move EOS candidates to the finished hypotheses and keep the best K others alive."""
+    """Move EOS candidates to the finished hypotheses and keep the best K others alive. Runs on the
+    host, on plain lists: a step's bookkeeping for hundreds of images costs no device waits."""
     images, beams = len(hypotheses), hypotheses[0].size
-    sources = torch.zeros(images * beams, dtype=torch.long)
-    tokens = torch.full((images * beams,), eos_id, dtype=torch.long)
-    scores = torch.full((images, beams), float("-inf"))
-    for image, hyps in enumerate(hypotheses):
-        kept = 0
-        sources[image * beams : (image + 1) * beams] = image * beams  # done images idle on beam 0
+    sources = [image * beams for image in range(images) for _ in range(beams)]  # done images idle on beam 0
+    tokens = [eos_id] * (images * beams)
+    scores = [[float("-inf")] * beams for _ in range(images)]
+    finished_rows = None  # the sequences on the host, fetched once if some beam finishes
+    for image, (image_scores, image_ids) in enumerate(zip(top_scores.tolist(), top_ids.tolist())):
+        hyps, kept = hypotheses[image], 0
         if hyps.full:
             continue
-        for rank, (score, flat_id) in enumerate(zip(top_scores[image].tolist(), top_ids[image].tolist())):
+        for rank, (score, flat_id) in enumerate(zip(image_scores, image_ids)):
             source, token = image * beams + flat_id // vocab, flat_id % vocab
             if token == eos_id:
                 if rank < beams:
-                    hyps.add(score, sequences[source, prompt_length:].tolist(), generated)
+                    finished_rows = sequences.cpu() if finished_rows is None else finished_rows
+                    hyps.add(score, finished_rows[source, prompt_length:].tolist(), generated)
                 continue
             slot = image * beams + kept
-            sources[slot], tokens[slot], scores[image, kept] = source, token, score
+            sources[slot], tokens[slot], scores[image][kept] = source, token, score
             kept += 1
             if kept == beams:
                 break
-    return sources, tokens, scores
+    return torch.tensor(sources), torch.tensor(tokens), torch.tensor(scores)
 
 
 def _finish_live_beams(sequences, beam_scores, hypotheses, prompt_length, generated):
@@ -211,13 +233,13 @@ def _finish_live_beams(sequences, beam_scores, hypotheses, prompt_length, genera
                 hyps.add(score, sequences[row, prompt_length:].tolist(), generated)
 
 
-def generate(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=CachedStep):
-    """Greedy when num_beams is 1, beam search otherwise."""
+def generate(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=None):
+    """Greedy when num_beams is 1, beam search otherwise; `step` None: the one `config.compile` picks."""
     search = greedy_search if config.num_beams == 1 else beam_search
     return search(model, visual, prompt_ids, eos_id, config, step)
 
 
-def caption_texts(model, tokenizer, visual: torch.Tensor, decoding=DecodingConfig(), step=CachedStep) -> list[str]:
+def caption_texts(model, tokenizer, visual: torch.Tensor, decoding=DecodingConfig(), step=None) -> list[str]:
     """Captions for visual tokens (B, N, d_v), decoded on the model's device in its dtype."""
     parameter = next(model.parameters())
     visual = visual.to(parameter.device, dtype=parameter.dtype)

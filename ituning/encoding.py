@@ -8,16 +8,19 @@ exactly as stored.
 
 `encode_batches` decodes and preprocesses in DataLoader worker processes (in the process itself
 where that one may not have children, e.g. a Dask worker), which send uint8 images (scaling and
-normalisation, the same arithmetic, happen on the device). The encoder runs in the caller's thread
-under the autocast of the compute precision (ituning/precision.py); its tokens, cast to the output
-dtype, travel to the host asynchronously on CUDA, so the next batch is launched while one is copied.
+normalisation, the same arithmetic, happen on the device). On CUDA, JPEGs are decoded, resized and
+cropped on the device instead where nvJPEG can (EncodeSettings.decode_on_device,
+ituning/device_decoding.py): the workers send those files' bytes. The encoder runs in the caller's
+thread under the autocast of the compute precision (ituning/precision.py); its tokens, cast to the
+output dtype, travel to the host asynchronously on CUDA, so the next batch is launched while one is
+copied.
 The feature cache (pipeline/features.py) and the small-corpus path (ituning/karpathy.py) encode
 through it; the captioner decodes its files one batch at a time and shares the pixel and encoder
 steps (`stack_pixels`, `encode_pixels`).
 """
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -26,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ituning.data import usable_workers, worker_start_method
+from ituning.device_decoding import RoutedFiles, collate_routed, device_jpegs
 from ituning.images import UnreadableImage, open_rgb
 from ituning.precision import autocast
 
@@ -41,6 +45,7 @@ class EncodeSettings:
     dtype: str = "float16"  # of the tokens handed back (and stored): a key of OUTPUT_DTYPES
     precision: str = "auto"  # compute precision (ituning/precision.py): autocast on CUDA
     queue_batches: int = 4  # encoded batches that may wait for the feature cache's writer
+    decode_on_device: str = "auto"  # JPEGs decoded by nvJPEG: auto (where CUDA has it), never, always
 
 
 @dataclass
@@ -163,19 +168,23 @@ def encode_batches(encoder, items, settings: EncodeSettings) -> Iterator[Encoded
     return _encoded(encoder, loader, finish, settings)
 
 
-def image_loader(encoder, items, settings: EncodeSettings) -> tuple[DataLoader, object]:
-    """(DataLoader of (pixels, groups, image_ids, errors) batches, device step or None)."""
+def image_loader(encoder, items, settings: EncodeSettings) -> tuple[Iterable, object]:
+    """(batches of (pixels, groups, image_ids, errors), device step or None). Where JPEGs are
+    decoded on the device, the workers send their bytes and the pixels arrive there already."""
     size = image_size(encoder)
     transform, blank, finish = split_preprocess(encoder.preprocess, size)
+    files = ImageFiles(items, transform, blank, min(size))
+    jpegs = device_jpegs(files, settings.device, settings.decode_on_device)
     workers = usable_workers(settings.num_workers)
     batches = group_batches([group for group, _, _ in items], settings.batch_size)
-    loader = DataLoader(ImageFiles(items, transform, blank, min(size)), batch_sampler=batches, num_workers=workers,
+    loader = DataLoader(files if jpegs is None else RoutedFiles(files), batch_sampler=batches, num_workers=workers,
+                        collate_fn=None if jpegs is None else collate_routed,
                         pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False,
                         multiprocessing_context=worker_start_method(workers))
-    return loader, finish
+    return (loader if jpegs is None else map(jpegs, loader)), finish
 
 
-def _encoded(encoder, loader: DataLoader, finish, settings: EncodeSettings) -> Iterator[EncodedBatch]:
+def _encoded(encoder, loader: Iterable, finish, settings: EncodeSettings) -> Iterator[EncodedBatch]:
     device, dtype = torch.device(settings.device), OUTPUT_DTYPES[settings.dtype]
     for pixels, groups, image_ids, errors in loader:
         with torch.inference_mode():

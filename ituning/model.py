@@ -69,6 +69,12 @@ class ImageGroups:
         slot[order] = rank - first_row[image_index[order]]
         return cls(image_index, slot, int(counts.max()))
 
+    def to(self, device) -> "ImageGroups":
+        """On `device`; built on the host from a batch's image index, the groups cost the device no
+        wait (`per_image` is a number the host already knows) and a compiled step no graph break."""
+        return ImageGroups(self.image_index.to(device, non_blocking=True), self.slot.to(device, non_blocking=True),
+                           self.per_image)
+
 
 @dataclass
 class VisualMemory:
@@ -183,11 +189,14 @@ class ITuningCaptioner(nn.Module):
             if isinstance(block.mlp, MLPWithITuning)
         }
 
-    def visual_memory(self, visual: torch.Tensor, image_index: torch.Tensor | None = None) -> list[VisualMemory]:
+    def visual_memory(self, visual: torch.Tensor, image_index: torch.Tensor | None = None,
+                      groups: ImageGroups | None = None) -> list[VisualMemory]:
         """Keys and values of every module for visual tokens (B_img, N, d_v), once per image.
-        `image_index` (B,) names the image of each row the model will run on; without it the rows
-        are the images' equal adjacent blocks (one row per image, or its beams)."""
-        groups = None if image_index is None else ImageGroups.of(image_index, visual.shape[0])
+        `image_index` (B,) names the image of each row the model will run on (or `groups`, built
+        from it beforehand); without either the rows are the images' equal adjacent blocks (one row
+        per image, or its beams)."""
+        if groups is None and image_index is not None:
+            groups = ImageGroups.of(image_index, visual.shape[0])
         return [layer.ituning.visual_memory(visual, groups) for layer in self.wrapped_layers.values()]
 
     @contextmanager
@@ -201,13 +210,15 @@ class ITuningCaptioner(nn.Module):
             for layer in layers:
                 layer.memory = None
 
-    def forward(self, input_ids, visual=None, memory=None, image_index=None, **language_model_kwargs):
+    def forward(self, input_ids, visual=None, memory=None, image_index=None, image_groups=None,
+                **language_model_kwargs):
         """Run the language model conditioned on `visual` tokens, or on precomputed `memory`.
 
-        `visual` holds one row per row of input_ids, or, with `image_index` (B,), one per distinct
-        image (B_img, N, d_v), row b of input_ids showing image image_index[b]."""
+        `visual` holds one row per row of input_ids, or, with `image_index` (B,) or the
+        `image_groups` built from it, one per distinct image (B_img, N, d_v), row b of input_ids
+        showing image image_index[b]."""
         if memory is None and visual is not None:
-            memory = self.visual_memory(visual, image_index)
+            memory = self.visual_memory(visual, image_index, image_groups)
         with self.conditioned_on(memory):
             return self.language_model(input_ids=input_ids, **language_model_kwargs)
 

@@ -14,7 +14,8 @@ the same loss and gradients at more cost). The learning rate warms up linearly, 
 a cosine to zero. Stages run in order (VG pre-training, then COCO or Flickr30k fine-tuning), each
 starting from the modules the previous stage ended with. Progress goes to plain callbacks: any
 objects with some of `on_step(step, metrics)`, `on_epoch(epoch, metrics)`, `on_checkpoint(path)`
-and, between stages, `on_stage(name, config)`.
+between stages, `on_stage(name, config)`, and once a stage knows how it runs, `on_plan(name,
+settings)` (the micro-batch `auto` chose, whether the data are on the device and the step compiled).
 """
 
 import json
@@ -22,8 +23,10 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,8 +38,10 @@ from ituning.config import RunConfig, StageConfig, config_to_dict
 from ituning.data import (CaptionBatch, MicroBatches, epoch_samples, micro_batch_count, micro_batch_loader,
                           samples_per_epoch)
 from ituning.decoding import CachedStep, DecodingConfig, caption_texts, caption_cached_tokens
+from ituning.device_data import DeviceCaptionData, holds_on_device, images_with_captions, visual_bytes
 from ituning.distributed import (barrier, data_parallel, gradient_sync, is_main_process, join_from_environment,
                                  process_device, shard, summed, unwrapped, world)
+from ituning.micro_batch import resolve_micro_batch, worst_micro_batch
 from ituning.model import ITuningCaptioner, trainable_parameters
 from ituning.progress import Progress
 from ituning.precision import autocast
@@ -103,10 +108,19 @@ def caption_loss_sum(model: ITuningCaptioner, batch: CaptionBatch) -> torch.Tens
     """Σ over the batch's caption tokens of -log P(token | prefix, image)."""
     dtype = next(model.parameters()).dtype  # on the device when the batch is: cached tokens travel as float16
     logits = model(batch.input_ids, visual=batch.visual.to(dtype), image_index=batch.image_index,
-                   attention_mask=batch.attention_mask).logits
+                   image_groups=batch.image_groups, attention_mask=batch.attention_mask).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), reduction="sum"
     )  # position t predicts token t + 1
+
+
+def training_loss(setting: bool | str, device: torch.device) -> Callable:
+    """caption_loss_sum, compiled by torch.compile when `setting` says so (auto: on CUDA only, where
+    fewer kernel launches pay for the compile time). Shapes are dynamic from the start: caption
+    lengths and images per micro-batch change from one micro-batch to the next."""
+    if setting is False or (setting == "auto" and device.type != "cuda"):
+        return caption_loss_sum
+    return torch.compile(caption_loss_sum, dynamic=True)
 
 
 class BlindStep(CachedStep):
@@ -121,7 +135,7 @@ class BlindStep(CachedStep):
 def caption_feature_set(model, tokenizer, features: Mapping, image_ids: list[str], decoding: DecodingConfig,
                         batch_size: int = 64, blind: bool = False) -> dict[str, str]:
     """Captions generated from cached visual tokens, by image id."""
-    step = BlindStep if blind else CachedStep
+    step = BlindStep if blind else None  # None: as `decoding.compile` says (compiled on CUDA)
     return caption_cached_tokens(lambda visual: caption_texts(model, tokenizer, visual, decoding, step),
                                  features, image_ids, batch_size, "validation captions")
 
@@ -157,6 +171,37 @@ class StageTrainer:
             self.optimizer, warmup_cosine(total, round(stage.warmup_fraction * total))
         )
         self.state = TrainerState()
+        self.loss_sum = training_loss(stage.compile, self.device)
+
+    @cached_property
+    def device_data(self) -> DeviceCaptionData | None:
+        """The split held on the device, when the stage's `data_on_device` says so (see ituning/device_data.py)."""
+        needed = lambda: visual_bytes(self.data.features, images_with_captions(self.data.captions))  # noqa: E731
+        if not holds_on_device(self.stage.data_on_device, self.device, needed):
+            return None
+        return DeviceCaptionData(self.data.captions, self.data.features, self.tokenizer, self.stage.max_caption_tokens,
+                                 self.device, self.stage.share_visual, self.progress and is_main_process())
+
+    @cached_property
+    def micro_batch_size(self) -> int:
+        """The stage's micro-batch, measured against the free memory for `auto` (ituning/micro_batch.py),
+        after the data are on the device when they go there."""
+        _ = self.device_data
+        return resolve_micro_batch(self.stage.micro_batch_size, self.stage.batch_size, self.device, self.probe)
+
+    def plan(self) -> dict:
+        """How this stage runs here, where its config leaves the choice to the machine."""
+        return {"micro_batch_size": self.micro_batch_size, "data_on_device": self.device_data is not None,
+                "compiled": self.loss_sum is not caption_loss_sum}
+
+    def probe(self, size: int) -> None:
+        """A forward and backward pass on the worst micro-batch of `size` captions; no weight changes."""
+        sample = np.asarray(next(iter(self.data.features.values())))
+        batch = worst_micro_batch(size, self.stage.max_caption_tokens + 1, sample.shape,
+                                  torch.from_numpy(sample).dtype, self.device)
+        with autocast(self.device, self.stage.precision):
+            self.loss_sum(self.model, batch).backward()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def notify(self, event: str, *args) -> None:
         if not is_main_process():  # one report per step, not one per process
@@ -183,6 +228,7 @@ class StageTrainer:
             raise ValueError(f"stage {self.stage.name}: no training captions")
         self.start(resume)
         self.model.eval()  # frozen backbones: no dropout; the modules have none
+        self.notify("on_plan", self.stage.name, self.plan())
         total = self.steps_per_epoch * self.stage.epochs
         show = self.progress and is_main_process()
         with Progress(total, self.stage.name, "steps", initial=self.state.step, enabled=show) as bar:
@@ -203,7 +249,7 @@ class StageTrainer:
         shares = [shard(step) for step in steps]  # under torchrun: this process's share of each step
         loaded = iter(self.loader(shares))
         for step, share in zip(steps, shares):
-            batches = [next(loaded) for _ in range(micro_batch_count(share, self.stage.micro_batch_size))]
+            batches = [next(loaded) for _ in range(micro_batch_count(share, self.micro_batch_size))]
             metrics = self.train_step(step, batches)
             self.state.step += 1
             self.state.step_in_epoch += 1
@@ -216,13 +262,17 @@ class StageTrainer:
         self.end_epoch()
 
     def loader(self, shares: list[list[tuple[str, int]]]):
+        if self.device_data is not None:
+            size = self.micro_batch_size
+            return (self.device_data.collate(share[first : first + size])
+                    for share in shares for first in range(0, len(share), size))
         workers = self.stage.data_workers
         if workers is None:
             workers = 4 if self.device.type == "cuda" else 0
         return micro_batch_loader(self.micro_batch_set(shares), workers, pin_memory=self.device.type == "cuda")
 
     def micro_batch_set(self, steps: list[list[tuple[str, int]]]) -> MicroBatches:
-        return MicroBatches(steps, self.stage.micro_batch_size, self.data.captions, self.data.features,
+        return MicroBatches(steps, self.micro_batch_size, self.data.captions, self.data.features,
                             self.tokenizer, self.stage.max_caption_tokens, self.stage.share_visual)
 
     def train_step(self, samples: list[tuple[str, int]], batches: list[CaptionBatch] | None = None) -> dict:
@@ -255,12 +305,14 @@ class StageTrainer:
 
     def micro_batches(self, samples: list[tuple[str, int]]) -> list[CaptionBatch]:
         """One step's micro-batches, collated here and now."""
+        if self.device_data is not None:
+            return list(self.loader([samples]))
         batches = self.micro_batch_set([samples])
         return [batches[index] for index in range(len(batches))]
 
     def backward(self, batch: CaptionBatch, tokens: float, share: int) -> torch.Tensor:
         with autocast(self.device, self.stage.precision):
-            loss = caption_loss_sum(self.replica, batch.to(self.device)) / tokens * share
+            loss = self.loss_sum(self.replica, batch.to(self.device)) / tokens * share
         loss.backward()
         return loss.detach()
 

@@ -62,6 +62,8 @@ def features(
     shard_size: Annotated[int, typer.Option(min=1, help="images per HDF5 shard")] = 1024,
     dtype: DtypeOption = "float16",
     precision: PrecisionOption = "auto",
+    decode_on_device: Annotated[str, typer.Option(
+        help="JPEGs decoded by nvJPEG on the GPU: auto (where CUDA has it), never, always")] = "auto",
     part: Annotated[Part, typer.Option(parser=parse_part, metavar="I/N",
                                        help="build part I of N (from 0): the shards k with k % N == I")] = "0/1",
 ):
@@ -73,7 +75,7 @@ def features(
     from storage.feature_shards import ShardPlan
     from pipeline.features import FeatureSettings, encode_features, split_cache_dir
 
-    encode = _encode_settings(device, dtype, precision, batch_size, workers)
+    encode = _encode_settings(device, dtype, precision, batch_size, workers, decode_on_device)
     images, root, spec = _split_images(workspace, dataset, split, vision, vision_pretrained)
     out_dir = split_cache_dir(root, dataset, split, spec, encode)
     shards = part.shards(ShardPlan(tuple(images), shard_size).count)
@@ -146,16 +148,20 @@ def _split_images(workspace, dataset, split, vision, vision_pretrained):
     return images, root, spec
 
 
-def _encode_settings(device: str, dtype: str, precision: str, batch_size: int = 256, workers: int | None = None):
+def _encode_settings(device: str, dtype: str, precision: str, batch_size: int = 256, workers: int | None = None,
+                     decode_on_device: str = "auto"):
     from ituning.captioner import resolve_device
+    from ituning.device_decoding import DECODE_ON_DEVICE
     from ituning.encoding import OUTPUT_DTYPES, EncodeSettings
     from ituning.precision import PRECISIONS
 
     if dtype not in OUTPUT_DTYPES or precision not in PRECISIONS:
         fail(ValueError(f"unknown --dtype {dtype!r} or --precision {precision!r}"))
+    if decode_on_device not in DECODE_ON_DEVICE:
+        fail(ValueError(f"unknown --decode-on-device {decode_on_device!r}: expected {', '.join(DECODE_ON_DEVICE)}"))
     device = resolve_device(device)
     return EncodeSettings(batch_size, _default_workers(device) if workers is None else workers, device, dtype,
-                          precision)
+                          precision, decode_on_device=decode_on_device)
 
 
 def _show_progress() -> None:

@@ -224,7 +224,7 @@ class ExperimentTracker:
 
 
 class MLflowTrainingCallbacks:
-    """The training loop's callbacks (on_step, on_epoch, on_checkpoint) writing to one run."""
+    """The training loop's callbacks (on_step, on_epoch, on_plan, on_checkpoint) writing to one run."""
 
     def __init__(self, tracker: ExperimentTracker, run_id: str, log_every: int = 1):
         self.tracker = tracker
@@ -239,6 +239,12 @@ class MLflowTrainingCallbacks:
     def on_epoch(self, epoch: int, metrics: dict) -> None:
         """Per-epoch values (e.g. validation CIDEr) as "epoch/<name>", stepped by epoch."""
         self.tracker.log_metrics(self.run_id, {f"epoch/{key}": value for key, value in metrics.items()}, epoch)
+
+    def on_plan(self, stage: str, settings: dict) -> None:
+        """How a stage runs on this machine (a micro-batch chosen by `auto`, ...), as tags: a resumed
+        run on another machine may choose differently."""
+        for key, value in settings.items():
+            self.tracker.client.set_tag(self.run_id, f"plan.{stage}.{key}", str(value))
 
     def on_checkpoint(self, path) -> None:
         self.tracker.log_checkpoint(self.run_id, path, f"checkpoints/{Path(path).name}")

@@ -34,7 +34,7 @@ the cache of that device's precision and leaves the other one alone.
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,7 +315,8 @@ class FeatureReader(Mapping):
         manifest = json.loads(self.entry.read_text())
         self.attrs: dict = manifest["identity"]
         self.shard_files = [self.entry.parent / shard["file"] for shard in manifest["shards"]]
-        self.image_ids: list[str] = [i for shard in manifest["shards"] for i in shard["image_ids"]]
+        self.shard_image_ids: list[list[str]] = [shard["image_ids"] for shard in manifest["shards"]]
+        self.image_ids: list[str] = [i for shard in self.shard_image_ids for i in shard]
         self.unreadable = {i: why for shard in manifest["shards"] for i, why in shard["unreadable"].items()}
         self._where = {image_id: (index, row) for index, shard in enumerate(manifest["shards"])
                        for row, image_id in enumerate(shard["image_ids"])}
@@ -336,10 +337,22 @@ class FeatureReader(Mapping):
         try:
             return self._tokens(shard)[row]
         except (OSError, KeyError) as error:  # h5py's errors name no file
-            raise ShardUnreadable(f"{self.shard_files[shard]}: cannot read this feature shard ({error}); it is "
-                                  f"damaged or truncated. Encode it again with `{rebuild_command(self.entry)}`; "
-                                  f"`ituning features verify` with the same options names every damaged shard") \
-                from error
+            raise self._unreadable(shard, error) from error
+
+    def _unreadable(self, shard: int, error: Exception) -> ShardUnreadable:
+        return ShardUnreadable(f"{self.shard_files[shard]}: cannot read this feature shard ({error}); it is "
+                               f"damaged or truncated. Encode it again with `{rebuild_command(self.entry)}`; "
+                               f"`ituning features verify` with the same options names every damaged shard")
+
+    def shard_blocks(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(image ids, tokens (rows, tokens, width)) of each shard in turn: the whole cache read in
+        large sequential pieces, for loading it all at once."""
+        for shard, image_ids in enumerate(self.shard_image_ids):
+            try:
+                tokens = self._tokens(shard)[:]
+            except (OSError, KeyError) as error:
+                raise self._unreadable(shard, error) from error
+            yield image_ids, tokens
 
     def _tokens(self, shard: int):
         if self._pid != os.getpid():  # inherited through fork: the parent's handles are not ours

@@ -112,10 +112,13 @@ def test_a_lock_is_named_while_held_and_free_the_moment_its_holder_is_killed(tmp
         from storage.locks import FileLock
         lock = FileLock({str(path)!r})
         assert lock.acquire()
+        started, ready = os.pipe()
         child = os.fork()
-        if child == 0:
+        if child == 0:  # fork's hooks have run (the lock's copy closed) once the child runs its own code
+            os.write(ready, b"x")
             time.sleep(60)
             os._exit(0)
+        os.read(started, 1)
         print(child, flush=True)
         time.sleep(60)
     """)

@@ -40,6 +40,10 @@ def test_presets_cover_the_paper_rows():
     (minimal(captions="some"), "stages[0].captions"),
     (minimal(learning_rat=0.1), "stages[0].learning_rat"),
     (minimal(batch_size=100, micro_batch_size=64), "stages[0].batch_size"),
+    (minimal(micro_batch_size="largest"), "stages[0].micro_batch_size"),
+    (minimal(micro_batch_size=0), "stages[0].micro_batch_size"),
+    (minimal(data_on_device="sometimes"), "stages[0].data_on_device"),
+    (minimal(compile=1), "stages[0].compile"),
     (minimal(warmup_fraction=1.5), "stages[0].warmup_fraction"),
     (minimal(dataset="imagenet"), "stages[0].dataset"),
     ({**minimal(), "model": {"drop_first": -1}}, "model.drop_first"),
@@ -54,6 +58,15 @@ def test_bad_keys_and_values_are_errors_naming_the_key(data, key):
     with pytest.raises(ConfigError) as error:
         config_from_dict(data)
     assert str(error.value).startswith(f"{key}:")
+
+
+def test_speed_settings_take_auto_or_a_value():
+    stage = config_from_dict(minimal(micro_batch_size="auto", data_on_device=True, compile=False)).stages[0]
+    assert (stage.micro_batch_size, stage.data_on_device, stage.compile) == ("auto", True, False)
+    defaults = config_from_dict(minimal()).stages[0]
+    assert (defaults.micro_batch_size, defaults.data_on_device, defaults.compile) == (64, "auto", "auto")
+    with pytest.raises(ConfigError, match=r"stages\[0\].compile: must be bool or auto, got 'yes please'"):
+        config_from_dict(minimal(compile="yes please"))
 
 
 @pytest.mark.parametrize("stage, key, message", [

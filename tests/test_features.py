@@ -103,6 +103,10 @@ def test_tokens_round_trip_bit_exactly(images, spec, encoder, tmp_path):
     for image_id, expected in direct_tokens(encoder, images).items():
         assert reader[image_id].dtype == np.float16
         assert np.array_equal(reader[image_id], expected.numpy())
+    blocks = list(reader.shard_blocks())  # the whole cache at once, shard by shard
+    assert [len(ids) for ids, _ in blocks] == [5, 5, 3]  # 13 images, shards of 5
+    for ids, tokens in blocks:
+        assert all(np.array_equal(tokens[row], reader[image_id]) for row, image_id in enumerate(ids))
     assert reader.attrs["encoder_name"] == spec.vision_model
     assert reader.attrs["image_size"] == [64, 64] and reader.attrs["encoder_pretrained"] == ""
     assert reader.attrs["image_list_fingerprint"] == image_list_fingerprint(images)

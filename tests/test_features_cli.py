@@ -131,3 +131,11 @@ def test_a_bad_part_is_a_one_line_usage_error(part, tmp_path):
 def test_a_missing_split_is_an_error():
     result = CliRunner().invoke(app, ["features", "verify", "--dataset", "coco"])
     assert result.exit_code == 2 and "--dataset and --split are required" in result.output
+
+
+def test_decoding_on_the_device_is_a_choice_of_three(tmp_path):
+    result = CliRunner().invoke(app, ["features", "--dataset", "coco", "--split", "train", "--workspace",
+                                      str(tmp_path), "--decode-on-device", "sometimes"])
+    assert result.exit_code == 2, result.output
+    assert "unknown --decode-on-device 'sometimes': expected auto, never, always" in result.output
+    assert "--decode-on-device" in CliRunner().invoke(app, ["features", "--help"]).output

@@ -75,6 +75,8 @@ def test_training_callbacks_log_steps_epochs_and_module_weights(tracker, standin
             callbacks.on_step(step, {"loss": 5.0 - step, "learning_rate": 1e-4 * step})
         callbacks.on_epoch(0, {"val_CIDEr": 0.25})
         callbacks.on_epoch(1, {"val_CIDEr": 0.5})
+        callbacks.on_plan("finetune", {"micro_batch_size": 256, "data_on_device": True, "compiled": True})
+        callbacks.on_plan("finetune", {"micro_batch_size": 128, "data_on_device": True, "compiled": True})  # resumed
         callbacks.on_checkpoint(checkpoint)
     history = tracker.client.get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 5.0), (2, 3.0), (4, 1.0)]
@@ -86,6 +88,8 @@ def test_training_callbacks_log_steps_epochs_and_module_weights(tracker, standin
     adapter = json.loads((standin_checkpoint / CONFIG_FILE).read_text())
     assert params["adapter.ituning.scale"] == str(adapter["ituning"]["scale"])
     assert params["adapter.code_version"] == adapter["code_version"]
+    tags = tracker.client.get_run(run_id).data.tags
+    assert (tags["plan.finetune.micro_batch_size"], tags["plan.finetune.data_on_device"]) == ("128", "True")
 
 
 def test_dataset_inputs_show_what_a_run_read(tracker, workspace):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from ituning.checkpoint import WEIGHTS_FILE
-from ituning.config import RunConfig, StageConfig, config_from_dict
+from ituning.config import RunConfig, config_from_dict
 from ituning.data import IGNORE_INDEX, collate, epoch_samples
 from ituning.model import trainable_parameters
 from ituning.training import (
@@ -271,10 +271,6 @@ def test_missing_stage_data_is_refused(standin_backbones, tmp_path):
     config = run_config(standin_backbones, [stage_dict()])
     with pytest.raises(ValueError, match="finetune"):
         train_run(config, {}, tmp_path)
-
-
-def test_stage_config_accumulation():
-    assert StageConfig(name="x", dataset="coco", epochs=1, batch_size=4096, micro_batch_size=64).accumulation == 64
 
 
 @pytest.mark.gpu

@@ -35,11 +35,11 @@ run() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv"
   python3 -c "import torch, torchvision, transformers; print(torch.__version__, torchvision.__version__, transformers.__version__)" \
     > "$out/versions.txt"
-  timeout 100 python3 benchmarks/beam_decoding.py --device cuda --images 5000 --batch 500 --bf16 \
+  timeout 140 python3 benchmarks/beam_decoding.py --device cuda --images 5000 --batch 500 --bf16 \
     --paths cached,compiled > "$out/beam_decoding.txt" 2> "$out/beam_decoding.log" || echo "beam decoding: exit $?"
-  timeout 230 python3 benchmarks/training_epoch.py --device cuda --micro-batch auto --data-on-device auto \
+  timeout 220 python3 benchmarks/training_epoch.py --device cuda --micro-batch auto --data-on-device auto \
     --compile auto > "$out/training_epoch.json" 2> "$out/training_epoch.log" || echo "training epoch: exit $?"
-  timeout 140 python3 benchmarks/feature_cache.py --device cuda --images 123287 --distinct 4000 \
+  timeout 120 python3 benchmarks/feature_cache.py --device cuda --images 123287 --distinct 4000 \
     --image-size 640x480 --textured --batch-size 256 --workers 15 --rounds 1 --only pipeline \
     > "$out/feature_cache.json" 2> "$out/feature_cache.log" || echo "feature cache: exit $?"
   tail -n 3 "$out"/*.txt "$out"/*.json

@@ -62,8 +62,17 @@ def backbones_for(workspace: Path, config: str, demo: bool, catalog: PrefectFutu
     return built.result(), built
 
 
+class FeatureEntries(dict):
+    """(dataset, split) -> the task that finishes the split's feature cache (its entry point), with
+    `shard_tasks[(dataset, split)]`, the tasks that encoded or reused its shards."""
+
+    def __init__(self, entries: dict, shard_tasks: dict):
+        super().__init__(entries)
+        self.shard_tasks = shard_tasks
+
+
 def encode_splits(workspace: Path, splits: list[list[str]], backbones: dict, shard_size: int, device: str,
-                  catalog: PrefectFuture | None = None) -> dict[tuple[str, str], PrefectFuture]:
+                  catalog: PrefectFuture | None = None) -> FeatureEntries:
     """Every shard of every split mapped at once (threads, or Dask workers); one entry point per split."""
     listings = {(d, s): feature_shards.submit(workspace, d, s, shard_size, catalog=catalog) for d, s in splits}
     shard_futures = {key: cache_feature_shard.map(unmapped(workspace), unmapped(key[0]), unmapped(key[1]),
@@ -71,9 +80,9 @@ def encode_splits(workspace: Path, splits: list[list[str]], backbones: dict, sha
                                                   device=unmapped(device))
                      for key, listing in listings.items()}
     _report_shard_progress(shard_futures)
-    return {key: finish_feature_cache.submit(workspace, key[0], key[1], backbones, shard_size, shard_files=futures,
-                                             device=device)
-            for key, futures in shard_futures.items()}
+    return FeatureEntries({key: finish_feature_cache.submit(workspace, key[0], key[1], backbones, shard_size,
+                                                            shard_files=futures, device=device)
+                           for key, futures in shard_futures.items()}, shard_futures)
 
 
 def _report_shard_progress(shard_futures: dict) -> None:
@@ -141,7 +150,16 @@ def data_records(datasets: list[str], downloads: list[PrefectFuture], catalog: P
     records.append(step_record("catalog", catalog))
     if backbones is not None:
         records.append(step_record("stand-in backbones", backbones))
-    return records + [step_record(f"features {dataset}/{split}", future) for (dataset, split), future in entries.items()]
+    return records + [feature_record(key, entries) for key in entries]
+
+
+def feature_record(key: tuple[str, str], entries: FeatureEntries) -> dict:
+    """A split's feature cache counts as reused when every one of its shard tasks was (finishing the
+    entry point always runs, and only re-checks it)."""
+    record = step_record(f"features {key[0]}/{key[1]}", entries[key])
+    shards = entries.shard_tasks.get(key, [])
+    record["cached"] = bool(shards) and all(was_cached(future) for future in shards)
+    return record
 
 
 def promotion_note(model: dict, promotion: dict) -> str:

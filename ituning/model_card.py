@@ -41,6 +41,10 @@ class HubError(RuntimeError):
     hub, a missing repository or revision, a refusal."""
 
 
+class BadRepoId(HubError):
+    """A repository id the hub would refuse: the caller's mistake, found before anything is sent."""
+
+
 # ---- what the card says ------------------------------------------------------------------------
 
 
@@ -244,7 +248,7 @@ def hub_repo_id(repo_id: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise HubError(f"{repo_id!r} is not a hub repository id: use OWNER/NAME, of letters, digits, "
+        raise BadRepoId(f"{repo_id!r} is not a hub repository id: use OWNER/NAME, of letters, digits, "
                        "'-', '_' and '.'") from error
     return repo_id
 

@@ -7,7 +7,7 @@ import typer
 
 from pipeline.cli_errors import fail, on_one_line
 
-HUB_FAILED = 1  # the hub refused, could not be reached, or was given a bad repository id
+HUB_FAILED = 1  # the hub refused or could not be reached
 
 
 def push(
@@ -28,12 +28,14 @@ def push(
     trainable parameters, data sets and scores), in one commit; prints the repository's URL. The hub
     is $HF_ENDPOINT (default huggingface.co), the token $HF_TOKEN or that of `hf auth login`. Load it
     back with `ituning caption --model hub:OWNER/NAME IMAGE` or Captioner.from_pretrained("OWNER/NAME").
-    A hub failure or a bad repository id exits 1; an unusable checkpoint or run, 2."""
-    from ituning.model_card import HubError
+    A hub failure exits 1; a bad repository id, an unusable checkpoint or run, 2."""
+    from ituning.model_card import BadRepoId, HubError
     from pipeline.model_sources import push_checkpoint
 
     try:
         commit = push_checkpoint(checkpoint, repo, run, workspace, private, branch)
+    except BadRepoId as error:
+        fail(on_one_line(error))
     except HubError as error:
         fail(on_one_line(error), code=HUB_FAILED)
     except Exception as error:  # a missing or foreign checkpoint, backbones it cannot load, an unknown run

@@ -24,7 +24,6 @@ from storage.atomic import write_atomically
 from storage.jsonfields import MalformedInput
 from storage.manifests import RemoteFile
 
-CHUNK = 1 << 20
 LEDGER = "verified.json"
 
 
@@ -87,11 +86,8 @@ class Ledger:
 
 
 def file_checksum(path: Path, algorithm: str = "sha256") -> str:
-    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return f"{algorithm}:{digest.hexdigest()}"
+        return f"{algorithm}:{hashlib.file_digest(handle, algorithm).hexdigest()}"
 
 
 def fetch_verified(client: httpx.Client, remote: RemoteFile, target: Path, ledger: Ledger,

@@ -197,12 +197,9 @@ def shard_contents(path: Path) -> tuple[list[str], dict[str, str]]:
         return list(handle["image_ids"].asstr()[:]), unreadable
 
 
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def checksum_path(shard: Path) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.service_logs import assert_clean_log
-from tests.test_services import free_port
+from tests.ports import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 USER = "ituning"

@@ -6,7 +6,6 @@ show, and bad files get a message on the page while the server keeps captioning.
 """
 
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,18 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.browser import browser, open_page  # noqa: F401  (browser is a fixture)
+from tests.ports import free_port
 from tests.service_logs import assert_clean_log
 from tests.test_image_decoding import write_huge_png
 
 ROOT = Path(__file__).resolve().parent.parent
 ITUNING = str(Path(os.sys.executable).parent / "ituning")
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_up(url: str, process: subprocess.Popen, log: Path, within_s: float = 180) -> None:

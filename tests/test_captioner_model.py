@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
 from pipeline.tracking import ExperimentTracker
+from tests.ports import free_port
 from tests.scene_images import shape_image
 from tests.service_logs import assert_clean_log
 
@@ -95,12 +95,6 @@ def test_loaded_model_captions_like_the_captioner(logged_model, model_store, exp
     assert model.predict([image, image]) == [expected_caption, expected_caption]
     with pytest.raises(mlflow.exceptions.MlflowException, match="base64"):
         model.predict(["/etc/hostname"])  # paths are refused unless logged with accept_file_paths
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def post(url: str, body: dict):

@@ -17,7 +17,7 @@ from ituning.checkpoint import WEIGHTS_FILE
 from ituning.distributed import data_parallel, shard, summed, world
 from ituning.model import count_trainable
 from ituning.training import build_model
-from tests.test_services import free_port
+from tests.ports import free_port
 from tests.test_training import run_config, stage_dict
 
 ROOT = Path(__file__).resolve().parent.parent

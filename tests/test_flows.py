@@ -127,6 +127,9 @@ def test_summary_artifact_lists_stages_and_reuse(pipeline_runs, prefect_server):
     first = next(text for text in texts if "| finetune | ran |" in text)
     for step in ("download coco", "catalog", "stand-in backbones", "features coco/train", "features coco/test"):
         assert f"| {step} | ran |" in first, first
+    # the rerun with nothing changed reused every shard: no encoding ran
+    assert any(all(f"| features coco/{split} | cached: reused, not re-run |" in text for split in ("train", "test"))
+               for text in texts), texts
     assert re.search(r"\| catalog \| ran \| coco usable images \d+ \|", first), first
 
 

@@ -274,7 +274,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 def test_push_fails_on_one_line_for_a_bad_id_no_token_or_an_unreachable_hub(hub, standin_checkpoint, tmp_path):
     environment = hub_environment(hub.endpoint, tmp_path / "hf-home", token=TOKEN)
     bad_id = ituning("push", str(standin_checkpoint), "bad repo!!", env=environment)
-    assert bad_id.returncode == 1 and "'bad repo!!' is not a hub repository id" in one_error_line(bad_id)
+    assert bad_id.returncode == 2 and "'bad repo!!' is not a hub repository id" in one_error_line(bad_id)
 
     no_token = ituning("push", str(standin_checkpoint), "user/tiny", env=hub_environment(hub.endpoint, tmp_path / "h"))
     assert no_token.returncode == 1 and "no Hugging Face token" in one_error_line(no_token)

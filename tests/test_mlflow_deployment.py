@@ -17,7 +17,7 @@ from pipeline.services import ServiceSettings, start_mlflow, stop_all
 from pipeline.tracking import ExperimentTracker
 from tests.postgres_fixtures import needs_postgres, postgres  # noqa: F401  (postgres is a fixture)
 from tests.service_logs import assert_clean_log
-from tests.test_services import free_port
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.slow, needs_postgres]
 BUCKET, PREFIX = "ituning-artifacts", "mlflow"

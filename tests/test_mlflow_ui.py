@@ -5,7 +5,6 @@ there, so every picture of the gallery must be embedded. Chromium loads the real
 (started as `make serve` starts it) and each image of the gallery must have decoded.
 """
 
-import socket
 import time
 from pathlib import Path
 
@@ -13,17 +12,12 @@ import pytest
 
 from pipeline.gallery import gallery_items, write_gallery
 from tests.browser import browser, open_page  # noqa: F401  (browser is a fixture)
+from tests.ports import free_port
 from tests.scene_images import shape_image
 from tests.service_logs import assert_clean_log
 
 pytestmark = pytest.mark.slow
 DECODED_IMAGES = "Array.from(document.images).map(image => image.complete && image.naturalWidth > 0)"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

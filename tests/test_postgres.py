@@ -12,7 +12,7 @@ import pytest
 
 from tests.postgres_fixtures import needs_postgres, postgres  # noqa: F401  (postgres is a fixture)
 from tests.service_logs import assert_clean_log
-from tests.test_services import free_port
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -15,7 +15,7 @@ from websockets.sync.client import connect
 
 from pipeline.services import ServiceSettings, start_prefect, stop_all
 from tests.service_logs import assert_clean_log
-from tests.test_services import free_port
+from tests.ports import free_port
 
 EVIL = "http://evil.example"
 

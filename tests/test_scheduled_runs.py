@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.services import ServiceSettings, start_prefect, stop_all
 from tests.service_logs import assert_clean_log
-from tests.test_services import free_port
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 DEPLOYMENT = "retrain/retrain-weekly"

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -11,17 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.flow_fixtures import SMALL_RUN
+from tests.ports import free_port
 from tests.service_logs import assert_clean_log
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def exported(env_file: Path) -> dict[str, str]:

@@ -75,8 +75,8 @@ class StageConfig:
     val_split: str | None = "val"  # None: no validation (VG pre-training)
     captions: Literal["all", "random"] = "all"  # every caption once per epoch, or one random caption per image
     batch_size: int = 4096  # the paper's effective batch
-    # per forward pass; gradients accumulate up to batch_size. auto: the largest power of two dividing
-    # batch_size that fits the GPU's free memory (measured on the model), 64 on the CPU
+    # per forward pass; gradients accumulate up to batch_size. auto: the largest divisor of batch_size
+    # that fits the GPU's free memory (measured on the model), at most 64 on the CPU
     micro_batch_size: int | Literal["auto"] = 64
     learning_rate: float = 1e-3
     weight_decay: float = 0.01

@@ -58,6 +58,11 @@ class CaptionBatch:
                             self.image_groups)
 
 
+def images_with_captions(captions: Mapping[str, list[str]]) -> list[str]:
+    """The ids of the images that have captions, sorted: the images a split trains or validates on."""
+    return sorted(image_id for image_id, texts in captions.items() if texts)
+
+
 def samples_per_epoch(captions: Mapping[str, list[str]], mode: str) -> int:
     if mode == "all":
         return sum(len(texts) for texts in captions.values())
@@ -72,7 +77,7 @@ def epoch_samples(captions: Mapping[str, list[str]], mode: str, seed: int, epoch
     mode "random": one caption per image, drawn anew each epoch.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    image_ids = sorted(image_id for image_id, texts in captions.items() if texts)
+    image_ids = images_with_captions(captions)
     if mode == "all":
         order = torch.randperm(len(image_ids), generator=generator).tolist()
         return [(image_ids[k], index) for k in order for index in range(len(captions[image_ids[k]]))]
@@ -114,10 +119,21 @@ def collate(samples, captions, features: Mapping, tokenizer, max_tokens: int,
     if not share_visual:
         visual = np.stack([np.asarray(features[image_id]) for image_id in image_ids])  # (B, N, d_v)
         return CaptionBatch(*text, torch.from_numpy(visual))
-    row_of = {image_id: row for row, image_id in enumerate(dict.fromkeys(image_ids))}
-    visual = np.stack([np.asarray(features[image_id]) for image_id in row_of])  # (B_img, N, d_v)
-    image_index = torch.tensor([row_of[image_id] for image_id in image_ids], dtype=torch.long)  # (B,)
+    distinct, image_index = first_appearances(image_ids)
+    visual = np.stack([np.asarray(features[image_id]) for image_id in distinct])  # (B_img, N, d_v)
     return CaptionBatch(*text, torch.from_numpy(visual), image_index)
+
+
+def first_appearances(keys: list) -> tuple[list, torch.Tensor]:
+    """The distinct keys in order of first appearance, and for each key its place among them (B,)."""
+    place = {key: index for index, key in enumerate(dict.fromkeys(keys))}
+    return list(place), torch.tensor([place[key] for key in keys], dtype=torch.long)
+
+
+def micro_batch_chunks(steps: list[list], micro_batch_size: int) -> list[list]:
+    """Each step cut into micro-batches of micro_batch_size samples (the last may be smaller), in order."""
+    return [step[first : first + micro_batch_size] for step in steps
+            for first in range(0, len(step), micro_batch_size)]
 
 
 def micro_batch_count(samples: list, micro_batch_size: int) -> int:
@@ -129,8 +145,7 @@ class MicroBatches(Dataset):
 
     def __init__(self, steps: list[list[tuple[str, int]]], micro_batch_size: int, captions: Mapping,
                  features: Mapping, tokenizer, max_tokens: int, share_visual: bool = True):
-        self.chunks = [step[i : i + micro_batch_size] for step in steps
-                       for i in range(0, len(step), micro_batch_size)]
+        self.chunks = micro_batch_chunks(steps, micro_batch_size)
         self.captions, self.features, self.tokenizer, self.max_tokens = captions, features, tokenizer, max_tokens
         self.share_visual = share_visual
 

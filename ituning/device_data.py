@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from ituning.data import IGNORE_INDEX, CaptionBatch, caption_token_rows, pad_caption_rows
+from ituning.data import (IGNORE_INDEX, CaptionBatch, caption_token_rows, first_appearances, images_with_captions,
+                          pad_caption_rows)
 from ituning.model import ImageGroups
 from ituning.progress import Progress
 
@@ -26,10 +27,6 @@ LOAD_BLOCK = 1024  # images stacked per copy when the features are not in shards
 
 class DataDoesNotFit(RuntimeError):
     """`data_on_device: true` asked for more memory than the device has free."""
-
-
-def images_with_captions(captions: Mapping[str, list[str]]) -> list[str]:
-    return sorted(image_id for image_id, texts in captions.items() if texts)
 
 
 def visual_bytes(features: Mapping, image_ids: list[str]) -> int:
@@ -51,9 +48,9 @@ def holds_on_device(setting: bool | str, device: torch.device, needed: Callable[
     if setting is False or (setting == "auto" and free is None):
         return False
     if setting is True:
-        if free is not None and needed() > free:
+        if free is not None and (size := needed()) > free:
             raise DataDoesNotFit(
-                f"data_on_device: true, but the split's visual tokens take {needed() / 2**30:.1f} GiB and "
+                f"data_on_device: true, but the split's visual tokens take {size / 2**30:.1f} GiB and "
                 f"{device} has {free / 2**30:.1f} GiB free; set data_on_device: auto (streams what does not "
                 f"fit) or false")
         return True
@@ -92,9 +89,8 @@ class DeviceCaptionData:
         image_rows = [self.image_row[image_id] for image_id, _ in samples]
         if not self.share_visual:
             return CaptionBatch(input_ids, labels, attention_mask, self.visual[self.on_device(image_rows)])
-        distinct = list(dict.fromkeys(image_rows))  # in order of first appearance, as collate orders them
-        place = {row: index for index, row in enumerate(distinct)}
-        groups = ImageGroups.of(torch.tensor([place[row] for row in image_rows]), len(distinct)).to(self.device)
+        distinct, image_index = first_appearances(image_rows)  # as collate orders them
+        groups = ImageGroups.of(image_index, len(distinct)).to(self.device)
         visual = self.visual[self.on_device(distinct)]  # (B_img, N, d_v)
         return CaptionBatch(input_ids, labels, attention_mask, visual, groups.image_index, groups)
 

@@ -49,7 +49,7 @@ from PIL import ExifTags, Image
 from torch.utils.data import Dataset
 
 from ituning.compat import ensure_torchvision_importable
-from ituning.images import decode_scale
+from ituning.images import decode_scale, within_pixel_limit
 
 DECODE_ON_DEVICE = ("auto", "never", "always")
 DEVICE_MODES = {"RGB", "L"}  # JPEG modes nvJPEG decodes to the RGB open_rgb gives; CMYK stays on the CPU
@@ -137,7 +137,7 @@ def jpeg_for_device(path, min_side: int | None) -> torch.Tensor | None:
         data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as image:
             suited = (image.format == "JPEG" and image.mode in DEVICE_MODES
-                      and _within_pixel_limit(image.width * image.height)
+                      and within_pixel_limit(image.width * image.height)
                       and decode_scale(min(image.size), min_side) == 1
                       and image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9))
     except Exception:  # any failure: the CPU path decodes the file and names the reason
@@ -145,10 +145,6 @@ def jpeg_for_device(path, min_side: int | None) -> torch.Tensor | None:
     if not suited or not data.endswith(END_OF_IMAGE):
         return None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def _within_pixel_limit(pixels: int) -> bool:
-    return Image.MAX_IMAGE_PIXELS is None or pixels <= Image.MAX_IMAGE_PIXELS
 
 
 class RoutedItem(NamedTuple):

@@ -87,9 +87,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def within_pixel_limit(pixels: int) -> bool:
+    """Whether an image of this many pixels may be decoded (PIL.Image.MAX_IMAGE_PIXELS, None: no limit)."""
+    return Image.MAX_IMAGE_PIXELS is None or pixels <= Image.MAX_IMAGE_PIXELS
+
+
 def _check_pixel_limit(pixels: int | None, label) -> None:
     limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and pixels is not None and pixels > limit:
+    if pixels is not None and not within_pixel_limit(pixels):
         raise UnreadableImage(f"{label}: too large to decode: {pixels:,} pixels, over the limit of "
                               f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS)")
 

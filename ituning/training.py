@@ -35,10 +35,10 @@ from ituning.backbones import BackboneSpec, load_language_model, vision_width
 from ituning.captioner import resolve_device
 from ituning.checkpoint import load_weights_into
 from ituning.config import RunConfig, StageConfig, config_to_dict
-from ituning.data import (CaptionBatch, MicroBatches, epoch_samples, micro_batch_count, micro_batch_loader,
-                          samples_per_epoch)
+from ituning.data import (CaptionBatch, MicroBatches, epoch_samples, images_with_captions, micro_batch_chunks,
+                          micro_batch_count, micro_batch_loader, samples_per_epoch)
 from ituning.decoding import CachedStep, DecodingConfig, caption_texts, caption_cached_tokens
-from ituning.device_data import DeviceCaptionData, holds_on_device, images_with_captions, visual_bytes
+from ituning.device_data import DeviceCaptionData, holds_on_device, visual_bytes
 from ituning.distributed import (barrier, data_parallel, gradient_sync, is_main_process, join_from_environment,
                                  process_device, shard, summed, unwrapped, world)
 from ituning.micro_batch import resolve_micro_batch, worst_micro_batch
@@ -143,7 +143,7 @@ def caption_feature_set(model, tokenizer, features: Mapping, image_ids: list[str
 def evaluate_captions(model, tokenizer, features: Mapping, captions: dict[str, list[str]], score: Scorer,
                       decoding: DecodingConfig = DecodingConfig(), blind: bool = False) -> dict[str, float]:
     """Scores of captions generated for every image of `captions` (blind: without the image)."""
-    image_ids = sorted(image_id for image_id, texts in captions.items() if texts)
+    image_ids = images_with_captions(captions)
     candidates = caption_feature_set(model, tokenizer, features, image_ids, decoding, blind=blind)
     return score(candidates, {image_id: captions[image_id] for image_id in image_ids})
 
@@ -263,9 +263,7 @@ class StageTrainer:
 
     def loader(self, shares: list[list[tuple[str, int]]]):
         if self.device_data is not None:
-            size = self.micro_batch_size
-            return (self.device_data.collate(share[first : first + size])
-                    for share in shares for first in range(0, len(share), size))
+            return map(self.device_data.collate, micro_batch_chunks(shares, self.micro_batch_size))
         workers = self.stage.data_workers
         if workers is None:
             workers = 4 if self.device.type == "cuda" else 0
@@ -337,7 +335,7 @@ class StageTrainer:
         self.notify("on_epoch", epoch, metrics)
 
     def validate(self) -> dict[str, float]:
-        image_ids = sorted(i for i, texts in self.data.val_captions.items() if texts)[: self.stage.val_images]
+        image_ids = images_with_captions(self.data.val_captions)[: self.stage.val_images]
         decoding = DecodingConfig(num_beams=self.stage.val_beams, max_length=self.stage.val_max_length)
         with autocast(self.device, self.stage.precision):
             scores = evaluate_captions(self.model, self.tokenizer, self.data.val_features,

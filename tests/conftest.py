@@ -11,6 +11,8 @@ import torch  # noqa: E402
 import ituning  # noqa: E402,F401  (makes torchvision importable before transformers is)
 from ituning.model import ITuningCaptioner, ITuningConfig  # noqa: E402
 
+pytest_plugins = ["tests.harness", "tests.flow_fixtures"]  # real services and the demo run, once per session
+
 VISUAL_WIDTH = 24
 VISUAL_TOKENS = 5
 VOCAB = 120
@@ -96,3 +98,22 @@ def prefect_test_server_log(tmp_path_factory):
 # Prefect's test and ephemeral servers otherwise start their usage-report service, which logs an ERROR
 # on every offline machine; `make test` exports the same.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+# Under `pytest -n` (pytest-xdist, --dist loadgroup) the modules whose tests use the session's servers run on
+# one worker, which starts each server once; the tests of any other module stay together on a worker, since
+# they may share a module's fixture (a pipeline run, a web page).
+# The modules that read the session's demo run (tests/flow_fixtures.py) likewise share one worker.
+SHARED = {"services": {"prefect_service", "prefect_api", "mlflow_service", "postgres", "s3_service"},
+          "demo-run": {"demo_run", "demo_workspace_copy"}}
+
+
+def pytest_collection_modifyitems(config, items):
+    module = {item: item.nodeid.split("::")[0] for item in items}
+    group = {}
+    for item in items:
+        for name, fixtures in SHARED.items():
+            if fixtures.intersection(item.fixturenames):
+                group.setdefault(module[item], name)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group.get(module[item], module[item])))

@@ -3,11 +3,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import struct
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import zlib
@@ -19,9 +16,9 @@ import pytest
 from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
 from pipeline.tracking import ExperimentTracker
+from tests.harness import BIN, running
 from tests.ports import free_port
 from tests.scene_images import shape_image
-from tests.service_logs import assert_clean_log
 
 DECODING = DecodingConfig(num_beams=2, max_length=8)
 REGISTERED = "ituning-captioner"
@@ -103,44 +100,18 @@ def post(url: str, body: dict):
         return json.loads(response.read())
 
 
-@pytest.fixture
-def served_model(logged_model, tmp_path):
+@pytest.fixture(scope="module")
+def served_model(logged_model, tmp_path_factory):
+    """`mlflow models serve` on the logged model (a server of this module's own model), for the module."""
     tracker, run_id, _ = logged_model
     port = free_port()
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "MLFLOW_TRACKING_URI": tracker.uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager",
-         "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        wait_until_healthy(f"http://127.0.0.1:{port}/ping", server, tmp_path / "server.log")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
-    assert_clean_log(tmp_path / "server.log")
-
-
-def wait_until_healthy(url: str, server: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"model server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"model server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager",
+               "local", "-h", "127.0.0.1", "-p", str(port)]
+    log = tmp_path_factory.mktemp("served") / "server.log"
+    with running(command, f"http://127.0.0.1:{port}/ping", log, env) as server:
+        yield server.url
 
 
 @pytest.mark.slow

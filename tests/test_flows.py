@@ -1,4 +1,4 @@
-"""The flows under one Prefect test server for the whole session: parameter checks, the full
+"""The flows, reporting to the session's Prefect server (tests/harness.py): parameter checks, the full
 pipeline on a small synthetic corpus (run again unchanged it reuses every finished stage; run after
 a catalog change it redoes what reads the changed split), and feature shards on Dask worker processes."""
 
@@ -12,7 +12,6 @@ import numpy as np
 import psutil
 import pytest
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import ValidationError, validate
 
@@ -25,16 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
-@pytest.fixture(scope="session")
-def pipeline_runs(prefect_server, tmp_path_factory):
+def pipeline_runs(prefect_api, tmp_path_factory):
     workspace = tmp_path_factory.mktemp("pipeline")
     first = full_pipeline(workspace=str(workspace), **SMALL_RUN)
     second = full_pipeline(workspace=str(workspace), **SMALL_RUN)
@@ -50,7 +40,7 @@ def test_bad_parameters_are_rejected_by_the_deployment_schema(bad):
         validate(bad, schema, raise_on_error=True)
 
 
-def test_bad_parameters_stop_a_flow_run_before_any_work(prefect_server, tmp_path):
+def test_bad_parameters_stop_a_flow_run_before_any_work(prefect_api, tmp_path):
     from prefect.exceptions import ParameterTypeError
 
     with pytest.raises(ParameterTypeError, match="synthetic_images"):
@@ -114,7 +104,7 @@ def test_rerun_after_the_catalog_changed_redoes_what_reads_the_changed_split_and
     assert sorted(json.loads(Path(captions).read_text())) == test_images[1:]
 
 
-def test_summary_artifact_lists_stages_and_reuse(pipeline_runs, prefect_server):
+def test_summary_artifact_lists_stages_and_reuse(pipeline_runs, prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -133,7 +123,7 @@ def test_summary_artifact_lists_stages_and_reuse(pipeline_runs, prefect_server):
     assert re.search(r"\| catalog \| ran \| coco usable images \d+ \|", first), first
 
 
-def test_the_flow_runs_log_shows_the_progress_of_long_steps(pipeline_runs, prefect_server):
+def test_the_flow_runs_log_shows_the_progress_of_long_steps(pipeline_runs, prefect_api):
     """What the Prefect UI shows of a run: the INFO lines of ituning.progress, step by step."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterName
@@ -162,14 +152,14 @@ def test_prefect_yaml_deploys_the_demo_every_preset_and_a_scheduled_retrain():
         assert Path(entry.split(":")[0]).exists()
 
 
-def test_feature_shards_run_in_dask_worker_processes_that_report_to_the_prefect_server(prefect_server, tmp_path,
+def test_feature_shards_run_in_dask_worker_processes_that_report_to_the_prefect_api(prefect_api, tmp_path,
                                                                                      monkeypatch):
     from distributed import Client, LocalCluster, get_task_stream
 
     from flows.cache_features import cache_features, shard_task_runner
     from flows.download_datasets import download_datasets
     from flows.prepare_splits import prepare_splits
-    from pipeline import data, evaluation, features
+    from pipeline import data, features
 
     workspace = str(tmp_path / "ws")
     [report] = download_datasets(datasets=["coco"], workspace=workspace, synthetic_images=30)
@@ -227,13 +217,13 @@ def recorded_task_runs(flow_run_id, timeout: float = 30.0) -> list:
             time.sleep(0.5)
 
 
-def test_retrain_registers_a_new_version_and_records_the_comparison(pipeline_runs, prefect_server):
+def test_retrain_registers_a_new_version_and_records_the_comparison(pipeline_runs, prefect_api):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.retrain import retrain
-    from pipeline import data, evaluation, features
+    from pipeline import evaluation
     from pipeline.tracking import tracking_uri
 
     from storage.catalog import Catalog
@@ -284,7 +274,7 @@ def test_a_failed_retrain_ends_its_mlflow_parent_run_failed(pipeline_runs):
     assert parent.info.status == "FAILED"
 
 
-def test_download_datasets_reuses_verified_downloads_and_takes_a_local_corpus(prefect_server, tmp_path):
+def test_download_datasets_reuses_verified_downloads_and_takes_a_local_corpus(prefect_api, tmp_path):
     from flows.download_datasets import download_datasets
 
     workspace = tmp_path / "ws"
@@ -344,7 +334,7 @@ def demo_corpus(workspace: Path) -> tuple[str, dict]:
     return state.name, state.result()
 
 
-def test_persisted_task_results_are_plain_json(prefect_server, tmp_path):
+def test_persisted_task_results_are_plain_json(prefect_api, tmp_path):
     before = result_files()
     ran, corpus = demo_corpus(tmp_path / "ws")
     written = result_files() - before
@@ -356,7 +346,7 @@ def test_persisted_task_results_are_plain_json(prefect_server, tmp_path):
 
 
 @pytest.mark.parametrize("planted", ["record", "bare pickle"])
-def test_a_planted_pickle_in_the_result_storage_is_never_loaded(prefect_server, tmp_path, planted):
+def test_a_planted_pickle_in_the_result_storage_is_never_loaded(prefect_api, tmp_path, planted):
     import cloudpickle
 
     before = result_files()

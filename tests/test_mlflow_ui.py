@@ -2,7 +2,7 @@
 
 The viewer shows an HTML artifact in a frame of its own page; relative image paths cannot resolve
 there, so every picture of the gallery must be embedded. Chromium loads the real MLflow server's UI
-(started as `make serve` starts it) and each image of the gallery must have decoded.
+(started as `make serve` starts it, once per test session) and each image of the gallery must have decoded.
 """
 
 import time
@@ -12,26 +12,16 @@ import pytest
 
 from pipeline.gallery import gallery_items, write_gallery
 from tests.browser import browser, open_page  # noqa: F401  (browser is a fixture)
-from tests.ports import free_port
 from tests.scene_images import shape_image
-from tests.service_logs import assert_clean_log
 
 pytestmark = pytest.mark.slow
 DECODED_IMAGES = "Array.from(document.images).map(image => image.complete && image.naturalWidth > 0)"
 
 
 @pytest.fixture
-def tracking_server(tmp_path, monkeypatch):
-    from pipeline.services import ServiceSettings, start_mlflow, stop_all
-
-    settings = ServiceSettings(tmp_path / "ws", mlflow_port=free_port())
-    start_mlflow(settings)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.mlflow_url)
-    try:
-        yield settings.mlflow_url
-    finally:
-        stop_all(settings)
-    assert_clean_log(settings.directory / "mlflow.log")
+def tracking_server(mlflow_service, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_service.mlflow_url)
+    return mlflow_service.mlflow_url
 
 
 def logged_gallery(tmp_path: Path) -> tuple[str, str]:

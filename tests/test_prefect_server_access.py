@@ -6,16 +6,11 @@ over a websocket. The UI, the Prefect client, `prefect deploy` and the work pool
 
 import http.client
 import json
-import os
 import uuid
 
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
-
-from pipeline.services import ServiceSettings, start_prefect, stop_all
-from tests.service_logs import assert_clean_log
-from tests.ports import free_port
 
 EVIL = "http://evil.example"
 
@@ -37,21 +32,7 @@ def request(port: int, method: str, path: str, headers: dict, body: str | None =
         connection.close()
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    saved = {name: os.environ.pop(name) for name in [name for name in os.environ if name.startswith("PREFECT_")]}
-    settings = ServiceSettings(tmp_path_factory.mktemp("ws"), prefect_port=free_port())
-    try:
-        start_prefect(settings, deployments=("retrain-weekly",))  # a POST-heavy client run: work pool, deploy
-        yield settings
-    finally:
-        stopped = stop_all(settings)
-        os.environ.update(saved)
-    assert stopped == ["prefect-server"]
-    assert_clean_log(settings.directory / "prefect-server.log")
-
-
-def deployment_id(settings: ServiceSettings) -> str:
+def deployment_id(settings) -> str:
     from prefect.client.orchestration import SyncPrefectClient
 
     with SyncPrefectClient(api=settings.prefect_api_url) as client:
@@ -59,8 +40,8 @@ def deployment_id(settings: ServiceSettings) -> str:
 
 
 @pytest.mark.slow
-def test_only_loopback_host_names_are_answered(prefect_server):
-    port = prefect_server.prefect_port
+def test_only_loopback_host_names_are_answered(prefect_service):
+    port = prefect_service.prefect_port
     for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
         status, _, body = request(port, "GET", "/api/health", {"Host": host})
         assert (status, body) == (200, b"true"), host
@@ -69,14 +50,14 @@ def test_only_loopback_host_names_are_answered(prefect_server):
     for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
         status, _, _ = request(port, "GET", "/api/health", {"Host": host})
         assert status in (400, 421), host
-    status, _, _ = request(port, "POST", f"/api/deployments/{deployment_id(prefect_server)}/create_flow_run",
+    status, _, _ = request(port, "POST", f"/api/deployments/{deployment_id(prefect_service)}/create_flow_run",
                            {"Host": f"evil.example:{port}", "Content-Type": "application/json"}, "{}")
     assert status in (400, 421)
 
 
 @pytest.mark.slow
-def test_a_foreign_origin_can_neither_read_nor_start_a_deployment(prefect_server):
-    port = prefect_server.prefect_port
+def test_a_foreign_origin_can_neither_read_nor_start_a_deployment(prefect_service):
+    port = prefect_service.prefect_port
     here = f"127.0.0.1:{port}"
     status, headers, _ = request(port, "GET", "/api/health", {"Host": here, "Origin": EVIL})
     assert headers.get("access-control-allow-origin") not in ("*", EVIL) and status == 403
@@ -85,7 +66,7 @@ def test_a_foreign_origin_can_neither_read_nor_start_a_deployment(prefect_server
     status, headers, _ = request(port, "OPTIONS", "/api/flow_runs/filter", preflight)
     assert headers.get("access-control-allow-origin") not in ("*", EVIL) and status >= 400
     # a "simple" cross-origin POST: sent by a browser without a preflight
-    start = f"/api/deployments/{deployment_id(prefect_server)}/create_flow_run"
+    start = f"/api/deployments/{deployment_id(prefect_service)}/create_flow_run"
     status, _, body = request(port, "POST", start, {"Host": here, "Origin": EVIL, "Content-Type": "text/plain"}, "")
     assert status == 403, body
     # without an Origin (not a browser) but without Prefect's CSRF token either
@@ -94,8 +75,8 @@ def test_a_foreign_origin_can_neither_read_nor_start_a_deployment(prefect_server
 
 
 @pytest.mark.slow
-def test_a_foreign_origin_cannot_open_the_event_websocket(prefect_server):
-    port = prefect_server.prefect_port
+def test_a_foreign_origin_cannot_open_the_event_websocket(prefect_service):
+    port = prefect_service.prefect_port
     with pytest.raises(InvalidStatus) as refused:
         connect(f"ws://127.0.0.1:{port}/api/events/out", origin=EVIL, open_timeout=30).close()
     assert refused.value.response.status_code == 403
@@ -104,10 +85,10 @@ def test_a_foreign_origin_cannot_open_the_event_websocket(prefect_server):
 
 
 @pytest.mark.slow
-def test_the_ui_origin_and_the_prefect_client_still_work(prefect_server):
+def test_the_ui_origin_and_the_prefect_client_still_work(prefect_service):
     from prefect.client.orchestration import SyncPrefectClient
 
-    port = prefect_server.prefect_port
+    port = prefect_service.prefect_port
     for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
         here = {"Host": f"127.0.0.1:{port}", "Origin": origin}
         client_id = str(uuid.uuid4())  # the UI's way: a CSRF token for its client id, then the request
@@ -119,8 +100,8 @@ def test_the_ui_origin_and_the_prefect_client_still_work(prefect_server):
              "Prefect-Csrf-Client": client_id}, "{}")
         assert status == 200 and headers["access-control-allow-origin"] == origin
         assert [d["name"] for d in json.loads(body)] == ["retrain-weekly"]
-    with SyncPrefectClient(api=prefect_server.prefect_api_url) as client:
-        run = client.create_flow_run_from_deployment(deployment_id(prefect_server))
+    with SyncPrefectClient(api=prefect_service.prefect_api_url) as client:
+        run = client.create_flow_run_from_deployment(deployment_id(prefect_service))
         assert client.read_flow_run(run.id).deployment_id is not None
 
 

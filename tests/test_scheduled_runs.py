@@ -1,19 +1,17 @@
 """The weekly retraining is really scheduled: the Prefect server started as `ituning serve` starts it
-(pipeline/services.py) creates the runs of deployment retrain/retrain-weekly, Mondays 03:00 UTC
-(prefect.yaml), on its own. A schedule can show as active while the server's scheduler fails on
-every loop (SQLAlchemy 2.1 with Prefect 3.8); only the runs it creates show it works."""
+(pipeline/services.py; the session's `prefect_service`) creates the runs of deployment
+retrain/retrain-weekly, Mondays 03:00 UTC (prefect.yaml), on its own. A schedule can show as active
+while the server's scheduler fails on every loop (SQLAlchemy 2.1 with Prefect 3.8); only the runs it
+creates show it works. Runs other tests start by hand from the deployment are not the scheduler's."""
 
 import json
-import os
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from pipeline.services import ServiceSettings, start_prefect, stop_all
-from tests.service_logs import assert_clean_log
-from tests.ports import free_port
+from tests.harness import SESSION_STARTED
 
 pytestmark = pytest.mark.slow
 DEPLOYMENT = "retrain/retrain-weekly"
@@ -29,30 +27,8 @@ def next_monday_3am(after: datetime) -> datetime:
     return day
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        yield from started_prefect_server(tmp_path_factory.mktemp("scheduled"), monkeypatch)
-
-
-def started_prefect_server(tmp_path, monkeypatch):
-    for name in [name for name in os.environ if name.startswith("PREFECT_")]:
-        monkeypatch.delenv(name)  # the server and the deploy see only this workspace's settings
-    # The main scheduler loop runs every 60 s by default; the server schedules new deployments sooner anyway.
-    monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")
-    settings = ServiceSettings(tmp_path / "ws", prefect_port=free_port())
-    started_at = datetime.now(timezone.utc)
-    try:
-        start_prefect(settings, deployments=("retrain-weekly",))
-        yield settings, started_at
-    finally:
-        stopped = stop_all(settings)
-    assert stopped == ["prefect-server"]
-    assert_clean_log(settings.directory / "prefect-server.log")
-
-
 def scheduled_runs(api_url: str, deployment: str, wait_s: float = 300) -> list:
-    """The deployment's flow runs once the server has created some (polled: a busy machine is slow)."""
+    """The deployment's runs that the scheduler created, once it has created some (polled: a busy machine is slow)."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
@@ -60,15 +36,19 @@ def scheduled_runs(api_url: str, deployment: str, wait_s: float = 300) -> list:
         deployment_id = client.read_deployment_by_name(deployment).id
         only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
         deadline = time.monotonic() + wait_s
-        while not (runs := client.read_flow_runs(deployment_filter=only_this)) and time.monotonic() < deadline:
+        while not (runs := scheduled(client.read_flow_runs(deployment_filter=only_this))) and time.monotonic() < deadline:
             time.sleep(2)
     return runs
 
 
-def test_a_deployment_records_where_to_find_the_code_not_this_machines_path(prefect_server):
+def scheduled(runs: list) -> list:
+    return [run for run in runs if run.auto_scheduled]
+
+
+def test_a_deployment_records_where_to_find_the_code_not_this_machines_path(prefect_service):
     from prefect.client.orchestration import SyncPrefectClient
 
-    settings, _ = prefect_server
+    settings = prefect_service
     with SyncPrefectClient(api=settings.prefect_api_url) as client:
         deployment = client.read_deployment_by_name(DEPLOYMENT)
     recorded = json.dumps([deployment.pull_steps, deployment.path, deployment.job_variables])
@@ -76,8 +56,8 @@ def test_a_deployment_records_where_to_find_the_code_not_this_machines_path(pref
     assert str(Path(__file__).resolve().parents[1]) not in recorded
 
 
-def test_the_server_schedules_weekly_retraining_on_mondays_at_3_utc(prefect_server):
-    settings, started_at = prefect_server
+def test_the_server_schedules_weekly_retraining_on_mondays_at_3_utc(prefect_service):
+    settings, started_at = prefect_service, SESSION_STARTED
     runs = scheduled_runs(settings.prefect_api_url, DEPLOYMENT)
     checked_at = datetime.now(timezone.utc)
 

@@ -95,12 +95,12 @@ def served_model(spec: str, settings: AppSettings):
     no folder outside the served ones is looked at."""
     from pipeline.model_sources import model_source, named_model_source
 
-    if spec == settings.model:  # the operator's own choice on the command line
-        return model_source(spec)
     try:
+        if spec == settings.model:  # the operator's own choice on the command line
+            return model_source(spec)
         named = named_model_source(spec)
     except ValueError as error:
-        raise InputError(str(error)) from error
+        raise InputError(f"cannot load model {spec}: {error}") from error
     folder = named or served_folder(spec, settings)
     if folder is None:
         raise InputError(NOT_SERVED)
@@ -257,7 +257,8 @@ def create_app(settings: AppSettings = AppSettings()) -> FastAPI:
     def models():
         registered = registered_models(settings.workspace)
         default = start_model(registered)
-        return {"default": default or "", "choices": list(dict.fromkeys([*([default] if default else []), *registered]))}
+        choices = list(dict.fromkeys([*([default] if default else []), *registered]))
+        return {"default": default or "", "choices": choices}
 
     @app.post("/api/caption")
     async def caption(request: Request, model: str = ""):

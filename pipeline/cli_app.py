@@ -37,8 +37,8 @@ def serve_app(
         typer.echo(f"warning: listening on {host}: anyone who can reach it can use the captioner", err=True)
     _check_free(host, port)
     hosts = (f"[{host}]" if ":" in host else host, *allowed_host)
-    urls = "image URLs from any host, private ones included" if allow_private_urls else "image URLs from public hosts only"
-    typer.echo(f"Captioner page: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port} ({urls})")
+    urls = "any host, private ones included" if allow_private_urls else "public hosts only"
+    typer.echo(f"Captioner page: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port} (image URLs from {urls})")
     run_app(AppSettings(model, workspace, device, max_upload_mb, model_dirs=tuple(model_dir),
                         allow_private_urls=allow_private_urls, hosts=hosts), host, port)
 

@@ -14,7 +14,7 @@ nothing a private address would answer (refused, 404, 403) can be told apart.
 
 `allowed` names (host, port) pairs reachable whatever their address (an image list's own origin);
 `private_allowed` lifts the rule (`ituning app --allow-private-urls` on the user's own machine).
-`resolver` is how names become addresses: the system's by default; tests give a mapping.
+`resolver` is how names become addresses: the system's by default (tests give a table of their own).
 """
 
 import ipaddress
@@ -28,6 +28,7 @@ import httpx
 from storage.downloads import DownloadError
 
 Resolver = Callable[[str], list[str]]  # a host name -> its addresses, as text
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own defaults
 
 
 class NotPublicAddress(DownloadError):
@@ -45,15 +46,6 @@ def system_resolver(host: str) -> list[str]:
     except (OSError, UnicodeError) as error:
         raise UnresolvedHost(f"cannot resolve {host} ({error})") from error
     return list(dict.fromkeys(info[4][0] for info in infos))
-
-
-def mapping_resolver(addresses: dict[str, str]) -> Resolver:
-    """A resolver answering from a fixed {name: address} table; other names do not resolve."""
-    def resolve(host: str) -> list[str]:
-        if host not in addresses:
-            raise UnresolvedHost(f"cannot resolve {host} (not in the table)")
-        return [addresses[host]]
-    return resolve
 
 
 def is_loopback_name(host: str) -> bool:
@@ -136,7 +128,7 @@ class PublicHostTransport(httpx.HTTPTransport):
     """httpx's own transport whose connections go through the rule; no proxy (a proxy would connect
     on the rule's behalf to hosts it never saw)."""
 
-    def __init__(self, rule: PublicHosts, verify: ssl.SSLContext | bool = True, limits: httpx.Limits = httpx.Limits()):
+    def __init__(self, rule: PublicHosts, verify: ssl.SSLContext | bool = True, limits: httpx.Limits = DEFAULT_LIMITS):
         super().__init__(verify=verify, limits=limits, trust_env=False)
         # httpx's transport takes no network backend: its pool is built again with ours, same settings.
         self._pool = httpcore.ConnectionPool(

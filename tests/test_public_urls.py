@@ -17,9 +17,18 @@ import httpx
 import pytest
 
 from pipeline.image_urls import ImageFetchError, fetch_image
-from storage.public_urls import NotPublicAddress, PublicHosts, mapping_resolver
+from storage.public_urls import NotPublicAddress, PublicHosts, UnresolvedHost
 
 PUBLIC = "93.184.215.14"  # a global unicast address; nothing is fetched from it
+
+
+def mapping_resolver(addresses: dict[str, str]):
+    """The test's resolver: answers from a fixed {name: address} table; other names do not resolve."""
+    def resolve(host: str) -> list[str]:
+        if host not in addresses:
+            raise UnresolvedHost(f"cannot resolve {host} (not in the table)")
+        return [addresses[host]]
+    return resolve
 
 
 class _Recording(BaseHTTPRequestHandler):

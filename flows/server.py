@@ -18,14 +18,8 @@ from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pipeline.page_guard import host_name
 from pipeline.services import LOOPBACK_NAMES, ui_origins
-
-
-
-def host_name(host_header: str) -> str:
-    """The name in a Host header: localhost:4200 -> localhost, [::1]:4200 -> [::1]."""
-    name = host_header.strip().lower()
-    return name[: name.find("]") + 1] if name.startswith("[") else name.split(":")[0]
 
 
 class LoopbackGuard:

@@ -75,15 +75,17 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device="auto", revision: str | None = None,
-                        token: str | None = None, cache_dir: str | Path | None = None) -> "Captioner":
+                        token: str | None = None, cache_dir: str | Path | None = None,
+                        local_folders: bool = True) -> "Captioner":
         """A captioner from a folder (save_pretrained's, or any checkpoint folder) or from a hub
         repository "OWNER/NAME" at `revision` (a branch, tag or commit; default main). Only the card,
         config and safetensors files are downloaded, into the hub cache (HF_HOME); the backbones load
-        as for any checkpoint. A model trained on backbones in local folders loads where those exist."""
+        as for any checkpoint. A model trained on backbones in local folders loads where those exist.
+        `local_folders=False`: `source` is a hub repository even where a folder of that name exists."""
         from ituning.backbones import BackboneUnavailable
         from ituning.model_card import download_model_folder, missing_local_backbones
 
-        if Path(source).is_dir():
+        if local_folders and Path(source).is_dir():
             return cls.from_checkpoint(source, device)
         folder = download_model_folder(str(source), revision, token, cache_dir)
         missing = missing_local_backbones(read_config(folder)["backbones"])

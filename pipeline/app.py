@@ -5,19 +5,29 @@ other beams with their scores, and where the last I-Tuning module looked for eac
 The page (app_page.html) talks to three endpoints:
 
 - GET  /api/models  the model to start from and the registered models a user can pick.
-- POST /api/caption?model=SPEC[&url=URL]  the image file's bytes as the body (or none, with a URL);
-  answers the caption, the ranked beams, the caption's tokens and one heatmap per token.
+- POST /api/caption?model=SPEC  the image file's bytes as the body (application/octet-stream or
+  image/*), or {"url": URL} as application/json; answers the caption, the ranked beams, the
+  caption's tokens and one heatmap per token.
 - GET  /health  for whoever waits on the server.
 
-A model is a checkpoint folder, `NAME@ALIAS` or `models:/...` of the registry, `runs:/...` or
-`hub:REPO` (pipeline/model_sources.py); the last few used stay loaded. Without a start model the page
-starts with the champion of the most recently updated registered model. Bad input (not an image, an
-image over PIL's pixel limit, a body over `max_upload_mb`, a URL that fails, an unknown model)
-answers 400 with a one-line message the page shows; the server keeps serving.
+Who may ask is checked first (pipeline/page_guard.py: Host, Origin, content type). A visitor's URL
+is fetched under the public-host rule (storage/public_urls.py) unless the app was started with
+`allow_private_urls`; its failure says "could not fetch an image from this URL" and a public reason,
+never what the server answered beyond its status. The answer holds no fetched bytes but the encoder's
+view of the image it captioned.
+
+A model is `NAME@ALIAS` or `models:/...` of the registry, `runs:/...`, `hub:OWNER/NAME`, the start
+model, or a checkpoint folder under the workspace's runs/ or a `model_dirs` folder; any other text
+gets one message that does not say whether such a folder exists. The last few used stay loaded.
+Without a start model the page starts with the champion of the most recently updated registered
+model. Bad input (not an image, an image over PIL's pixel limit, a body over `max_upload_mb`, a URL
+that fails, a model the page does not serve) answers 400 with a one-line message the page shows;
+the server keeps serving.
 """
 
 import base64
 import io
+import json
 import logging
 import tempfile
 import threading
@@ -30,9 +40,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from pipeline.cli_errors import on_one_line
+from pipeline.page_guard import PageGuard
 
 PAGE = Path(__file__).with_name("app_page.html")
 CHAMPION = "champion"
+URL_FAILED = "could not fetch an image from this URL"
+NOT_SERVED = ("cannot load this model: the page serves NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, "
+              "hub:OWNER/NAME and checkpoint folders in the workspace's runs/ (or a folder given with --model-dir)")
 _logger = logging.getLogger(__name__)
 
 
@@ -47,6 +61,9 @@ class AppSettings:
     device: str = "auto"
     max_upload_mb: float = 20
     models_kept: int = 2  # loaded captioners kept in memory
+    model_dirs: tuple[Path, ...] = ()  # checkpoint folders a visitor may name, besides the workspace's runs/
+    allow_private_urls: bool = False  # fetch visitors' URLs from loopback and private hosts too
+    hosts: tuple[str, ...] = ()  # Host names answered besides the loopback ones
 
 
 class CaptionerPool:
@@ -60,16 +77,52 @@ class CaptionerPool:
 
     def get(self, spec: str):
         if spec not in self.loaded:
-            from pipeline.model_sources import load_captioner_from
+            from pipeline.model_sources import load_captioner
 
+            source = served_model(spec, self.settings)
             try:
-                self.loaded[spec] = load_captioner_from(spec, self.settings.workspace, self.settings.device)
+                self.loaded[spec] = load_captioner(source, self.settings.workspace, self.settings.device)
             except Exception as error:  # an unknown folder, name, alias or repo; an unreachable store
                 raise InputError(f"cannot load model {spec}: {on_one_line(error)}") from error
             while len(self.loaded) > self.settings.models_kept:
                 self.loaded.popitem(last=False)
         self.loaded.move_to_end(spec)
         return self.loaded[spec]
+
+
+def served_model(spec: str, settings: AppSettings):
+    """The ModelSource a visitor's model field names, or InputError(NOT_SERVED) for any other text;
+    no folder outside the served ones is looked at."""
+    from pipeline.model_sources import model_source, named_model_source
+
+    try:
+        if spec == settings.model:  # the operator's own choice on the command line
+            return model_source(spec)
+        named = named_model_source(spec)
+    except ValueError as error:
+        raise InputError(f"cannot load model {spec}: {error}") from error
+    folder = named or served_folder(spec, settings)
+    if folder is None:
+        raise InputError(NOT_SERVED)
+    return folder
+
+
+def served_folder(spec: str, settings: AppSettings):
+    """A checkpoint folder inside the served folders (links resolved first), or None."""
+    from pipeline.model_sources import ModelSource
+    from storage.workspace import workspace_root
+
+    root = workspace_root(settings.workspace)
+    served = [root / "runs", *settings.model_dirs]
+    path = Path(spec)
+    for candidate in [path] if path.is_absolute() else [root / path, *(folder / path for folder in served)]:
+        try:
+            resolved = candidate.resolve()
+            if any(resolved.is_relative_to(folder.resolve()) for folder in served) and resolved.is_dir():
+                return ModelSource("folder", str(resolved))
+        except (OSError, ValueError):  # a NUL byte, a link loop
+            continue
+    return None
 
 
 def describe_image(captioner, image, heatmap_side: int = 224) -> dict:
@@ -96,7 +149,7 @@ def jpeg_data_uri(image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_upload(content: bytes, min_side: int):
+def decode_upload(content: bytes, min_side: int, from_url: bool = False):
     from ituning.images import UnreadableImage, open_rgb
 
     if not content:
@@ -104,19 +157,24 @@ def decode_upload(content: bytes, min_side: int):
     try:
         return open_rgb(io.BytesIO(content), min_side)
     except UnreadableImage as error:
+        if from_url:  # nothing of what the URL answered goes back
+            raise InputError(f"{URL_FAILED}: not an image") from error
         raise InputError(str(error).replace("image data: ", "this file cannot be used: ", 1)) from error
 
 
-def fetch_url(url: str, max_bytes: int) -> bytes:
+def fetch_url(url: str, max_bytes: int, allow_private: bool) -> bytes:
     from pipeline.image_urls import ImageFetchError, fetch_image, is_image_url
+    from storage.public_urls import PublicHosts
 
     if not is_image_url(url):
-        raise InputError(f"{url}: not an http(s) URL")
+        raise InputError(f"{URL_FAILED}: not an http(s) URL")
     with tempfile.TemporaryDirectory(prefix="ituning-app-") as folder:
         try:
-            return fetch_image(url, Path(folder) / "image", max_bytes).read_bytes()
+            hosts = PublicHosts(private_allowed=allow_private)
+            return fetch_image(url, Path(folder) / "image", max_bytes, hosts).read_bytes()
         except ImageFetchError as error:
-            raise InputError(str(error)) from error
+            _logger.info("fetching a visitor's URL failed: %s", on_one_line(error))
+            raise InputError(f"{URL_FAILED}: {error.reason}") from error
 
 
 async def read_limited(request: Request, max_bytes: int) -> bytes:
@@ -133,6 +191,19 @@ async def read_limited(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def requested_url(request: Request, content: bytes) -> str | None:
+    """The URL of a JSON request ({"url": "..."}), None for an image's bytes."""
+    if not request.headers.get("content-type", "").lower().startswith("application/json"):
+        return None
+    try:
+        url = json.loads(content or b"{}").get("url")
+    except (ValueError, AttributeError) as error:
+        raise InputError('send {"url": "https://..."} as JSON, or the image file\'s bytes') from error
+    if not isinstance(url, str) or not url.strip():
+        raise InputError("no image: choose a file or give a URL")
+    return url.strip()
+
+
 def registered_models(workspace: Path | None) -> list[str]:
     """NAME@ALIAS for every alias in the registry and models:/NAME/VERSION for each latest version,
     the most recently updated model first; none when there is no store."""
@@ -141,7 +212,8 @@ def registered_models(workspace: Path | None) -> list[str]:
 
         from pipeline.tracking import tracking_uri
 
-        client = MlflowClient(tracking_uri(workspace))
+        uri = tracking_uri(workspace)
+        client = MlflowClient(uri, registry_uri=uri)
         found = []
         for model in client.search_registered_models(order_by=["last_updated_timestamp DESC"]):
             found += [f"{model.name}@{alias}" for alias in sorted(model.aliases or {})]
@@ -156,6 +228,7 @@ def registered_models(workspace: Path | None) -> list[str]:
 
 def create_app(settings: AppSettings = AppSettings()) -> FastAPI:
     app = FastAPI(title="I-Tuning captioner", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(PageGuard, hosts=list(settings.hosts))
     pool = CaptionerPool(settings)
     max_bytes = int(settings.max_upload_mb * 1024 * 1024)
 
@@ -184,23 +257,25 @@ def create_app(settings: AppSettings = AppSettings()) -> FastAPI:
     def models():
         registered = registered_models(settings.workspace)
         default = start_model(registered)
-        return {"default": default or "", "choices": list(dict.fromkeys([*([default] if default else []), *registered]))}
+        choices = list(dict.fromkeys([*([default] if default else []), *registered]))
+        return {"default": default or "", "choices": choices}
 
     @app.post("/api/caption")
-    async def caption(request: Request, model: str = "", url: str = ""):
+    async def caption(request: Request, model: str = ""):
         content = await read_limited(request, max_bytes)
-        if url and not content:
-            content = await run_in_threadpool(fetch_url, url, max_bytes)
+        url = requested_url(request, content)
+        if url is not None:
+            content = await run_in_threadpool(fetch_url, url, max_bytes, settings.allow_private_urls)
         spec = model or await run_in_threadpool(lambda: start_model(registered_models(settings.workspace)))
         if not spec:
             raise InputError("no model given and no champion in the registry yet: run `make demo`, or name a "
                              "checkpoint folder or a registered model")
-        return await run_in_threadpool(caption_bytes, spec, content)
+        return await run_in_threadpool(caption_bytes, spec, content, url is not None)
 
-    def caption_bytes(spec: str, content: bytes) -> dict:
+    def caption_bytes(spec: str, content: bytes, from_url: bool) -> dict:
         with pool.lock:
             captioner = pool.get(spec)
-            image = decode_upload(content, captioner.input_side)
+            image = decode_upload(content, captioner.input_side, from_url)
             return {"model": spec, **describe_image(captioner, image)}
 
     return app

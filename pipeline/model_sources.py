@@ -45,6 +45,15 @@ def model_source(spec: str) -> ModelSource:
     spec = spec.strip()
     if Path(spec).is_dir():
         return ModelSource("folder", spec)
+    named = named_model_source(spec)
+    if named is None:
+        raise ValueError(f"{spec!r}: no such checkpoint folder; a model is {SPEC_FORMS}")
+    return named
+
+
+def named_model_source(spec: str) -> ModelSource | None:
+    """The registry model or hub repository a spec names, or None when it names neither (no folder is looked at)."""
+    spec = spec.strip()
     if spec.startswith(HUB):
         repo, _, revision = spec[len(HUB):].partition("@")
         if not repo:
@@ -54,21 +63,25 @@ def model_source(spec: str) -> ModelSource:
         return ModelSource("registry", spec)
     if REGISTRY_ALIAS.fullmatch(spec):
         return ModelSource("registry", f"models:/{spec}")
-    raise ValueError(f"{spec!r}: no such checkpoint folder; a model is {SPEC_FORMS}")
+    return None
 
 
 def load_captioner_from(spec: str, workspace: Path | None = None, device: str = "auto"):
     """The Captioner that `spec` names, on `device`; registry models from the tracking store of
     `workspace` (or $MLFLOW_TRACKING_URI)."""
+    return load_captioner(model_source(spec), workspace, device)
+
+
+def load_captioner(source: ModelSource, workspace: Path | None = None, device: str = "auto"):
+    """The Captioner of a model source; a hub source is always fetched from the hub, never a local folder."""
     from ituning.captioner import Captioner
 
-    source = model_source(spec)
     if source.kind == "registry":
         from pipeline.registry import load_registered_captioner
 
         return load_registered_captioner(source.target, workspace, device)
     if source.kind == "hub":
-        return Captioner.from_pretrained(source.target, device, revision=source.revision)
+        return Captioner.from_pretrained(source.target, device, revision=source.revision, local_folders=False)
     return Captioner.from_checkpoint(source.target, device)
 
 
@@ -97,7 +110,7 @@ def run_record(run_id: str, workspace: Path | None = None) -> RunRecord:
     uri = tracking_uri(workspace)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UnknownRun(f"no run {run_id!r}: there is no tracking store at {uri.removeprefix('sqlite:///')}")
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as error:

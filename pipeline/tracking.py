@@ -309,11 +309,17 @@ def pinned_requirements() -> list[str]:
 
 @contextmanager
 def fluent_store(uri: str):
-    """Point MLflow's module-level API at this store for the block only. Setting a URI also sets
-    its environment variable, which tracking_uri() reads: those are put back as they were too."""
+    """Point MLflow's module-level API at this store for the block only. What was set before is put
+    back as it was, an unset URI as unset: putting back what get_tracking_uri() and get_registry_uri()
+    answered would pin MLflow's default (./mlflow.db of the working folder) for every later client,
+    registry lookups included. Setting a URI also sets its environment variable, which tracking_uri()
+    reads: those are put back as they were too."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_settings
+    from mlflow.tracking._tracking_service import utils as tracking_settings
 
-    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # MLflow keeps what was set in these module variables (None: unset); it has no public getter for them.
+    saved = tracking_settings._tracking_uri, registry_settings._registry_uri
     saved_environment = {name: os.environ.get(name) for name in URI_VARIABLES}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

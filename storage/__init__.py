@@ -1,4 +1,5 @@
-"""The data's persistence: dataset manifests, verified downloads and extraction, the source
+"""The data's persistence: dataset manifests, verified downloads and extraction (with the one
+public-host rule for URLs fetched on someone else's behalf), the source
 formats (Karpathy splits, Visual Genome, NoCaps), the DuckDB catalog, the HDF5 feature-cache
 format, file locks and the synthetic corpus in the real formats.
 

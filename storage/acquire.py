@@ -51,7 +51,7 @@ def download_dataset(manifest: Manifest, root: Path, policy: RetryPolicy = Retry
             ledger.save()
     for image_list in manifest.image_lists:
         rule = ListedUrls(next((remote.url for remote in manifest.files if remote.name == image_list.info), None))
-        with httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=True,
+        with httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=True, transport=rule.transport(),
                           event_hooks={"request": [rule.check_request]}) as client:
             _fetch_image_list(client, image_list, rule, folder, target, policy, concurrency, progress, report)
     for remote in manifest.files:

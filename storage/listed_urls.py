@@ -9,19 +9,17 @@ downloaded, so the URL of each image it names must be either
   - on the image list's own origin, the place the user's manifest fetched it from: the same
     scheme, host and port when that was a URL; a file inside the list's folder when that was a
     local path (the synthetic corpus and local mirrors).
-Every request is checked, redirects included. Host names are resolved for the check and again by
-the connection itself, so a DNS server that changes its answer in between is not caught: a network
-policy is the complete answer there.
+Every request is checked, redirects included, and connects through storage/public_urls.py, the one
+public-host rule: to the very addresses that were judged.
 """
 
-import ipaddress
-import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 
 from storage.downloads import DownloadError, local_source
+from storage.public_urls import PublicHosts, Resolver
 
 
 class RefusedUrl(DownloadError):
@@ -32,9 +30,10 @@ class ListedUrls:
     """The rule for the URLs of one image list fetched from `source` (None: a source unknown, so
     public hosts only)."""
 
-    def __init__(self, source: str | None):
+    def __init__(self, source: str | None, resolver: Resolver | None = None):
         self._folder = _folder_of(local_source(source)) if source else None
         self._origin = _origin(source) if source and local_source(source) is None else None
+        self.hosts = PublicHosts(resolver, [self._origin[1:]] if self._origin else [])
         self._public: dict[str, str | None] = {}  # host -> why it is not public (None: it is)
 
     def refusal(self, url: str) -> str | None:
@@ -60,9 +59,13 @@ class ListedUrls:
         if reason:
             raise RefusedUrl(f"{request.url}: refused, {reason}")
 
+    def transport(self) -> httpx.HTTPTransport:
+        """Connections only to the addresses the rule judged (the list's own origin whatever its address)."""
+        return self.hosts.transport()
+
     def _host_refusal(self, host: str) -> str | None:
-        if host not in self._public:
-            self._public[host] = _non_public(host)
+        if host not in self._public:  # a name that does not resolve raises, and is asked again next time
+            self._public[host] = self.hosts.host_refusal(host)
         return self._public[host]
 
 
@@ -88,21 +91,3 @@ def _is_inside(path: Path, folder: Path) -> bool:
         return path.resolve().is_relative_to(folder)
     except (OSError, ValueError):  # a NUL byte, a symlink loop
         return False
-
-
-def _non_public(host: str) -> str | None:
-    """Why `host` is not a public internet host, or None when it is."""
-    if host == "localhost" or host.endswith(".localhost"):
-        return f"{host} is a loopback host"
-    try:
-        addresses = {ipaddress.ip_address(host)}
-    except ValueError:
-        try:
-            addresses = {ipaddress.ip_address(info[4][0]) for info in socket.getaddrinfo(host, None)}
-        except (OSError, ValueError) as error:  # not cached: the next image asks again
-            raise DownloadError(f"cannot resolve {host} to check it ({error})") from error
-    for address in sorted(addresses, key=str):
-        plain = getattr(address, "ipv4_mapped", None) or address
-        if not plain.is_global or plain.is_multicast:
-            return f"{host} is not a public address ({address})"
-    return None

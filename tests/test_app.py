@@ -43,12 +43,13 @@ def app_url(standin_checkpoint, tmp_path_factory):
     port = free_port()
     environment = {name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_TRACKING")}
     command = [ITUNING, "app", "--model", str(standin_checkpoint), "--port", str(port), "--workspace", str(folder),
-               "--device", "cpu", "--max-upload-mb", "2"]
+               "--device", "cpu", "--max-upload-mb", "2", "--allow-private-urls"]  # the image URL test's server
     with open(log, "wb") as output:
         process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, process, log)
+        assert "(image URLs from any host, private ones included)" in log.read_text()
         yield url
     finally:
         process.terminate()
@@ -133,13 +134,13 @@ def test_a_bad_file_gets_a_message_on_the_page_and_the_server_goes_on(page, phot
     assert page.text_content("#caption")
 
 
-def test_an_unknown_model_is_named_in_the_message(page, photo, tmp_path):
+def test_a_folder_outside_the_served_ones_is_not_loaded(page, photo, tmp_path):
     page.fill("#model", str(tmp_path / "no-such-checkpoint"))
     caption_on_page(page, photo)
-    assert f"cannot load model {tmp_path / 'no-such-checkpoint'}" in page.text_content("#error")
+    assert page.text_content("#error").startswith("cannot load this model: the page serves NAME@ALIAS")
 
 
-def test_the_page_captions_an_image_url(page, photo, standin_checkpoint):
+def test_the_page_captions_an_image_url_from_this_machine_when_started_to_allow_it(page, photo, standin_checkpoint):
     from tests.corpus_server import CorpusServer
 
     with CorpusServer(photo.parent) as server:

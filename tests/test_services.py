@@ -42,7 +42,8 @@ def assert_page_captions_with_the_champion(app_url: str) -> None:
     assert models["default"] == "ituning-demo@champion" and models["choices"][0] == "ituning-demo@champion"
     image = io.BytesIO()
     shape_image("red", "circle").save(image, format="PNG")
-    request = urllib.request.Request(f"{app_url}/api/caption", data=image.getvalue(), method="POST")
+    request = urllib.request.Request(f"{app_url}/api/caption", data=image.getvalue(), method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
     with urllib.request.urlopen(request, timeout=300) as response:
         answer = json.load(response)
     assert answer["model"] == "ituning-demo@champion" and answer["caption"]

@@ -47,6 +47,25 @@ def test_default_store_is_sqlite_in_the_workspace_unless_a_uri_is_set(tmp_path, 
     assert tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
 
+def test_a_fluent_block_leaves_mlflows_defaults_unset(tracker, tmp_path, monkeypatch):
+    """After the block, a client given only a tracking URI finds its registry in that store, not in an
+    ./mlflow.db of the working folder (the registry list of the web page once emptied so)."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import fluent_store
+
+    monkeypatch.chdir(tmp_path)
+    with fluent_store(tracker.uri):
+        pass
+    tracker.client.create_registered_model("kept-in-the-workspace")
+    try:
+        names = [model.name for model in MlflowClient(tracking_uri=tracker.uri).search_registered_models()]
+        assert "kept-in-the-workspace" in names
+        assert not (tmp_path / "mlflow.db").exists()
+    finally:
+        tracker.client.delete_registered_model("kept-in-the-workspace")
+
+
 def test_pipeline_run_has_a_child_run_per_stage(tracker, workspace):
     config = {"model": {"language_model": "gpt2", "drop_first": 0}, "stages": ["pretrain", "finetune"]}
     with tracker.pipeline_run("coco-gpt2", config, seed=7) as parent:

@@ -264,3 +264,15 @@ def s3_client(endpoint: str):
     return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
                         aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
                         region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"])
+
+
+# ---- the captioner's web page -------------------------------------------------------------------------------
+
+@contextmanager
+def app_running(arguments: list[str], log: Path, cwd: Path = ROOT):
+    """`ituning app ARGUMENTS` on a free port of 127.0.0.1, run from `cwd`, tracking only where its
+    arguments say (no MLFLOW_* from the test process); yields the page's URL."""
+    port = free_port()
+    command = [str(BIN / "ituning"), "app", *arguments, "--port", str(port)]
+    with running(command, f"http://127.0.0.1:{port}/health", log, environment_without("MLFLOW_"), cwd) as app:
+        yield app.url

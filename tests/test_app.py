@@ -7,15 +7,12 @@ show, and bad files get a message on the page while the server keeps captioning.
 
 import os
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.browser import browser, open_page  # noqa: F401  (browser is a fixture)
-from tests.ports import free_port
-from tests.service_logs import assert_clean_log
+from tests.harness import app_running
 from tests.test_image_decoding import write_huge_png
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,38 +20,14 @@ ITUNING = str(Path(os.sys.executable).parent / "ituning")
 pytestmark = pytest.mark.slow
 
 
-def wait_until_up(url: str, process: subprocess.Popen, log: Path, within_s: float = 180) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the app exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"the app did not answer at {url}:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def app_url(standin_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("app")
-    log = folder / "app.log"
-    port = free_port()
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_TRACKING")}
-    command = [ITUNING, "app", "--model", str(standin_checkpoint), "--port", str(port), "--workspace", str(folder),
-               "--device", "cpu", "--max-upload-mb", "2", "--allow-private-urls"]  # the image URL test's server
-    with open(log, "wb") as output:
-        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, process, log)
-        assert "(image URLs from any host, private ones included)" in log.read_text()
+    arguments = ["--model", str(standin_checkpoint), "--workspace", str(folder), "--device", "cpu",
+                 "--max-upload-mb", "2", "--allow-private-urls"]  # the image URL test's server is on 127.0.0.1
+    with app_running(arguments, folder / "app.log") as url:
+        assert "(image URLs from any host, private ones included)" in (folder / "app.log").read_text()
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-    assert_clean_log(log)
 
 
 @pytest.fixture

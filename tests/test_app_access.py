@@ -12,10 +12,8 @@ headless Chromium and by plain HTTP clients as another site or a rebinding host 
 """
 
 import http.client
-import io
 import json
 import os
-import subprocess
 import urllib.error
 import urllib.request
 
@@ -25,8 +23,8 @@ from pipeline.app import NOT_SERVED, URL_FAILED
 from tests.browser import browser, open_page  # noqa: F401  (browser is a fixture)
 from tests.corpus_server import CorpusServer
 from tests.ports import free_port
-from tests.service_logs import assert_clean_log
-from tests.test_app import ITUNING, caption_on_page, wait_until_up
+from tests.harness import app_running
+from tests.test_app import caption_on_page
 
 pytestmark = pytest.mark.slow
 CHAMPION_NAME = "ituning-captioner@champion"
@@ -55,20 +53,10 @@ def app(champion_workspace, tmp_path_factory):
     """(the page's URL, the app's working folder)."""
     working = tmp_path_factory.mktemp("elsewhere")
     log = working.parent / "app-access.log"
-    port = free_port()
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_")}
-    command = [ITUNING, "app", "--workspace", str(champion_workspace), "--port", str(port), "--device", "cpu"]
-    with open(log, "wb") as output:
-        process = subprocess.Popen(command, cwd=working, env=environment, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, process, log)
+    arguments = ["--workspace", str(champion_workspace), "--device", "cpu"]
+    with app_running(arguments, log, cwd=working) as url:
         assert "(image URLs from public hosts only)" in log.read_text()
         yield url, working
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-    assert_clean_log(log)
 
 
 @pytest.fixture(scope="module")

@@ -125,6 +125,8 @@ class ExperimentTracker:
         try:
             if self.outbox is not None and self.outbox.pending():
                 self.outbox.send_pending()
+            if self.experiment_id is None:
+                self.experiment_id = self._experiment_id()
             if self.experiment_id is not None:
                 waiting = self.outbox.waiting_runs() if self.outbox is not None else set()
                 tracking_outbox.end_abandoned_runs(self.client, self.experiment_id, self.workspace, waiting)

@@ -17,6 +17,7 @@ created it as tags, so the next run of the workspace ends as FAILED the runs who
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -45,6 +46,7 @@ SERVER_SETTINGS = {  # a few seconds against a refused connection, under a minut
 WORKSPACE_TAG = "ituning.workspace"
 PROCESS_TAG = "ituning.process"  # "PID HOST SINCE", as lock files name their holder
 ENDED_TAG = "ituning.ended_by"
+OFFLINE_ID_TAG = "ituning.offline_id"  # a run created from the outbox: the local id it had
 _last_failure: dict[str, float] = {}  # tracking URI -> when a call of this process last found it unreachable
 _server_ids: dict[str, str] = {}  # local id of a run created while the server was down -> the server's id
 
@@ -91,19 +93,20 @@ class Outbox:
     def deliver(self, client: MlflowClient, call: str, run_id: str, **arguments):
         """Send a call, or keep it here while the server is unreachable. Returns what the call
         returns (a created run's id: the server's, or a local one)."""
-        run_id = self.server_id(run_id)
-        if self.worth_trying() and not run_id.startswith(OFFLINE_PREFIX):
+        if self.worth_trying():
             try:
                 if self.uri in _last_failure:  # it failed before: what waits goes first
                     self.send_pending()
-                result = send(client, call, run_id, arguments, self.folder)
-                _last_failure.pop(self.uri, None)
-                return result
+                run_id = self.server_id(run_id)
+                if not run_id.startswith(OFFLINE_PREFIX):
+                    result = send(client, call, run_id, arguments, self.folder)
+                    _last_failure.pop(self.uri, None)
+                    return result
             except MlflowException as error:
                 if not unreachable(error):
                     raise
                 self.went_offline(error)
-        return self.keep(call, run_id, arguments)
+        return self.keep(call, self.server_id(run_id), arguments)
 
     def keep(self, call: str, run_id: str, arguments: dict) -> str:
         entry_id = uuid.uuid4().hex
@@ -174,6 +177,7 @@ class Outbox:
                 if entry["call"] == "create_run":
                     run_ids[entry["run_id"]] = _server_ids[entry["run_id"]] = result
                 self._record_sent(entry["id"], result if entry["call"] == "create_run" else "")
+                _last_failure.pop(entry["uri"], None)  # it answers again
                 count += 1
             self._clear()
         return count
@@ -198,7 +202,8 @@ class Outbox:
         client = MlflowClient(tracking_uri=entry["uri"])
         arguments = {**entry["arguments"], "experiment": entry["experiment"]}
         if entry["call"] == "create_run":
-            arguments["tags"] = {key: run_ids.get(value, value) for key, value in arguments["tags"].items()}
+            arguments["tags"] = {**{key: run_ids.get(value, value) for key, value in arguments["tags"].items()},
+                                 OFFLINE_ID_TAG: entry["run_id"]}
         try:
             return send(client, entry["call"], run_ids.get(entry["run_id"], entry["run_id"]), arguments, self.folder)
         except MlflowException as error:
@@ -267,6 +272,11 @@ def _create_run(client, _run_id, arguments, _folder) -> str:
     if experiment_id is None:
         experiment = client.get_experiment_by_name(arguments["experiment"])
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(arguments["experiment"])
+    local_id = arguments["tags"].get(OFFLINE_ID_TAG)
+    if local_id:  # created already by a send cut short before it noted so
+        found = client.search_runs([experiment_id], f"tags.`{OFFLINE_ID_TAG}` = '{local_id}'", max_results=1)
+        if found:
+            return found[0].info.run_id
     run = client.create_run(experiment_id, start_time=arguments["start_time"], tags=arguments["tags"],
                             run_name=arguments["run_name"])
     return run.info.run_id
@@ -305,11 +315,11 @@ CALLS = {"create_run": _create_run, "log_batch": _log_batch, "set_tag": _set_tag
 
 
 def _cause(error: BaseException) -> str:
-    text = str(error)
-    for marker in ("Caused by", "Failed to establish a new connection:"):
-        if marker in text:
-            text = text[text.index(marker):]
-    return " ".join(text.split())[:200]
+    """The reason in a few words ("[Errno 111] Connection refused", "Read timed out"), not the URL
+    and retry counts around it."""
+    text = " ".join(str(error).split())
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|Connection aborted|too many \d+ error responses", text)
+    return found.group(0).strip() if found else text[:200]
 
 
 # ---- runs whose process died -------------------------------------------------------------------

@@ -201,7 +201,10 @@ def test_training_goes_on_through_a_tracking_outage_and_the_record_ends_as_an_un
     assert sync(workspace).startswith("nothing waits")
 
 
-def test_runs_begun_while_the_server_is_down_are_created_by_sync_once_it_answers(server, tmp_path, monkeypatch):
+def test_runs_begun_while_the_server_is_down_are_created_once_it_answers(server, tmp_path, monkeypatch):
+    """In-process, as one run's tracker meets it: the server is down from the start, comes back
+    before the run ends, and the run's next call sends what waits first."""
+    from pipeline import tracking_outbox
     from pipeline.tracking import ExperimentTracker
 
     settings, restart = server
@@ -212,14 +215,18 @@ def test_runs_begun_while_the_server_is_down_are_created_by_sync_once_it_answers
     step = tracker.start_step(parent, "finetune", {"epochs": 1}, stage="finetune")
     tracker.log_metrics(step, {"loss": 1.5}, step=1)
     tracker.finish(step)
-    tracker.finish(parent)
     assert parent.startswith("offline-") and step.startswith("offline-")
     code, _, stderr = ituning(tmp_path, settings.mlflow_url, "sync")
-    assert code == 1 and stderr.startswith("error: the tracking server is still unreachable; 7 kept call(s)"), stderr
+    assert code == 1 and stderr.startswith("error: the tracking server is still unreachable; 6 kept call(s)"), stderr
     restart(True)
-    code, stdout, stderr = ituning(tmp_path, settings.mlflow_url, "sync")
-    assert code == 0, stderr
-    assert stdout.startswith("sent 2 runs to create, 1 metric values, "), stdout
+    kept = tmp_path / "kept"
+    shutil.copytree(tmp_path / OUTBOX, kept)
+    monkeypatch.setattr(tracking_outbox, "PROBE_EVERY_S", 0.0)  # the next call tries the server at once
+    tracker.finish(parent)
+    assert not (tmp_path / OUTBOX / "calls.jsonl").exists()
+    (tmp_path / OUTBOX / "sent.txt").unlink()  # as if that send was cut short before it noted anything
+    shutil.copytree(kept, tmp_path / OUTBOX, dirs_exist_ok=True)
+    assert sync(tmp_path).startswith("sent 2 runs to create, 1 metric values, ")  # found, not created again
     client = MlflowClient(tracking_uri=settings.mlflow_url)
     [created] = client.search_runs([client.get_experiment_by_name("ituning").experiment_id],
                                    f"tags.`{STAGE_TAG}` = 'finetune'")
@@ -228,3 +235,4 @@ def test_runs_begun_while_the_server_is_down_are_created_by_sync_once_it_answers
     parent_run = client.get_run(created.data.tags[PARENT_TAG])
     assert (parent_run.info.status, created.info.status) == ("FINISHED", "FINISHED")
     assert parent_run.data.params["seed"] == "3" and parent_run.data.tags["mlflow.runName"] == "offline"
+    assert not ExperimentTracker(workspace=tmp_path).start_pipeline("after").startswith("offline-")

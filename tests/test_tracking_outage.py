@@ -8,7 +8,6 @@ hold the loop at one step until the test says go, so that the server stops at a 
 whatever step a race would give.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -58,6 +57,20 @@ app()
 DETERMINISTIC = ("loss", "lr", "grad_norm", "epoch", "epoch/train_loss")  # not captions_per_s, a speed
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+    """A failing test leaves no paused training process behind."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 @pytest.fixture
 def server(tmp_path):
     """A tracking server as `make serve` starts it (SQLite store, proxied artifacts); `restart` stops
@@ -98,6 +111,7 @@ def ituning(workspace: Path, url: str, *arguments: str, paused: bool = False, wa
     command = [sys.executable, "-c", PAUSED] if paused else [str(Path(sys.executable).with_name("ituning"))]
     process = subprocess.Popen([*command, *arguments, "--workspace", str(workspace)], env=environment, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    STARTED.append(process)
     if not wait:
         return process
     stdout, stderr = process.communicate()

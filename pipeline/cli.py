@@ -13,6 +13,7 @@ from pipeline.cli_hub import push
 from pipeline.cli_model import caption, params
 from pipeline.cli_pipeline import demo, pipeline
 from pipeline.cli_services import serve, stop
+from pipeline.cli_sync import sync
 from pipeline.cli_training import evaluate, standins, train
 
 app = typer.Typer(help="I-Tuning: lightweight image captioning on frozen CLIP-ViT and GPT-2.",
@@ -47,6 +48,7 @@ app.command()(compare)
 app.command()(standins)
 app.command()(serve)
 app.command()(stop)
+app.command()(sync)
 app.command(name="app")(serve_app)
 app.command()(demo)
 app.command()(pipeline)

@@ -99,14 +99,14 @@ def _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references,
         notes.append(f"{dataset}/{split} has no public references: captions only, no scores")
     if dataset == "nocaps" and split == "test":
         submission = write_nocaps_submission(captions, out_dir / "nocaps_test_submission.json", reader.image_ids)
-        tracker.client.log_artifact(run_id, str(submission), "submission")
+        tracker.log_artifact(run_id, submission, "submission")
         notes.append("submission/nocaps_test_submission.json is in the evaluation server's format")
     scores, image_scores, clip_note = _with_clip_scores(scores, scoring, captions, images, references,
                                                         str(captioner.device))
     notes.append(clip_note)
     notes = [note for note in notes if note]
     if notes:
-        tracker.client.set_tag(run_id, "ituning.notes", "; ".join(notes))
+        tracker.set_tag(run_id, "ituning.notes", "; ".join(notes))
     if blind_baseline and references:
         scores = {**scores, "blind": _blind_scores(captioner, reader, references, decoding)}
     report = write_report(out_dir, f"{dataset} {split}", captions, scores, references, images, captioner,

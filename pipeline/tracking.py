@@ -3,7 +3,8 @@
 Runs are addressed by id through one MlflowClient (no global "active run"), so a step running in
 another thread or process logs to the right run. The store is SQLite in the workspace
 (workspace/mlflow.db, artifacts in workspace/mlartifacts) unless MLFLOW_TRACKING_URI or the
-`uri` argument names another (a server, PostgreSQL, ...).
+`uri` argument names another (a server, PostgreSQL, ...). What a tracking server does not take while
+it is down waits in the workspace's outbox (pipeline/tracking_outbox.py) and is sent when it answers.
 """
 
 import contextlib
@@ -22,11 +23,14 @@ from dataclasses import asdict, is_dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ituning.version import code_version
+from pipeline import tracking_outbox
+from pipeline.tracking_outbox import Outbox
 from storage.workspace import workspace_root
 
 EXPERIMENT = "ituning"
@@ -77,37 +81,94 @@ class ExperimentTracker:
 
     def __init__(self, uri: str | None = None, experiment: str = EXPERIMENT, workspace: str | Path | None = None):
         self.uri = uri or tracking_uri(workspace)
+        self.workspace = workspace_root(workspace)
+        self.experiment = experiment
+        self.outbox = None  # a local store is always there; a server may not answer
+        if tracking_outbox.is_remote(self.uri):
+            tracking_outbox.use_server_settings()
+            self.outbox = Outbox(self.workspace, self.uri, experiment)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = self._experiment_id()
+
+    def _experiment_id(self) -> str | None:
+        """The experiment's id, created if new; None while the server is unreachable."""
+        if self.outbox is not None and not self.outbox.worth_trying():
+            return None
+        try:
+            found = self.client.get_experiment_by_name(self.experiment)
+        except MlflowException as error:
+            if self.outbox is None or not tracking_outbox.unreachable(error):
+                raise
+            self.outbox.went_offline(error)
+            return None
         if found is not None:
-            self.experiment_id = found.experiment_id
-        else:
-            location = None
-            if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current folder
-                location = (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in the current folder
+            location = (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def _deliver(self, call: str, run_id: str, **arguments):
+        """One write to the store, through the outbox when the store is a server."""
+        if self.outbox is None:
+            return tracking_outbox.send(self.client, call, run_id, arguments, self.workspace)
+        return self.outbox.deliver(self.client, call, run_id, **arguments)
+
+    def _create_run(self, run_name: str, tags: dict[str, str]) -> str:
+        tags = {**tags, **tracking_outbox.process_tags(self.workspace)}
+        return self._deliver("create_run", "", experiment=self.experiment, experiment_id=self.experiment_id,
+                             run_name=run_name, tags=tags, start_time=_now_ms())
+
+    def catch_up(self) -> None:
+        """Before a pipeline run: send what an earlier run left in the outbox, then end as FAILED the
+        runs of this workspace that a dead process left RUNNING. Nothing, while the server is down."""
+        try:
+            if self.outbox is not None and self.outbox.pending():
+                self.outbox.send_pending()
+            if self.experiment_id is None:
+                self.experiment_id = self._experiment_id()
+            if self.experiment_id is not None:
+                waiting = self.outbox.waiting_runs() if self.outbox is not None else set()
+                tracking_outbox.end_abandoned_runs(self.client, self.experiment_id, self.workspace, waiting)
+        except MlflowException as error:
+            if self.outbox is None or not tracking_outbox.unreachable(error):
+                raise
+            self.outbox.went_offline(error)
+
+    def pending_summary(self) -> str | None:
+        """What still waits for the server, in words, after one more try to send it; None if nothing."""
+        if self.outbox is None or not self.outbox.pending():
+            return None
+        try:
+            self.outbox.send_pending()
+        except MlflowException as error:
+            if not tracking_outbox.unreachable(error):
+                raise
+        return self.outbox.summary()
 
     # ---- runs --------------------------------------------------------------------------------
 
     def start_pipeline(self, name: str, config=None, seed: int | None = None) -> str:
         """A parent run with the whole resolved config, the code version and the seed as params."""
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={"ituning.code_version": code_version()})
+        self.catch_up()
+        run_id = self._create_run(name, {"ituning.code_version": code_version()})
         params = {**flatten(config or {}), "code_version": code_version()}
         if seed is not None:
             params["seed"] = str(seed)
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        self.log_params(run_id, params)
+        return run_id
 
     def start_step(self, parent_run_id: str, step: str, config=None, stage: str | None = None) -> str:
         """A child run of the pipeline run, for one step (a training stage, an evaluation ...);
         `stage` names the training stage the step trains, if it does."""
         tags = {PARENT_TAG: parent_run_id, STEP_TAG: step, **({STAGE_TAG: stage} if stage else {})}
-        run = self.client.create_run(self.experiment_id, run_name=step, tags=tags)
-        self.log_params(run.info.run_id, {**flatten(config or {}), "code_version": code_version()})
-        return run.info.run_id
+        run_id = self._create_run(step, tags)
+        self.log_params(run_id, {**flatten(config or {}), "code_version": code_version()})
+        return run_id
 
     def finish(self, run_id: str, failed: bool = False) -> None:
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+        status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
+        self._deliver("set_terminated", run_id, status=status, end_time=_now_ms())
 
     @contextmanager
     def pipeline_run(self, name: str, config=None, seed: int | None = None):
@@ -133,16 +194,23 @@ class ExperimentTracker:
     # ---- values ------------------------------------------------------------------------------
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
-        entries = [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]
+        entries = [(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]
         for start in range(0, len(entries), BATCH):
-            self.client.log_batch(run_id, params=entries[start : start + BATCH])
+            self._deliver("log_batch", run_id, params=entries[start : start + BATCH])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        timestamp = _now_ms()
-        entries = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()
+        timestamp = _now_ms()  # kept with the values: a batch sent twice is stored once
+        entries = [(key, float(value), timestamp, step) for key, value in metrics.items()
                    if value is not None and not (isinstance(value, float) and math.isnan(value))]
         for start in range(0, len(entries), 1000):
-            self.client.log_batch(run_id, metrics=entries[start : start + 1000])
+            self._deliver("log_batch", run_id, metrics=entries[start : start + 1000])
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._deliver("set_tag", run_id, key=key, value=str(value))
+
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """A file, or a folder's files, under `artifact_path`."""
+        self._deliver("log_artifact", run_id, local_path=str(Path(local_path).absolute()), artifact_path=artifact_path)
 
     def log_dataset(self, run_id: str, name: str, fingerprint: str, source: str | Path,
                     context: str = "training", images: int | None = None) -> None:
@@ -153,10 +221,9 @@ class ExperimentTracker:
             warnings.simplefilter("ignore", UserWarning)
             data_source = resolve_dataset_source(str(source))
         profile = json.dumps({"images": images}) if images is not None else None
-        dataset = Dataset(name=name, digest=fingerprint[:16], source_type=data_source._get_source_type(),
-                          source=data_source.to_json(), profile=profile)
-        tags = [InputTag("mlflow.data.context", context)]
-        self.client.log_inputs(run_id, [DatasetInput(dataset, tags)])
+        dataset = {"name": name, "digest": fingerprint[:16], "source_type": data_source._get_source_type(),
+                   "source": data_source.to_json(), "profile": profile}
+        self._deliver("log_inputs", run_id, datasets=[{"dataset": dataset, "tags": [["mlflow.data.context", context]]}])
         self.log_params(run_id, {f"data.{context}.{name}.fingerprint": fingerprint})
 
     # ---- artifacts ---------------------------------------------------------------------------
@@ -166,21 +233,18 @@ class ExperimentTracker:
         the config also becomes params under "adapter."."""
         checkpoint = Path(checkpoint)
         adapter_files = [checkpoint / WEIGHTS_FILE, checkpoint / CONFIG_FILE]
-        if checkpoint.is_file():
-            self.client.log_artifact(run_id, str(checkpoint), artifact_path)
-            return
-        if not all(path.is_file() for path in adapter_files):
-            self.client.log_artifacts(run_id, str(checkpoint), artifact_path)
+        if checkpoint.is_file() or not all(path.is_file() for path in adapter_files):
+            self.log_artifact(run_id, checkpoint, artifact_path)
             return
         for path in adapter_files:
-            self.client.log_artifact(run_id, str(path), artifact_path)
+            self.log_artifact(run_id, path, artifact_path)
         self.log_params(run_id, flatten(json.loads(adapter_files[1].read_text()), "adapter"))
 
     def log_json(self, run_id: str, value, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / Path(artifact_file).name
             path.write_text(json.dumps(value, indent=2, ensure_ascii=False))
-            self.client.log_artifact(run_id, str(path), str(Path(artifact_file).parent).strip("."))
+            self.log_artifact(run_id, path, str(Path(artifact_file).parent).strip(".") or None)
 
     def log_evaluation(self, run_id: str, split: str, captions: Mapping[str, str], scores: Mapping,
                        gallery: str | Path | None = None, heatmaps: str | Path | None = None) -> None:
@@ -190,9 +254,9 @@ class ExperimentTracker:
         self.log_json(run_id, dict(scores), f"metrics/{split}.json")
         self.log_json(run_id, dict(sorted(captions.items())), f"captions/{split}.json")
         if gallery is not None:
-            self.client.log_artifacts(run_id, str(gallery), f"gallery/{split}")
+            self.log_artifact(run_id, gallery, f"gallery/{split}")
         if heatmaps is not None:
-            self.client.log_artifacts(run_id, str(heatmaps), f"heatmaps/{split}")
+            self.log_artifact(run_id, heatmaps, f"heatmaps/{split}")
 
     def callbacks(self, run_id: str, log_every: int = 1) -> "MLflowTrainingCallbacks":
         return MLflowTrainingCallbacks(self, run_id, log_every)
@@ -244,7 +308,7 @@ class MLflowTrainingCallbacks:
         """How a stage runs on this machine (a micro-batch chosen by `auto`, ...), as tags: a resumed
         run on another machine may choose differently."""
         for key, value in settings.items():
-            self.tracker.client.set_tag(self.run_id, f"plan.{stage}.{key}", str(value))
+            self.tracker.set_tag(self.run_id, f"plan.{stage}.{key}", str(value))
 
     def on_checkpoint(self, path) -> None:
         self.tracker.log_checkpoint(self.run_id, path, f"checkpoints/{Path(path).name}")
@@ -367,13 +431,18 @@ def start_pipeline_run(workspace: Path, name: str, parameters: dict) -> str:
 REUSED_TAG = "ituning.reused"  # on a pipeline run in which nothing ran: every step was reused
 
 
-def finish_pipeline_run(workspace: Path, run_id: str, failed: bool = False, all_reused: bool = False) -> None:
+def finish_pipeline_run(workspace: Path, run_id: str, failed: bool = False, all_reused: bool = False) -> str | None:
     """End the pipeline's run. `all_reused`: nothing ran and no new weights were registered; the run
     is tagged so (ituning.reused = true, with a note), so that it can be told from, or filtered out
-    among, the runs that did work: `tags.ituning.reused != 'true'`."""
+    among, the runs that did work: `tags.ituning.reused != 'true'`. Returns, and logs as a warning,
+    what still waits in the outbox for the tracking server (None when nothing does)."""
     tracker = ExperimentTracker(workspace=workspace)
     if all_reused and not failed:
-        tracker.client.set_tag(run_id, REUSED_TAG, "true")
-        tracker.client.set_tag(run_id, "mlflow.note.content", "Nothing ran: every step was reused from an earlier "
-                               "run with the same inputs, and the registry already held these weights.")
+        tracker.set_tag(run_id, REUSED_TAG, "true")
+        tracker.set_tag(run_id, "mlflow.note.content", "Nothing ran: every step was reused from an earlier "
+                        "run with the same inputs, and the registry already held these weights.")
     tracker.finish(run_id, failed)
+    waiting = tracker.pending_summary()
+    if waiting:
+        log.warning("%s", waiting)
+    return waiting

@@ -1,0 +1,28 @@
+"""`ituning sync`: send what the tracking server missed while it was down."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli_errors import fail, on_one_line
+
+STILL_UNREACHABLE = 1
+
+
+def sync(workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = Path("workspace")):
+    """Send the metrics, params, tags, artifacts and run endings kept in WORKSPACE/tracking-outbox
+    while the tracking server could not be reached, each once and in order. Exits 1 while the server
+    still does not answer (what it took stays sent; run it again later)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking_outbox import Outbox, sync as send_outbox, unreachable
+
+    try:
+        typer.echo(send_outbox(workspace))
+    except MlflowException as error:
+        if not unreachable(error):
+            fail(on_one_line(error), code=STILL_UNREACHABLE)
+        waiting = Outbox(workspace, "", "").pending()
+        fail(f"the tracking server is still unreachable; {len(waiting)} kept call(s) wait in "
+             f"{workspace / 'tracking-outbox'}: run `ituning sync` again once it answers", code=STILL_UNREACHABLE)

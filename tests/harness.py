@@ -139,9 +139,9 @@ def services_started(settings, start, environment: dict[str, str]):
     try:
         yield settings
     finally:
-        stopped = stop_all(settings)
-    for name in stopped:
-        assert_clean_log(settings.directory / f"{name}.log")
+        stop_all(settings)
+    for log in sorted(settings.directory.glob("*.log")):
+        assert_clean_log(log)
 
 
 @pytest.fixture(scope="session")

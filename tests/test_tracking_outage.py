@@ -28,8 +28,7 @@ from storage.catalog import Catalog
 from storage.manifests import load_manifest
 from storage.synthetic import write_corpus
 from storage.workspace import catalog_path
-from tests.ports import free_port
-from tests.service_logs import assert_clean_log
+from tests.harness import mlflow_started
 
 pytestmark = pytest.mark.slow
 
@@ -73,17 +72,12 @@ def no_process_left():
 
 @pytest.fixture
 def server(tmp_path):
-    """A tracking server as `make serve` starts it (SQLite store, proxied artifacts); `restart` stops
-    or starts it on the same port and store."""
-    from pipeline.services import ServiceSettings, start_mlflow, stop_all
+    """A tracking server of the test's own, since the test stops it: as `make serve` starts it (SQLite
+    store, proxied artifacts); `restart(up)` stops or starts it on the same port and store."""
+    from pipeline.services import start_mlflow, stop_all
 
-    settings = ServiceSettings(tmp_path / "server", mlflow_port=free_port())
-    start_mlflow(settings)
-    try:
+    with mlflow_started(tmp_path / "server") as settings:
         yield settings, lambda up: start_mlflow(settings) if up else stop_all(settings)
-    finally:
-        stop_all(settings)
-    assert_clean_log(settings.directory / "mlflow.log")
 
 
 @pytest.fixture
@@ -196,7 +190,7 @@ def test_training_goes_on_through_a_tracking_outage_and_the_record_ends_as_an_un
     unreachable = [line for line in stderr.splitlines() if "unreachable" in line]
     assert len(unreachable) == 2, stderr  # when it went away, and what waits at the end
     assert unreachable[0].startswith(f"tracking server {url} unreachable (") and "Retrying" not in stderr
-    assert f"metric values" in unreachable[1] and "run endings" in unreachable[1], unreachable[1]
+    assert "metric values" in unreachable[1] and "run endings" in unreachable[1], unreachable[1]
     assert f"ituning sync --workspace {workspace}" in unreachable[1]
 
     restart(True)

@@ -247,13 +247,14 @@ def _caveats(facts: CardFacts) -> str:
     """What the model is not, said before anything else about it."""
     lines = []
     if facts.synthetic_datasets:
-        names = ", ".join(sorted(FORMAT_NAMES.get(name, name) for name in facts.synthetic_datasets))
-        lines.append(f"**Synthetic data.** The data named {names} here were the synthetic corpus of the `ituning` "
-                     "package (rendered shapes with generated captions, written in those datasets' formats), not "
-                     "the real datasets: the modules learnt from it, and scores on it say nothing about real photos.")
+        names = " and ".join(sorted(FORMAT_NAMES.get(name, name) for name in facts.synthetic_datasets))
+        lines.append(f"**Synthetic data.** The data marked synthetic below are the synthetic corpus of the `ituning` "
+                     f"package (rendered shapes with generated captions) written in the format of {names}, not "
+                     f"{names} itself: what the modules learnt from it, and scores on it, say nothing about real "
+                     "photos.")
     if facts.standin_backbones:
-        lines.append("**Stand-in backbones.** The frozen vision encoder and language model are tiny stand-ins trained "
-                     "on that machine's corpus, not OpenAI's CLIP and GPT-2.")
+        lines.append("**Stand-in backbones.** The frozen vision encoder and language model are tiny stand-ins made by "
+                     "the `ituning` package, not OpenAI's CLIP and GPT-2.")
     if facts.provenance is None:
         lines.append("The checkpoint records no provenance (it predates the record): what its training data were "
                      "is not known from it.")

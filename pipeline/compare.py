@@ -420,7 +420,8 @@ def _names(comparison: Comparison) -> list[str]:
     return comparison.names or [run.label for run in comparison.runs]
 
 
-COMPARE_STYLE = (".best{font-weight:bold;background:#e3f4e3}tr.differs th,tr.differs td{background:#fff4d6}.paper{color:#555;font-style:italic}"
+COMPARE_STYLE = (".best{font-weight:bold;background:#e3f4e3}tr.differs th,tr.differs td{background:#fff4d6}"
+                 ".paper{color:#555;font-style:italic}"
                  "td.number{text-align:right;font-variant-numeric:tabular-nums}.score{color:#555}"
                  "th.metric{white-space:nowrap}td{word-break:break-word}")
 

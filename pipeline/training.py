@@ -196,8 +196,10 @@ def _trained_from(workspace: Path, run_config, stage_config, data) -> dict:
     from ituning.config import config_to_dict
 
     readers = [data.features] + ([data.val_features] if stage_config.val_split else [])
-    # How test splits are scored changes no checkpoint: another CLIPScore model keeps a finished stage.
-    settings = {key: value for key, value in config_to_dict(run_config).items() if key != "evaluation"}
+    # How test splits are scored, and the licence the modules are shared under, change no weights:
+    # another CLIPScore model or licence keeps a finished stage (a new training records the new licence).
+    settings = {key: value for key, value in config_to_dict(run_config).items()
+                if key not in ("evaluation", "license")}
     return {"settings": settings,
             "data": catalog_fingerprint(workspace, splits_of(stage_config)),
             "features": [dict(reader.attrs) for reader in readers],

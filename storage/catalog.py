@@ -5,9 +5,10 @@ Tables
   captions  (dataset, image_id, caption_id, text, split)   -- NoCaps val and test reuse image ids
   downloads (name, url, bytes, checksum, verified_at, dataset)
   builds    (dataset, built_at, images, usable, captions, excluded, synthetic)
-synthetic is true for a dataset whose files are the synthetic corpus in its format (their manifest
-or annotation files say so), not the dataset itself. status is "ok" for usable images; see pipeline/image_check.py for the others. domain is a NoCaps
+status is "ok" for usable images; see pipeline/image_check.py for the others. domain is a NoCaps
 image's domain where its files name one (val, in the images of its captions file), else null.
+synthetic is true for a dataset whose files are the synthetic corpus in its format (their manifest
+or annotation files say so), not the dataset itself.
 
 answer_query runs a user's SQL (`ituning catalog query`) on a connection that can only read the
 catalog: the file is opened read-only, DuckDB may touch no other file and no network (no COPY,

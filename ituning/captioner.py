@@ -19,6 +19,7 @@ from ituning.decoding import DecodingConfig, caption_prompt, caption_texts, rank
 from ituning.encoding import encode_pixels, input_side, stack_pixels
 from ituning.images import load_images
 from ituning.model import ITuningCaptioner, ITuningConfig, count_trainable
+from ituning.provenance import Provenance, provenance_of
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,13 @@ def resolve_device(device: str = "auto") -> str:
 
 
 class Captioner:
-    def __init__(self, vision: VisionEncoder, model: ITuningCaptioner, tokenizer, backbones: BackboneSpec):
+    def __init__(self, vision: VisionEncoder, model: ITuningCaptioner, tokenizer, backbones: BackboneSpec,
+                 provenance: Provenance | None = None):
         self.vision = vision
         self.model = model
         self.tokenizer = tokenizer
         self.backbones = backbones
+        self.provenance = provenance  # where the module weights come from, when the checkpoint records it
 
     @classmethod
     def from_backbones(cls, backbones=BackboneSpec(), config=ITuningConfig(), device="auto"):
@@ -56,10 +59,11 @@ class Captioner:
         captioner = cls.from_backbones(backbones_of(config), ituning_config_of(config), device)
         load_weights_into(captioner.model, directory, captioner.backbones)
         captioner.model.eval()
+        captioner.provenance = provenance_of(config)
         return captioner
 
     def save(self, directory: str | Path) -> Path:
-        return save_checkpoint(directory, self.model, self.backbones)
+        return save_checkpoint(directory, self.model, self.backbones, self.provenance)
 
     def save_pretrained(self, directory: str | Path, record=None, repo_id: str | None = None) -> Path:
         """The checkpoint (adapter_model.safetensors, adapter_config.json) plus its model card README.md:

@@ -1,7 +1,8 @@
 """Self-describing checkpoints: the trainable weights in safetensors plus a JSON config.
 
     adapter_model.safetensors   the I-Tuning module weights only, keyed layers.<i>.<parameter>
-    adapter_config.json         backbones, r, λ, dropped layers, shapes, code version
+    adapter_config.json         backbones, r, λ, dropped layers, shapes, code version, and where
+                                a trained checkpoint comes from (ituning/provenance.py)
 
 Loading checks the config against the model it is loaded into and refuses a different backbone.
 Nothing is unpickled. A checkpoint folder that is written again (a training run's `last`, `best` and
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ituning.backbones import BackboneSpec
 from ituning.model import ITuningCaptioner, ITuningConfig
+from ituning.provenance import Provenance, provenance_of
 from ituning.version import code_version
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -48,13 +50,18 @@ def describe(model: ITuningCaptioner, backbones: BackboneSpec) -> dict:
     }
 
 
-def save_checkpoint(directory: str | Path, model: ITuningCaptioner, backbones: BackboneSpec) -> Path:
-    """Write weights and config; each file appears only once completely written."""
+def save_checkpoint(directory: str | Path, model: ITuningCaptioner, backbones: BackboneSpec,
+                    provenance: Provenance | None = None) -> Path:
+    """Write weights and config (with `provenance` when known); each file appears only once completely
+    written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {key: tensor.detach().cpu().contiguous() for key, tensor in model.ituning_state_dict().items()}
     _write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(weights, path, metadata={"format": FORMAT}))
-    config_text = json.dumps(describe(model, backbones), indent=2)
+    config = describe(model, backbones)
+    if provenance is not None:
+        config["provenance"] = provenance.to_dict()
+    config_text = json.dumps(config, indent=2)
     _write_atomically(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text))
     return directory
 
@@ -67,6 +74,11 @@ def read_config(directory: str | Path) -> dict:
     if config.get("format") != FORMAT:
         raise IncompatibleCheckpoint(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")
     return config
+
+
+def read_provenance(directory: str | Path) -> Provenance | None:
+    """What a checkpoint records of where it comes from; None when it records nothing."""
+    return provenance_of(read_config(directory))
 
 
 def backbones_of(config: dict) -> BackboneSpec:

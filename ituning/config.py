@@ -19,6 +19,7 @@ from ituning.backbones import BackboneSpec
 from ituning.clip_score import PAPER_MODEL, PAPER_PRETRAINED
 from ituning.model import ITuningConfig
 from ituning.precision import FORMER_SPELLINGS
+from ituning.provenance import DEFAULT_LICENSE, is_license_id
 
 # What a stage trains and validates on: catalog splits with captions (storage/sources.py). There
 # is no "synthetic" dataset: the synthetic corpus is written in these datasets' formats and
@@ -143,9 +144,13 @@ class RunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     device: str = "auto"
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)  # how test splits are scored
+    # The trained modules' licence, as a hub licence id; recorded in each checkpoint, and on its model card.
+    license: str = DEFAULT_LICENSE
 
     def checks(self):
         yield "name", is_folder_name(self.name), FOLDER_NAME_RULE
+        yield "license", is_license_id(self.license), ("must be a hub licence id: lowercase letters, digits, "
+                                                       "'.', '-' or '+', e.g. apache-2.0, mit, cc-by-4.0, other")
         yield "stages", len(self.stages) > 0, "must hold at least one stage"
         folders = {stage.name.lower() for stage in self.stages}  # some file systems ignore case
         yield "stages", len(folders) == len(self.stages), "stage names must differ (ignoring case)"

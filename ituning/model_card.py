@@ -12,6 +12,14 @@ by the names in adapter_config.json, as for any checkpoint. A backbone that was 
 the machine that trained the modules (the stand-ins) is named by its path; such a model loads only
 where that path exists, and the card says so.
 
+The card never passes synthetic data or stand-in backbones off as the real thing. What the
+checkpoint records (adapter_config.json "provenance", ituning/provenance.py) and what the run's
+record says (a split's `synthetic` param) decide: a dataset that was the synthetic corpus in its
+format is named "synthetic" in the text and the results, left out of the front matter's
+`datasets`, and tagged `synthetic-data`; stand-in backbones are said so and tagged
+`standin-backbones`. CLIP-S names the CLIP that scored it. `license` is the modules' licence (the
+run config's, default the project's Apache-2.0); the text names the backbones' own.
+
 Hub transfers honour HF_ENDPOINT, HF_HOME and HF_TOKEN; a failure is a `HubError` of one line.
 """
 
@@ -22,6 +30,7 @@ from pathlib import Path
 
 from ituning.backbones import HF_HUB, LOCAL_DIR, hub_reachable
 from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ituning.provenance import DEFAULT_LICENSE, Provenance, is_standin_backbone, provenance_of
 
 CARD_FILE = "README.md"
 PRETRAINED_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
@@ -34,6 +43,10 @@ HUB_LANGUAGE_MODELS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-c
                        "distilgpt2": "distilbert/distilgpt2"}
 DATASET_NAMES = {"coco": "COCO (Karpathy splits)", "flickr30k": "Flickr30k (Karpathy splits)",
                  "vg": "Visual Genome region descriptions", "nocaps": "NoCaps"}
+FORMAT_NAMES = {"coco": "COCO", "flickr30k": "Flickr30k", "vg": "Visual Genome", "nocaps": "NoCaps"}
+SYNTHETIC = "synthetic"  # the dataset name and type of scores on the synthetic corpus
+SYNTHETIC_TAG, STANDIN_TAG = "synthetic-data", "standin-backbones"
+CLIP_METRICS = ("CLIP-S", "RefCLIP-S")
 
 
 class HubError(RuntimeError):
@@ -55,6 +68,7 @@ class DatasetUse:
     dataset: str  # coco, flickr30k, vg, nocaps
     split: str
     purpose: str  # training, validation or evaluation
+    synthetic: bool = False  # the synthetic corpus catalogued under the dataset's name
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,8 @@ class Score:
     metric: str  # BLEU-4, METEOR, ROUGE-L, CIDEr, SPICE ...
     value: float
     domain: str | None = None  # NoCaps: in-domain, near-domain, out-domain, overall
+    synthetic: bool = False  # scored on the synthetic corpus catalogued under the dataset's name
+    scored_by: str | None = None  # CLIP-S and RefCLIP-S: the CLIP that scored them
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,36 @@ class CardFacts:
     @property
     def backbones(self) -> dict:
         return self.config["backbones"]
+
+    @property
+    def provenance(self) -> Provenance | None:
+        return provenance_of(self.config)
+
+    @property
+    def synthetic_datasets(self) -> set[str]:
+        """Dataset names that stood for the synthetic corpus in the training data or the run's record."""
+        recorded = self.provenance.data if self.provenance else ()
+        return ({item.dataset for item in (*recorded, *self.record.datasets, *self.record.scores) if item.synthetic})
+
+    @property
+    def standin_backbones(self) -> bool:
+        if self.provenance is not None and self.provenance.standin_backbones:
+            return True
+        return any(is_standin_backbone(path) for path in local_backbone_paths(self.backbones))
+
+    @property
+    def license(self) -> str:
+        return self.provenance.license if self.provenance else DEFAULT_LICENSE
+
+    def dataset_label(self, dataset: str) -> str:
+        if dataset in self.synthetic_datasets:
+            return f"{SYNTHETIC} ({FORMAT_NAMES.get(dataset, dataset)} format)"
+        return DATASET_NAMES.get(dataset, dataset)
+
+    def used_datasets(self) -> list[str]:
+        """Every dataset name the training data and the run's record name, in order."""
+        recorded = self.provenance.data if self.provenance else ()
+        return list(dict.fromkeys(item.dataset for item in (*recorded, *self.record.datasets, *self.record.scores)))
 
 
 def local_backbone_paths(backbones: dict) -> list[str]:
@@ -141,15 +187,17 @@ def card_metadata(facts: CardFacts):
     """The front matter, as huggingface_hub's ModelCardData (its YAML is what the hub reads)."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    record = facts.record
-    datasets = list(dict.fromkeys(use.dataset for use in record.datasets))
-    results = [EvalResult(task_type="image-to-text", task_name="Image Captioning", dataset_type=score.dataset,
-                          dataset_name=DATASET_NAMES.get(score.dataset, score.dataset), dataset_split=score.split,
+    record, synthetic = facts.record, facts.synthetic_datasets
+    datasets = [name for name in facts.used_datasets() if name not in synthetic]  # real ones only
+    results = [EvalResult(task_type="image-to-text", task_name="Image Captioning",
+                          dataset_type=SYNTHETIC if score.dataset in synthetic else score.dataset,
+                          dataset_name=facts.dataset_label(score.dataset), dataset_split=score.split,
                           metric_type=score.metric.lower(), metric_value=score.value, metric_name=_metric_label(score))
                for score in record.scores]
+    tags = TAGS + ([SYNTHETIC_TAG] if synthetic else []) + ([STANDIN_TAG] if facts.standin_backbones else [])
     return ModelCardData(
-        library_name=LIBRARY, pipeline_tag="image-to-text", base_model=base_models(facts.backbones) or None,
-        tags=TAGS, datasets=datasets or None,
+        library_name=LIBRARY, pipeline_tag="image-to-text", license=facts.license,
+        base_model=base_models(facts.backbones) or None, tags=tags, datasets=datasets or None,
         metrics=list(dict.fromkeys(score.metric.lower() for score in record.scores)) or None,
         model_name=_title(facts), eval_results=results or None,
     )
@@ -157,7 +205,8 @@ def card_metadata(facts: CardFacts):
 
 def model_card(facts: CardFacts) -> str:
     """README.md: the front matter, then what the model is, its data, its scores and how to load it."""
-    sections = [_about(facts), _data(facts.record), _results(facts.record), _usage(facts), _files()]
+    sections = [_about(facts), _caveats(facts), _data(facts), _results(facts), _usage(facts), _files(),
+                _license(facts)]
     body = "\n\n".join(section for section in sections if section)
     return f"---\n{card_metadata(facts).to_yaml()}\n---\n\n# {_title(facts)}\n\n{body}\n"
 
@@ -194,20 +243,44 @@ def _about(facts: CardFacts) -> str:
     return "\n".join(lines)
 
 
-def _data(record: RunRecord) -> str:
-    if not record.datasets:
+def _caveats(facts: CardFacts) -> str:
+    """What the model is not, said before anything else about it."""
+    lines = []
+    if facts.synthetic_datasets:
+        names = " and ".join(sorted(FORMAT_NAMES.get(name, name) for name in facts.synthetic_datasets))
+        lines.append(f"**Synthetic data.** The data marked synthetic below are the synthetic corpus of the `ituning` "
+                     f"package (rendered shapes with generated captions) written in the format of {names}, not "
+                     f"{names} itself: what the modules learnt from it, and scores on it, say nothing about real "
+                     "photos.")
+    if facts.standin_backbones:
+        lines.append("**Stand-in backbones.** The frozen vision encoder and language model are tiny stand-ins made by "
+                     "the `ituning` package, not OpenAI's CLIP and GPT-2.")
+    if facts.provenance is None:
+        lines.append("The checkpoint records no provenance (it predates the record): what its training data were "
+                     "is not known from it.")
+    return "\n\n".join(f"> {line}" for line in lines)
+
+
+def _data(facts: CardFacts) -> str:
+    record = facts.record
+    if record.datasets:
+        uses = [(use.dataset, use.split, use.purpose) for use in record.datasets]
+        source = " (MLflow run `" + record.run_id + "`)" if record.run_id else ""
+        intro = f"What the run that produced these weights read{source}:"
+    elif facts.provenance is not None and facts.provenance.data:
+        uses = [(item.dataset, item.split, "training") for item in facts.provenance.data]
+        intro = "What trained these weights, as the checkpoint records it:"
+    else:
         return ""
-    rows = [f"| {DATASET_NAMES.get(use.dataset, use.dataset)} | {use.split} | {use.purpose} |"
-            for use in record.datasets]
-    source = f" (MLflow run `{record.run_id}`)" if record.run_id else ""
-    return "\n".join([f"## Data\n\nWhat the run that produced these weights read{source}:", "",
-                      "| data set | split | used for |", "|---|---|---|", *rows])
+    rows = [f"| {facts.dataset_label(dataset)} | {split} | {purpose} |" for dataset, split, purpose in uses]
+    return "\n".join([f"## Data\n\n{intro}", "", "| data set | split | used for |", "|---|---|---|", *rows])
 
 
-def _results(record: RunRecord) -> str:
+def _results(facts: CardFacts) -> str:
+    record = facts.record
     if not record.scores:
         return ""
-    rows = [f"| {DATASET_NAMES.get(score.dataset, score.dataset)} | {score.split} | {_metric_label(score)} | "
+    rows = [f"| {facts.dataset_label(score.dataset)} | {score.split} | {_metric_label(score)} | "
             f"{score.value:.4f} |" for score in record.scores]
     return "\n".join(["## Results", "", "As the run's evaluations logged them, on pycocoevalcap's scale (a CIDEr "
                       "of 1.17 is the 117 that papers quote).", "",
@@ -215,7 +288,11 @@ def _results(record: RunRecord) -> str:
 
 
 def _metric_label(score: Score) -> str:
-    return f"{score.metric} ({score.domain})" if score.domain else score.metric
+    """The metric, its NoCaps domain, and for CLIP-S the CLIP that scored it."""
+    label = f"{score.metric} ({score.domain})" if score.domain else score.metric
+    if score.metric in CLIP_METRICS:
+        label += f", by {score.scored_by}" if score.scored_by else ", by a CLIP the run did not record"
+    return label
 
 
 def _usage(facts: CardFacts) -> str:
@@ -237,6 +314,26 @@ def _files() -> str:
             "also works as `ituning caption --checkpoint FOLDER`.")
 
 
+def _license(facts: CardFacts) -> str:
+    lines = [f"## License\n\nThe I-Tuning module weights of this repository: `{facts.license}`."]
+    if facts.standin_backbones:
+        lines.append("The stand-in backbones were made with the `ituning` package and are not in this repository.")
+        return " ".join(lines)
+    lines.append("The frozen backbones are not in this repository; they load from their own, under their own "
+                 "licences:")
+    language, vision = facts.backbones["language_model"], facts.backbones["vision_pretrained"]
+    if language.startswith("gpt2"):
+        lines.append(f"GPT-2 (`{HUB_LANGUAGE_MODELS.get(language, language)}`) under MIT as its hub card states "
+                     "(OpenAI's release calls it a modified MIT licence);")
+    else:
+        lines.append(f"the language model `{language}` under the licence its repository states;")
+    if vision == "openai":
+        lines.append(f"the CLIP weights of OpenAI (`{facts.backbones['vision_model']}`, `openai`) under MIT.")
+    else:
+        lines.append(f"the vision encoder `{facts.backbones['vision_model']}` under the licence its source states.")
+    return " ".join(lines)
+
+
 # ---- to the hub and back -----------------------------------------------------------------------
 
 
@@ -255,13 +352,16 @@ def hub_repo_id(repo_id: str) -> str:
 
 def create_model_repo(repo_id: str, private: bool = False, branch: str | None = None, token: str | None = None) -> str:
     """Create the model repository unless it exists, and `branch` (from main) unless it exists; the
-    repository's full id (a bare NAME lands in the token owner's namespace)."""
+    repository's full id (a bare NAME lands in the token owner's namespace). `private` makes an
+    existing repository private too (its settings); without it, a private one stays private."""
     from huggingface_hub import HfApi
 
     check_can_push(repo_id, token)
     api = HfApi(token=token)
     with _hub_errors(repo_id):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if private:  # create_repo leaves an existing repository as it is
+            api.update_repo_settings(repo_id, private=True)
         if branch and branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
     return repo_id

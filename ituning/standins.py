@@ -2,7 +2,9 @@
 
 They are saved in the standard formats -- an open_clip folder (open_clip_config.json +
 open_clip_model.safetensors, loaded as `local-dir:`), a transformers GPT-2 folder and a byte-level
-BPE tokenizer -- so they load through exactly the loaders used for the real backbones.
+BPE tokenizer -- so they load through exactly the loaders used for the real backbones. Each folder
+also holds ituning-standin.json, which marks it a stand-in (ituning/provenance.py): what is trained
+on it and scored with it says so.
 """
 
 import json
@@ -14,6 +16,7 @@ import torch
 from ituning.backbones import LOCAL_DIR, BackboneSpec
 from ituning.compat import ensure_torchvision_importable, quiet_transformers
 from ituning.progress import Progress
+from ituning.provenance import STANDIN_MARKER
 
 EOS_TOKEN = "<|endoftext|>"
 TINY_VISION = {
@@ -58,7 +61,12 @@ def save_vision_standin(directory: Path, seed: int, model=None) -> str:
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
     save_file(state, directory / "open_clip_model.safetensors")
+    mark_standin(directory, "a tiny CLIP (ViT and text tower), not OpenAI's")
     return f"{LOCAL_DIR}{directory}"
+
+
+def mark_standin(directory: Path, what: str) -> None:
+    (directory / STANDIN_MARKER).write_text(json.dumps({"standin": True, "what": what}, indent=1))
 
 
 def new_language_standin(tokenizer, seed: int):
@@ -78,6 +86,7 @@ def save_language_standin(directory: Path, tokenizer, model) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    mark_standin(directory, "a tiny GPT-2 and its tokenizer, not OpenAI's GPT-2")
     return str(directory)
 
 

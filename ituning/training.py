@@ -45,6 +45,7 @@ from ituning.micro_batch import resolve_micro_batch, worst_micro_batch
 from ituning.model import ITuningCaptioner, trainable_parameters
 from ituning.progress import Progress
 from ituning.precision import autocast
+from ituning.provenance import Provenance, TrainingSplit, is_standin_backbone
 from ituning.training_state import (
     BEST,
     FINAL,
@@ -73,6 +74,7 @@ class StageData:
     captions: dict[str, list[str]]
     val_features: Mapping | None = None
     val_captions: dict[str, list[str]] | None = None
+    splits: tuple[TrainingSplit, ...] = ()  # what the two are, for the checkpoints' provenance
 
 
 @dataclass
@@ -155,8 +157,10 @@ class StageTrainer:
     through it, checkpoints and validation use the captioner inside."""
 
     def __init__(self, model: nn.Module, tokenizer, backbones: BackboneSpec, stage: StageConfig,
-                 data: StageData, stage_dir: Path, score: Scorer | None = None, callbacks=(), progress=True):
+                 data: StageData, stage_dir: Path, score: Scorer | None = None, callbacks=(), progress=True,
+                 provenance: Provenance | None = None):
         self.replica, self.model = model, unwrapped(model)
+        self.provenance = provenance
         self.tokenizer, self.backbones = tokenizer, backbones
         self.stage, self.data, self.stage_dir = stage, data, Path(stage_dir)
         self.score = score or default_scorer
@@ -236,7 +240,7 @@ class StageTrainer:
                 self.run_epoch(bar)
         final = self.stage_dir / FINAL
         if is_main_process():
-            save_modules(final, self.model, self.backbones, self.state.history)
+            save_modules(final, self.model, self.backbones, self.state.history, self.provenance)
         barrier()  # a next stage in another train_run may load `final` at once
         best = self.stage_dir / BEST
         return StageResult(self.stage.name, self.state.step, final, best if best.exists() else None,
@@ -347,14 +351,14 @@ class StageTrainer:
         if (self.state.best_cider is None or cider > self.state.best_cider) and is_main_process():
             self.state.best_cider = cider
             best = save_modules(self.stage_dir / BEST, self.model, self.backbones,
-                                {"epoch": self.state.epoch, **metrics})
+                                {"epoch": self.state.epoch, **metrics}, self.provenance)
             self.notify("on_checkpoint", best)
 
     def save(self) -> None:
         if not is_main_process():  # every process holds the same weights; one writes them
             return
         path = save_training_checkpoint(self.stage_dir, self.model, self.backbones, self.optimizer,
-                                        self.scheduler, self.state)
+                                        self.scheduler, self.state, self.provenance)
         self.notify("on_checkpoint", path)
 
 
@@ -394,11 +398,12 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
         for stage in config.stages:
             settle_checkpoints(out_dir / stage.name)
     barrier()  # no process reads a stage folder rank 0 is still settling
-    results = []
+    results, provenance = [], None
     for stage in config.stages:
         stage_dir = out_dir / stage.name
+        provenance = stage_provenance(config, stage, data[stage.name], provenance)
         trainer = StageTrainer(replica, tokenizer, backbones, stage, data[stage.name], stage_dir, score,
-                               callbacks, progress)
+                               callbacks, progress, provenance)
         trainer.notify("on_stage", stage.name, config_to_dict(stage))
         if resume and is_finished(stage_dir):
             load_weights_into(model, stage_dir / FINAL, backbones)
@@ -407,3 +412,17 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
             continue
         results.append(trainer.run(resume))
     return results
+
+
+def stage_provenance(config: RunConfig, stage: StageConfig, data: StageData,
+                     before: Provenance | None = None) -> Provenance:
+    """What a stage's checkpoints record of where they come from: its splits on top of those of the
+    checkpoint it starts from (`init_from`'s record, else `before`, the previous stage's), stand-in
+    backbones (the config says so, or their folders do) and the config's licence."""
+    from ituning.checkpoint import read_provenance
+
+    backbones = config.model.backbones()
+    standins = config.model.standins or any(is_standin_backbone(name) for name in
+                                            (backbones.vision_model, backbones.language_model))
+    earlier = read_provenance(stage.init_from) if stage.init_from else before
+    return Provenance(data.splits, standins, config.license).after(earlier)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from ituning.backbones import BackboneSpec
 from ituning.checkpoint import load_weights_into, save_checkpoint, settle_folder, write_folder
 from ituning.model import ITuningCaptioner
+from ituning.provenance import Provenance
 
 LAST = "last"
 BEST = "best"
@@ -46,9 +47,9 @@ class TrainerState:
 
 
 def save_training_checkpoint(stage_dir: Path, model: ITuningCaptioner, backbones: BackboneSpec,
-                             optimizer, scheduler, state: TrainerState) -> Path:
+                             optimizer, scheduler, state: TrainerState, provenance: Provenance | None = None) -> Path:
     def write(folder: Path) -> None:
-        save_checkpoint(folder, model, backbones)
+        save_checkpoint(folder, model, backbones, provenance)
         tensors, groups = _optimizer_tensors(optimizer)
         save_file(tensors, folder / OPTIMIZER_FILE)
         save_file(_rng_tensors(), folder / RNG_FILE)
@@ -63,11 +64,12 @@ def save_training_checkpoint(stage_dir: Path, model: ITuningCaptioner, backbones
     return write_folder(stage_dir / LAST, write)
 
 
-def save_modules(directory: Path, model: ITuningCaptioner, backbones: BackboneSpec, metrics) -> Path:
+def save_modules(directory: Path, model: ITuningCaptioner, backbones: BackboneSpec, metrics,
+                 provenance: Provenance | None = None) -> Path:
     """A module checkpoint with its metrics (best/, final/), swapped in whole."""
 
     def write(folder: Path) -> None:
-        save_checkpoint(folder, model, backbones)
+        save_checkpoint(folder, model, backbones, provenance)
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
 
     return write_folder(directory, write)

@@ -20,12 +20,14 @@ def push(
     workspace: Annotated[Path | None, typer.Option(
         help="whose tracking store --run is in (default $MLFLOW_TRACKING_URI, else $ITUNING_WORKSPACE or "
              "./workspace)")] = None,
-    private: Annotated[bool, typer.Option("--private", help="create the repository private")] = False,
+    private: Annotated[bool, typer.Option("--private", help="create the repository private, or make an existing "
+                                                           "one private")] = False,
     branch: Annotated[str | None, typer.Option(
         "--branch", "--revision", help="push to this branch, made from main if missing (default main)")] = None,
 ):
     """Share a checkpoint on the Hugging Face hub: its weights, config and a model card (base models,
-    trainable parameters, data sets and scores), in one commit; prints the repository's URL. The hub
+    trainable parameters, data sets and scores, licence; synthetic data and stand-in backbones said as
+    such), in one commit; prints the repository's URL. The hub
     is $HF_ENDPOINT (default huggingface.co), the token $HF_TOKEN or that of `hf auth login`. Load it
     back with `ituning caption --model hub:OWNER/NAME IMAGE` or Captioner.from_pretrained("OWNER/NAME").
     A hub failure exits 1; a bad repository id, an unusable checkpoint or run, 2."""

@@ -123,11 +123,15 @@ def stage_inputs(run_config, karpathy_json: Path, images: Path | None, device: s
     from ituning.captioner import resolve_device
     from ituning.karpathy import captions_by_id, encode_images
     from pipeline.small_corpus import read_karpathy_split
+    from ituning.provenance import TrainingSplit
     from ituning.training import StageData
+    from storage.jsonfields import load_json
+    from storage.sources import marked_synthetic
 
     spec = run_config.model.backbones()
     encode_on = resolve_device(run_config.device if device == "auto" else device)
     root = images or karpathy_json.parent
+    synthetic = marked_synthetic(load_json(karpathy_json))  # the synthetic corpus's file says so
     data = {}
     for stage in run_config.stages:
         train_images = read_karpathy_split(karpathy_json, root, stage.train_split)
@@ -136,6 +140,8 @@ def stage_inputs(run_config, karpathy_json: Path, images: Path | None, device: s
             encode_images(train_images, spec, device=encode_on), captions_by_id(train_images),
             encode_images(val_images, spec, device=encode_on) if val_images else None,
             captions_by_id(val_images) if val_images else None,
+            tuple(TrainingSplit(stage.dataset, split, synthetic) for split in (stage.train_split, stage.val_split)
+                  if split),
         )
     return data
 

@@ -1,9 +1,10 @@
 """Evaluation runs side by side: one self-contained HTML page (it renders in MLflow's artifact
 viewer) and a plain-text table for the terminal.
 
-    metrics    one column per run: every metric the runs logged (by NoCaps domain too), the best
-               value of each row marked; the paper's numbers as a further column where a run's
-               preset and split have some
+    metrics    one column per run, named by what sets the runs apart (preset, checkpoint, decoding
+               settings: pipeline/compare_settings.py), under those settings; every metric the runs
+               logged (by NoCaps domain too), the best value of each row marked; the paper's
+               numbers as a further column where a run's preset and split have some
     captions   each run's caption of the images the runs share, beside a thumbnail and the
                references; the images whose per-image CIDEr differs most between the runs first
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ituning.evaluation import METRICS, OVERALL
+from pipeline.compare_settings import ALWAYS_SHOWN, column_names, run_settings, setting_rows, vision_of
 from pipeline.gallery import PAGE_STYLE, thumbnail_data_uri
 
 COMPARED_TAG = "ituning.compared_runs"  # on a compare run: the compared run ids, comma-separated
@@ -57,6 +59,7 @@ class EvaluatedRun:
     language_model: str = ""
     vision_model: str = ""
     notes: str = ""
+    settings: dict[str, str] = field(default_factory=dict)  # pipeline/compare_settings.py's, by label
 
     @property
     def task(self) -> str:
@@ -99,6 +102,12 @@ class Comparison:
     shared: int  # images every run captioned
     images: list[ImageRow]  # those shown, the most different first
     notes: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # a column name per run: what sets it apart
+
+    @property
+    def settings(self) -> list[tuple[str, tuple[str, ...], bool]]:
+        """(label, one value per run, whether they differ) for each setting."""
+        return setting_rows([run.settings for run in self.runs])
 
 
 # ---- the metrics table -------------------------------------------------------------------------
@@ -218,7 +227,8 @@ def build_comparison(runs: Sequence[EvaluatedRun], references: Mapping[str, list
                        tuple(references.get(key, [])), image_paths.get(key)) for key in order[:limit]]
     paper = paper_columns(runs)
     table = metrics_table([run.metrics for run in runs], [column.scores for column in paper])
-    return Comparison(list(runs), paper, table, len(shared), images, notes)
+    names = column_names([run.settings for run in runs], [run.label for run in runs], [run.run_id for run in runs])
+    return Comparison(list(runs), paper, table, len(shared), images, notes, names)
 
 
 # ---- reading runs from MLflow --------------------------------------------------------------------
@@ -291,10 +301,11 @@ def evaluated_run(client, run, folder: Path) -> EvaluatedRun:
     dataset, split = params["dataset"], params["split"]
     prefix = f"{dataset}_{split}/"
     metrics = {name[len(prefix):]: value for name, value in run.data.metrics.items() if name.startswith(prefix)}
+    preset = preset_of(client, run)
     return EvaluatedRun(
         run_id, run.info.run_name, dataset, split, metrics, logged_captions(client, run, f"{dataset}_{split}", folder),
-        preset_of(client, run), params.get("backbones.language_model", ""), vision_of(params),
-        tags.get("ituning.notes", ""))
+        preset, params.get("backbones.language_model", ""), vision_of(params), tags.get("ituning.notes", ""),
+        run_settings(params, preset))
 
 
 def logged_captions(client, run, split_key: str, folder: Path) -> dict[str, str]:
@@ -303,13 +314,6 @@ def logged_captions(client, run, split_key: str, folder: Path) -> dict[str, str]
         raise CompareError(f"run {run.info.run_id} ({run.info.run_name}, {run.info.status}) logged no {artifact}")
     local = client.download_artifacts(run.info.run_id, artifact, str(folder / run.info.run_id))
     return json.loads(Path(local).read_text(encoding="utf-8"))
-
-
-def vision_of(params: Mapping[str, str]) -> str:
-    """The vision model and its pretrained weights ("ViT-B-16 (openai)"); params hold no weights as "null"."""
-    weights = params.get("backbones.vision_pretrained")
-    model = params.get("backbones.vision_model", "")
-    return f"{model} ({weights})" if weights and weights not in ("null", "None") else model
 
 
 def preset_of(client, run) -> str | None:
@@ -399,9 +403,11 @@ def number(value: float | None) -> str:
 def text_table(comparison: Comparison) -> str:
     """The metrics table in fixed-width columns; a * marks each row's best run."""
     runs, paper = comparison.runs, comparison.paper
-    header = ["", *(run.label for run in runs), *(f"paper {column.preset}" for column in paper)]
-    rows = [header, ["dataset/split", *(run.task for run in runs), *(column.task for column in paper)],
-            ["preset", *(run.preset or "–" for run in runs), *(column.preset for column in paper)]]
+    header = ["", *_names(comparison), *(f"paper {column.preset}" for column in paper)]
+    rows = [header, ["dataset/split", *(run.task for run in runs), *(column.task for column in paper)]]
+    for label, values, differs in comparison.settings:
+        if differs or label in ALWAYS_SHOWN:
+            rows.append([label, *values, *(column.preset if label == "preset" else "" for column in paper)])
     for row in comparison.table:
         cells = [number(value) + ("*" if index in row.best else "") for index, value in enumerate(row.values)]
         rows.append([row.metric, *cells, *(number(value) for value in row.paper)])
@@ -410,7 +416,12 @@ def text_table(comparison: Comparison) -> str:
     return "\n".join([*lines, "* best of the runs"]) + "\n"
 
 
-COMPARE_STYLE = (".best{font-weight:bold;background:#e3f4e3}.paper{color:#555;font-style:italic}"
+def _names(comparison: Comparison) -> list[str]:
+    return comparison.names or [run.label for run in comparison.runs]
+
+
+COMPARE_STYLE = (".best{font-weight:bold;background:#e3f4e3}tr.differs th,tr.differs td{background:#fff4d6}"
+                 ".paper{color:#555;font-style:italic}"
                  "td.number{text-align:right;font-variant-numeric:tabular-nums}.score{color:#555}"
                  "th.metric{white-space:nowrap}td{word-break:break-word}")
 
@@ -421,21 +432,23 @@ def _cell(text: str, css: str = "") -> str:
 
 def _metrics_section(comparison: Comparison) -> str:
     runs, paper = comparison.runs, comparison.paper
-    head = "".join(f"<th>{html.escape(run.name)}<br><code>{run.run_id}</code></th>" for run in runs)
+    head = "".join(f"<th>{html.escape(name)}<br><code>{run.run_id}</code></th>"
+                   for name, run in zip(_names(comparison), runs))
     head += "".join(f'<th class="paper">paper: {html.escape(c.preset)}<br>{html.escape(c.task)}</th>' for c in paper)
     blank = "".join(_cell("") for _ in paper)
-    details = [("preset", [run.preset or "–" for run in runs]), ("dataset/split", [run.task for run in runs]),
-               ("language model", [run.language_model for run in runs]),
-               ("vision model", [run.vision_model for run in runs])]
-    lines = [f'<tr><th class="metric">{label}</th>{"".join(_cell(v) for v in values)}{blank}</tr>'
-             for label, values in details]
+    details = [("dataset/split", [run.task for run in runs], False),
+               ("language model", [run.language_model for run in runs], False),
+               ("vision model", [run.vision_model for run in runs], False), *comparison.settings]
+    lines = [f'<tr class="setting{" differs" if differs else ""}"><th class="metric">{html.escape(label)}</th>'
+             f'{"".join(_cell(v) for v in values)}{blank}</tr>' for label, values, differs in details]
     for row in comparison.table:
         cells = "".join(_cell(number(value), "number best" if index in row.best else "number")
                         for index, value in enumerate(row.values))
         cells += "".join(_cell(number(value), "number paper") for value in row.paper)
         lines.append(f'<tr><th class="metric">{html.escape(row.metric)}</th>{cells}</tr>')
     return (f'<h2>Metrics</h2><table id="metrics"><tr><th></th>{head}</tr>\n' + "\n".join(lines) + "\n</table>"
-            "<p>Values as logged (CIDEr 1.167 is the paper's 116.7); the best run of each row is highlighted.</p>")
+            "<p>Values as logged (CIDEr 1.167 is the paper's 116.7); the best run of each row is highlighted, and "
+            "the settings that differ between the runs, which name the columns, are marked.</p>")
 
 
 def _thumbnail(row: ImageRow) -> str:
@@ -462,7 +475,7 @@ def _image_row(row: ImageRow) -> str:
 
 
 def _captions_section(comparison: Comparison) -> str:
-    head = "".join(f"<th>{html.escape(run.label)}</th>" for run in comparison.runs)
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in _names(comparison))
     rows = "\n".join(_image_row(row) for row in comparison.images)
     return (f"<h2>Captions where the runs differ most</h2><p>{len(comparison.images)} of the {comparison.shared} "
             "images the runs share, by how far apart the runs' per-image CIDEr is (highest minus lowest), computed "
@@ -471,7 +484,7 @@ def _captions_section(comparison: Comparison) -> str:
 
 
 def render_html(comparison: Comparison) -> str:
-    title = "Comparison of " + ", ".join(run.label for run in comparison.runs)
+    title = "Comparison of " + ", ".join(_names(comparison))
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in comparison.notes)
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{PAGE_STYLE}{COMPARE_STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"

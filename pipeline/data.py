@@ -81,6 +81,12 @@ def open_catalog(workspace: Path) -> Catalog:
     return Catalog(path, read_only=True)
 
 
+def is_synthetic(workspace: Path, dataset: str) -> bool:
+    """Whether the catalog's `dataset` is the synthetic corpus in its format, not the dataset itself."""
+    with open_catalog(workspace) as catalog:
+        return catalog.is_synthetic(dataset)
+
+
 def catalog_fingerprint(workspace: Path, splits: list, captions: bool = True) -> str:
     """One digest of what the catalog holds now for these (dataset, split) pairs: the usable images
     (ids and paths) and, unless captions is False, their captions. "no catalog" before there is one."""

@@ -37,7 +37,8 @@ def evaluate(workspace: Path, checkpoint: str, dataset: str, split: str, parent_
     tracker = ExperimentTracker(workspace=workspace)
     scoring = scoring or evaluation_settings(checkpoint)
     settings = {"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "decoding": asdict(decoding),
-                "backbones": captioner.backbones.to_dict(), "clip_score": asdict(scoring)}
+                "backbones": captioner.backbones.to_dict(),
+                "clip_score": {**asdict(scoring), "standin": clip_is_standin(scoring, captioner)}}
     name = f"evaluate-{dataset}-{split}"
     with child_run(tracker, parent_run_id, name, name, settings) as run_id:
         log_split_inputs(tracker, run_id, workspace, dataset, split, reader, "evaluation")
@@ -66,6 +67,17 @@ def evaluation_settings(checkpoint: str | Path) -> EvaluationSettings:
     except (OSError, ValueError):  # no record, not JSON, or not a run config (ConfigError)
         return EvaluationSettings()
     return config.evaluation if stage_dir.name in {stage.name for stage in config.stages} else EvaluationSettings()
+
+
+def clip_is_standin(scoring: EvaluationSettings, captioner) -> bool:
+    """Whether CLIPScore's CLIP is a stand-in: its folder says so, or it is the folder of the vision
+    stand-in the checkpoint was trained on."""
+    from ituning.provenance import is_standin_backbone
+
+    model = scoring.clip_score_model
+    trained_on_standins = captioner.provenance is not None and captioner.provenance.standin_backbones
+    return bool(model) and (is_standin_backbone(model) or
+                            (trained_on_standins and model == captioner.backbones.vision_model))
 
 
 def scoring_from_options(clip_model: str | None, clip_pretrained: str | None) -> EvaluationSettings | None:

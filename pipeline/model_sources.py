@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ituning.model_card import DatasetUse, RunRecord, Score
+from ituning.model_card import CLIP_METRICS, DatasetUse, RunRecord, Score
 from storage.sources import NOCAPS_DOMAINS
 
 HUB = "hub:"
@@ -119,25 +119,42 @@ def run_record(run_id: str, workspace: Path | None = None) -> RunRecord:
                                   order_by=["attributes.start_time ASC"])
     runs = [run, *children]
     datasets = tuple(dict.fromkeys(use for item in runs for use in _datasets_of(item)))
-    scores = tuple(score for item in runs for score in _scores_of(item.data.metrics))
+    scores = tuple(score for item in runs for score in _scores_of(item.data.metrics, item.data.params))
     return RunRecord(run_id, datasets, scores)
 
 
 def _datasets_of(run) -> list[DatasetUse]:
-    """The splits a run logged as inputs ("coco/train"), with their context (training, validation, evaluation)."""
+    """The splits a run logged as inputs ("coco/train"), with their context (training, validation,
+    evaluation) and whether the catalog held the synthetic corpus under that name."""
     uses = []
     for item in run.inputs.dataset_inputs if run.inputs else []:
         dataset, _, split = item.dataset.name.partition("/")
         context = next((tag.value for tag in item.tags if tag.key == "mlflow.data.context"), "")
-        uses.append(DatasetUse(dataset, split, context))
+        synthetic = run.data.params.get(f"data.{context}.{item.dataset.name}.synthetic") == "true"
+        uses.append(DatasetUse(dataset, split, context, synthetic))
     return uses
 
 
-def _scores_of(metrics: dict[str, float]) -> list[Score]:
-    """The evaluation scores among a run's metrics (training's are "train_loss", "epoch/CIDEr" ...)."""
+def _scores_of(metrics: dict[str, float], params: dict[str, str]) -> list[Score]:
+    """The evaluation scores among a run's metrics (training's are "train_loss", "epoch/CIDEr" ...),
+    each marked synthetic as its split was, CLIP-S and RefCLIP-S with the CLIP that scored them."""
     scores = []
     for key, value in sorted(metrics.items()):
         match = EVALUATION_METRIC.fullmatch(key)
         if match and match["domain"] in (None, *SCORE_DOMAINS):
-            scores.append(Score(match["dataset"], match["split"], match["metric"], float(value), match["domain"]))
+            dataset, split, metric = match["dataset"], match["split"], match["metric"]
+            synthetic = params.get(f"data.evaluation.{dataset}/{split}.synthetic") == "true"
+            scored_by = clip_of(params) if metric in CLIP_METRICS else None
+            scores.append(Score(dataset, split, metric, float(value), match["domain"], synthetic, scored_by))
     return scores
+
+
+def clip_of(params: dict[str, str]) -> str | None:
+    """The CLIP an evaluation run scored CLIP-S with, as its params name it ("ViT-B-32 (openai)",
+    "the stand-in CLIP local-dir:/ws/backbones/vision"); None when the run does not say."""
+    model, weights = params.get("clip_score.clip_score_model"), params.get("clip_score.clip_score_pretrained")
+    if not model or model in ("None", "null"):
+        return None
+    if params.get("clip_score.standin") == "true":
+        return f"the stand-in CLIP {model}"
+    return f"{model} ({weights})" if weights and weights not in ("None", "null") else model

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.data import catalog_fingerprint, content_digest, open_catalog
+from pipeline.data import catalog_fingerprint, content_digest, is_synthetic, open_catalog
 from pipeline.features import feature_entry
 from pipeline.presets import resolve_config
 from pipeline.tracking import ExperimentTracker
@@ -38,10 +38,14 @@ def split_data(workspace: Path, dataset: str, split: str, backbones: dict, devic
 
 def log_split_inputs(tracker: ExperimentTracker, run_id: str, workspace: Path, dataset: str, split: str,
                      reader, context: str) -> None:
-    """The split as a dataset input of the run, with the feature cache's identity as params."""
+    """The split as a dataset input of the run, with the feature cache's identity as params and
+    whether the catalog holds the synthetic corpus under the dataset's name
+    (`data.<context>.<dataset>/<split>.synthetic`, what a model card reads)."""
     tracker.log_dataset(run_id, f"{dataset}/{split}", reader.attrs["image_list_fingerprint"],
                         catalog_path(Path(workspace)).resolve(), context, images=len(reader))
-    tracker.log_params(run_id, {f"features.{context}.{key}": value for key, value in reader.attrs.items()})
+    synthetic = str(is_synthetic(workspace, dataset)).lower()
+    tracker.log_params(run_id, {**{f"features.{context}.{key}": value for key, value in reader.attrs.items()},
+                                f"data.{context}.{dataset}/{split}.synthetic": synthetic})
 
 
 def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | None = None,
@@ -138,10 +142,13 @@ def stage_checkpoint(out_dir: Path, config_name: str, stage: str) -> Path:
 
 
 def _stage_inputs(workspace: Path, run_config, stage_config, device: str = "auto"):
+    from ituning.provenance import TrainingSplit
     from ituning.training import StageData
 
     backbones = run_config.model.backbones().to_dict()
     data = StageData(*split_data(workspace, stage_config.dataset, stage_config.train_split, backbones, device))
+    data.splits = tuple(TrainingSplit(dataset, split, is_synthetic(workspace, dataset))
+                        for dataset, split in splits_of(stage_config))
     if stage_config.val_split:
         data.val_features, data.val_captions = split_data(workspace, stage_config.dataset, stage_config.val_split,
                                                           backbones, device)
@@ -189,8 +196,10 @@ def _trained_from(workspace: Path, run_config, stage_config, data) -> dict:
     from ituning.config import config_to_dict
 
     readers = [data.features] + ([data.val_features] if stage_config.val_split else [])
-    # How test splits are scored changes no checkpoint: another CLIPScore model keeps a finished stage.
-    settings = {key: value for key, value in config_to_dict(run_config).items() if key != "evaluation"}
+    # How test splits are scored, and the licence the modules are shared under, change no weights:
+    # another CLIPScore model or licence keeps a finished stage (a new training records the new licence).
+    settings = {key: value for key, value in config_to_dict(run_config).items()
+                if key not in ("evaluation", "license")}
     return {"settings": settings,
             "data": catalog_fingerprint(workspace, splits_of(stage_config)),
             "features": [dict(reader.attrs) for reader in readers],

@@ -4,9 +4,11 @@ Tables
   images    (dataset, image_id, split, path, width, height, domain, status, reason)
   captions  (dataset, image_id, caption_id, text, split)   -- NoCaps val and test reuse image ids
   downloads (name, url, bytes, checksum, verified_at, dataset)
-  builds    (dataset, built_at, images, usable, captions, excluded)
+  builds    (dataset, built_at, images, usable, captions, excluded, synthetic)
 status is "ok" for usable images; see pipeline/image_check.py for the others. domain is a NoCaps
 image's domain where its files name one (val, in the images of its captions file), else null.
+synthetic is true for a dataset whose files are the synthetic corpus in its format (their manifest
+or annotation files say so), not the dataset itself.
 
 answer_query runs a user's SQL (`ituning catalog query`) on a connection that can only read the
 catalog: the file is opened read-only, DuckDB may touch no other file and no network (no COPY,
@@ -33,7 +35,8 @@ CREATE TABLE IF NOT EXISTS captions (dataset TEXT NOT NULL, image_id TEXT NOT NU
 CREATE TABLE IF NOT EXISTS downloads (name TEXT NOT NULL, url TEXT NOT NULL, bytes BIGINT, checksum TEXT,
     verified_at TIMESTAMPTZ, dataset TEXT NOT NULL, PRIMARY KEY (dataset, name));
 CREATE TABLE IF NOT EXISTS builds (dataset TEXT PRIMARY KEY, built_at TIMESTAMPTZ, images BIGINT,
-    usable BIGINT, captions BIGINT, excluded BIGINT);
+    usable BIGINT, captions BIGINT, excluded BIGINT, synthetic BOOLEAN DEFAULT false);
+ALTER TABLE builds ADD COLUMN IF NOT EXISTS synthetic BOOLEAN DEFAULT false;
 """
 USABLE_IMAGES = "FROM images WHERE dataset = ? AND split = ? AND status = 'ok'"
 USABLE_CAPTIONS = ("FROM captions c JOIN images i USING (dataset, split, image_id) "
@@ -126,13 +129,25 @@ class Catalog:
         query = f"SELECT sha256(coalesce(string_agg({line} || chr(10), '' ORDER BY {order}), '')) {source}"
         return self.connection.execute(query, parameters).fetchone()[0]
 
+    def is_synthetic(self, dataset: str) -> bool:
+        """Whether the catalogued `dataset` is the synthetic corpus in its format (false for a catalog
+        built before this was recorded)."""
+        columns = {row[0] for row in self.connection.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'builds'").fetchall()}
+        if "synthetic" not in columns:
+            return False
+        row = self.connection.execute("SELECT synthetic FROM builds WHERE dataset = ?", [dataset]).fetchone()
+        return bool(row and row[0])
+
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
         result = self.connection.execute(sql)
         columns = [column[0] for column in result.description or []]
         return columns, result.fetchall()
 
-    def replace_dataset(self, dataset: str, images: dict[str, list], captions: dict[str, list], excluded: int) -> None:
-        """Swap in a dataset's rows (columns given as lists) in one transaction."""
+    def replace_dataset(self, dataset: str, images: dict[str, list], captions: dict[str, list], excluded: int,
+                        synthetic: bool = False) -> None:
+        """Swap in a dataset's rows (columns given as lists) in one transaction; `synthetic`: they are
+        the synthetic corpus in the dataset's format."""
         image_table = pa.table({"dataset": [dataset] * len(images["image_id"]), **images}).select(IMAGE_COLUMNS)
         caption_table = pa.table({"dataset": [dataset] * len(captions["image_id"]), **captions}).select(CAPTION_COLUMNS)
         con = self.connection
@@ -144,9 +159,9 @@ class Catalog:
             con.register("new_captions", caption_table)
             con.execute(f"INSERT INTO images ({', '.join(IMAGE_COLUMNS)}) SELECT * FROM new_images")
             con.execute(f"INSERT INTO captions ({', '.join(CAPTION_COLUMNS)}) SELECT * FROM new_captions")
-            con.execute("INSERT INTO builds SELECT ?, ?, count(*), count(*) FILTER (status = 'ok'), ?, ? "
+            con.execute("INSERT INTO builds SELECT ?, ?, count(*), count(*) FILTER (status = 'ok'), ?, ?, ? "
                         "FROM images WHERE dataset = ?",
-                        [dataset, datetime.now(timezone.utc), len(caption_table), excluded, dataset])
+                        [dataset, datetime.now(timezone.utc), len(caption_table), excluded, synthetic, dataset])
             con.execute("COMMIT")
         except Exception:
             con.execute("ROLLBACK")

@@ -94,12 +94,24 @@ def build_dataset(root: Path, dataset: str, catalog: Catalog, inspect: ImageInsp
               "domain": [r.domain for r in rows], "status": [r.status for r in rows], "reason": [r.reason for r in rows]}
     captions = dict(zip(("image_id", "split", "caption_id", "text"), map(list, zip(*records.captions)))) \
         if records.captions else {"image_id": [], "split": [], "caption_id": [], "text": []}
-    catalog.replace_dataset(dataset, images, captions, records.excluded)
+    synthetic = records.synthetic or _synthetic_download(root, dataset)
+    catalog.replace_dataset(dataset, images, captions, records.excluded, synthetic)
     catalog.record_downloads(dataset, _verified_files(root, dataset))
     by_split: dict[str, int] = {}
     for row in rows:
         by_split[row.split] = by_split.get(row.split, 0) + (row.status == "ok")
     return BuildSummary(dataset, len(rows), sum(by_split.values()), len(records.captions), records.excluded, by_split)
+
+
+def _synthetic_download(root: Path, dataset: str) -> bool:
+    """Whether the dataset's files were downloaded from a manifest marked synthetic (a corpus used in
+    place, data/<dataset> a link, is judged by its own files alone)."""
+    from storage.acquire import recorded_manifest
+
+    if data_dir(root, dataset).is_symlink():
+        return False
+    recorded = recorded_manifest(root, dataset)
+    return recorded is not None and recorded.synthetic
 
 
 def _verified_files(root: Path, dataset: str):

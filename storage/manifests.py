@@ -4,16 +4,19 @@ A manifest file is JSON:
     {"dataset": "coco",
      "files": [{"name": "val2014.zip", "url": "http://...", "bytes": 6645013297, "md5": "a3d7...",
                 "unpack": true}],
-     "image_lists": [{"info": "nocaps_val_image_info.json", "into": "val"}]}
+     "image_lists": [{"info": "nocaps_val_image_info.json", "into": "val"}],
+     "synthetic": false}
 `bytes` (an integer >= 0), `md5`/`sha256` (32/64 hexadecimal digits) and `unpack` (true/false) are
 optional (archives unpack by default). An image list names one of the files, a COCO-style image-info
 JSON whose entries carry one URL each (`coco_url`); every image is fetched into
 data/<dataset>/<into>/<file_name>, from the URLs that storage/listed_urls.py allows a downloaded list.
+`synthetic` (default false) marks files made in the dataset's format that are not the dataset (the
+corpus of storage/synthetic.py); the download records it and the catalog keeps it per dataset.
 """
 
 import json
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from storage.jsonfields import MalformedInput, required
@@ -63,11 +66,12 @@ class Manifest:
     dataset: str
     files: tuple[RemoteFile, ...]
     image_lists: tuple[ImageList, ...] = field(default=())
+    synthetic: bool = False  # files made in the dataset's format, not the dataset itself
 
     def with_file(self, extra: RemoteFile) -> "Manifest":
         """The manifest with `extra` added (in place of a file of the same name)."""
         kept = tuple(item for item in self.files if item.name != extra.name)
-        return Manifest(self.dataset, kept + (extra,), self.image_lists)
+        return replace(self, files=kept + (extra,))
 
 
 def _coco() -> Manifest:
@@ -137,7 +141,10 @@ def load_manifest(path: Path) -> Manifest:
                   for index, entry in enumerate(_field(raw, "files", list, path)))
     lists = tuple(_image_list(entry, f"image_lists[{index}]", path)
                   for index, entry in enumerate(raw.get("image_lists", [])))
-    return Manifest(dataset, files, lists)
+    synthetic = raw.get("synthetic", False)
+    if not isinstance(synthetic, bool):
+        raise ManifestError(f"{path}: field synthetic must be true or false, not {synthetic!r}")
+    return Manifest(dataset, files, lists, synthetic)
 
 
 def _image_list(entry, where: str, path: Path) -> ImageList:
@@ -190,4 +197,5 @@ def _field(entry, key: str, kind: type, path: Path, where: str = ""):
 def manifest_to_json(manifest: Manifest) -> dict:
     files = [{key: value for key, value in vars(item).items() if value is not None} for item in manifest.files]
     return {"dataset": manifest.dataset, "files": files,
-            "image_lists": [vars(item) for item in manifest.image_lists]}
+            "image_lists": [vars(item) for item in manifest.image_lists],
+            **({"synthetic": True} if manifest.synthetic else {})}

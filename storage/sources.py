@@ -1,7 +1,9 @@
 """Readers of the raw annotation formats: Karpathy splits, Visual Genome and NoCaps.
 
 Each returns image rows (with a path relative to the dataset's data folder) and caption rows;
-a file that lacks a needed field raises MalformedInput naming the file and the field.
+a file that lacks a needed field raises MalformedInput naming the file and the field. A file of the
+synthetic corpus (storage/synthetic.py) says so where its format has a top-level object (Karpathy,
+NoCaps): `"synthetic": true`, which the records carry on.
 """
 
 import os
@@ -14,6 +16,12 @@ from storage.jsonfields import INT32, INT64, MalformedInput, inside_path, intege
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
 FLICKR30K_FOLDER = "flickr30k-images"  # the Flickr30k image archive's top folder
+SYNTHETIC_MARK = "synthetic"  # top-level key of an annotation file made in a dataset's format, not the dataset
+
+
+def marked_synthetic(raw) -> bool:
+    """Whether an annotation file's top-level object carries the synthetic corpus's mark."""
+    return isinstance(raw, dict) and raw.get(SYNTHETIC_MARK) is True
 
 
 def unknown_domains(domains: dict) -> list[str]:
@@ -38,6 +46,7 @@ class SourceRecords:
     images: list[ImageRow] = field(default_factory=list)
     captions: list[tuple[str, str, int, str]] = field(default_factory=list)  # image_id, split, caption_id, text
     excluded: int = 0
+    synthetic: bool = False  # the files say they are the synthetic corpus, not the dataset
     _seen: set = field(default_factory=set, repr=False)
 
     def add_image(self, row: ImageRow, source: Path, where: str) -> None:
@@ -52,8 +61,9 @@ def read_karpathy(path: Path, dataset: str | None = None) -> SourceRecords:
     lie at <filepath>/<filename>; Flickr30k's, which have no filepath, at flickr30k-images/<filename>,
     where its archive unpacks them (resolve_image_paths also finds them without that folder).
     Without `dataset`, a file whose first image has a cocoid is read as COCO, others as Flickr30k."""
-    records = SourceRecords()
-    entries = required(_as_object(load_json(path), path), "images", list, path)
+    raw = _as_object(load_json(path), path)
+    records = SourceRecords(synthetic=marked_synthetic(raw))
+    entries = required(raw, "images", list, path)
     if dataset is None:
         dataset = "coco" if entries and isinstance(entries[0], dict) and "cocoid" in entries[0] else "flickr30k"
     for index, entry in enumerate(entries):
@@ -114,10 +124,11 @@ def read_nocaps(info: Path, split: str, captions: Path | None = None) -> SourceR
     The image-info files carry no domain: test domains are private to the evaluation server, and
     val domains come, where they come at all, with the images of the val captions file. A domain
     is read from either file when present and checked; images without one keep domain None."""
-    records = SourceRecords()
     caption_data = load_json(captions) if captions is not None else None
     domains = _nocaps_domains(caption_data, captions) if caption_data is not None else {}
-    for index, entry in enumerate(required(load_json(info), "images", list, info)):
+    info_data = load_json(info)
+    records = SourceRecords(synthetic=marked_synthetic(info_data))
+    for index, entry in enumerate(required(info_data, "images", list, info)):
         where = f"images[{index}]"
         image_id = str(required(entry, "id", int, info, where))
         domain = one_of(entry, "domain", NOCAPS_DOMAINS, info, where) if "domain" in entry else None

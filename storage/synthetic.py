@@ -6,6 +6,8 @@ COCO train split one truncated JPEG, one text file named .jpg, one image listed 
 zip, and usable oddities (a grayscale JPEG, a CMYK JPEG, a PNG named .jpg). Some VG images carry
 coco_ids from the COCO Karpathy val/test splits, which the catalog must keep out of pre-training.
 Manifests in manifests/<dataset>.json point at the files by URL (`base_url`) or by local path.
+The corpus says what it is, so nothing made from it passes for the real datasets: its manifests are
+`synthetic`, and so are its Karpathy and NoCaps files at the top level (storage/sources.py).
 """
 
 import hashlib
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from storage.manifests import ImageList, Manifest, RemoteFile, manifest_to_json
 from storage.scenes import describe, random_scene, render_scene
-from storage.sources import NOCAPS_DOMAINS
+from storage.sources import NOCAPS_DOMAINS, SYNTHETIC_MARK
 
 # Usable defects keep status "ok" with a reason; the others make the image unusable.
 COCO_DEFECTS = ("truncated", "not-an-image", "missing", "grayscale", "cmyk", "png-named-jpg")
@@ -127,7 +129,7 @@ def _write_coco(writer: _Writer, count: int, with_defects: bool, corpus: Synthet
                            for folder, content in annotations.items()})
     files = [writer.write(f"coco/{folder}.zip", _zip(content)) for folder, content in members.items()]
     files.append(writer.write("coco/annotations_trainval2014.zip", annotation_zip))
-    return files, {"dataset": "coco", "images": entries}, splits
+    return files, {"dataset": "coco", "images": entries, SYNTHETIC_MARK: True}, splits
 
 
 def _write_flickr30k(writer: _Writer, count: int):
@@ -141,7 +143,7 @@ def _write_flickr30k(writer: _Writer, count: int):
         entries.append(_karpathy_entry(position, filename, split, captions, 5 * position))
         splits[filename[:-4]] = split
     archive = writer.write("flickr30k/flickr30k-images.zip", _zip(members))
-    return archive, {"dataset": "flickr30k", "images": entries}, splits
+    return archive, {"dataset": "flickr30k", "images": entries, SYNTHETIC_MARK: True}, splits
 
 
 def _write_visual_genome(writer: _Writer, count: int, coco_splits: dict[str, str], corpus: SyntheticCorpus):
@@ -174,8 +176,8 @@ def _write_nocaps(writer: _Writer, count: int):
     captions in COCO layout (10 per image, some with a trailing space) whose images name their
     domain, the only place a NoCaps file does."""
     files, splits = [], {}
-    header = {"licenses": [{"url": "https://creativecommons.org/licenses/by/2.0/", "id": 0,
-                            "name": "Attribution 2.0 Generic (CC BY 2.0)"}]}
+    header = {SYNTHETIC_MARK: True, "licenses": [{"url": "https://creativecommons.org/licenses/by/2.0/", "id": 0,
+                                                  "name": "Attribution 2.0 Generic (CC BY 2.0)"}]}
     for split, first_id in (("val", 0), ("test", count)):  # test ids follow val's, as NoCaps numbers them
         images, annotations = [], []
         for image_id in range(first_id, first_id + count):
@@ -211,11 +213,11 @@ def write_corpus(out: Path, images: int = 40, base_url: str | None = None, seed:
     karpathy = writer.write("karpathy/caption_datasets.zip", _zip({
         "dataset_coco.json": json.dumps(coco_json).encode(), "dataset_flickr30k.json": json.dumps(flickr_json).encode()}))
     manifests = {
-        "coco": Manifest("coco", tuple(coco_files) + (karpathy,)),
-        "flickr30k": Manifest("flickr30k", (karpathy, flickr_archive)),
-        "vg": Manifest("vg", tuple(vg_files)),
-        "nocaps": Manifest("nocaps", tuple(nocaps_files),
-                           (ImageList("nocaps_val_image_info.json", "val"), ImageList("nocaps_test_image_info.json", "test"))),
+        "coco": Manifest("coco", tuple(coco_files) + (karpathy,), synthetic=True),
+        "flickr30k": Manifest("flickr30k", (karpathy, flickr_archive), synthetic=True),
+        "vg": Manifest("vg", tuple(vg_files), synthetic=True),
+        "nocaps": Manifest("nocaps", tuple(nocaps_files), (ImageList("nocaps_val_image_info.json", "val"),
+                                                           ImageList("nocaps_test_image_info.json", "test")), True),
     }
     for name, manifest in manifests.items():
         corpus.manifests[name] = out / "manifests" / f"{name}.json"

@@ -16,7 +16,7 @@ transformers' `from_pretrained` and open_clip), and what it gets here:
     a private repo asked for without a token: 401 with X-Error-Code RepoNotFound
     anything else (the client's best-effort extras): a plain 404
 
-And what `HfApi.create_repo`, `create_branch` and `upload_folder` send (each needs a token:
+And what `HfApi.create_repo`, `create_branch`, `upload_folder` and `update_repo_settings` send (each needs a token:
 `Authorization: Bearer ...`, any value; without one, 401):
 
     POST /api/repos/create                         {name, organization, visibility}: 200 {url}, or 409 {url}
@@ -30,6 +30,8 @@ And what `HfApi.create_repo`, `create_branch` and `upload_folder` send (each nee
     PUT  {cdn}/upload/{sha256}                     the bytes (checked against the announced sha256 and size)
     POST /api/models/{repo}/commit/{revision}      NDJSON: header, file (base64), lfsFile, deletedFile,
                                                    deletedFolder; a new commit that the download routes serve
+    PUT  /api/models/{repo}/settings               `update_repo_settings`: {visibility: public|private}
+                                                   and/or {gated: auto|manual|false}; 200, 400 for others
 
 A client with hf_xet installed uploads through Xet storage, which this hub does not speak: such a client
 sets HF_HUB_DISABLE_XET=1 (`hub_environment` does) and uploads by LFS, as without hf_xet.
@@ -170,6 +172,10 @@ class HubServer:
             if private:
                 self.private.add(repo_id)
             return True
+
+    def set_private(self, repo_id: str, private: bool) -> None:
+        with self._lock:
+            (self.private.add if private else self.private.discard)(repo_id)
 
     def at_revision(self, repo_id: str, revision: str) -> Repo | None:
         """The repo at a branch or a commit id; None when it has no such revision."""
@@ -425,7 +431,8 @@ class _HubHandler(_Handler):
 
     def receive(self, body: bytes) -> None:
         path = urlsplit(self.path).path
-        if self.command != "POST":
+        settings = path.startswith("/api/models/") and path.endswith("/settings")
+        if self.command != ("PUT" if settings else "POST"):
             self.send(405, {"Content-Type": "text/plain"}, b"Method Not Allowed")
             return
         if not self.headers.get("Authorization", "").startswith("Bearer "):
@@ -436,6 +443,8 @@ class _HubHandler(_Handler):
         except json.JSONDecodeError:
             self.send_error_code(400, "BadRequest", "The body is not JSON", False)
             return
+        if settings:
+            return self.update_settings(unquote(path[len("/api/models/"):-len("/settings")]), request)
         if path == "/api/repos/create":
             return self.create_repo(request)
         if path == "/api/validate-yaml":
@@ -461,6 +470,19 @@ class _HubHandler(_Handler):
         else:
             self.send(409, {"Content-Type": "application/json"},
                       json.dumps({"error": "You already created this model repo", "url": url}).encode())
+
+    def update_settings(self, repo_id: str, request: dict) -> None:
+        """A repository's visibility (and gating, accepted and not kept: this hub gates nothing)."""
+        if self.find_repo(repo_id) is None:
+            return
+        visibility, gated = request.get("visibility"), request.get("gated", False)
+        if not request or set(request) - {"visibility", "gated"} or visibility not in (None, "public", "private") \
+                or gated not in ("auto", "manual", False):
+            self.send_error_code(400, "BadRequest", f"Invalid settings: {json.dumps(request)}", False)
+            return
+        if visibility:
+            self.hub.set_private(repo_id, visibility == "private")
+        self.send_json({}, False)
 
     def branch(self, repo_id: str, branch: str, request: dict) -> None:
         start = self.find(repo_id, request.get("startingPoint") or MAIN)

@@ -1,3 +1,5 @@
+import json
+
 import yaml
 from typer.testing import CliRunner
 
@@ -33,6 +35,9 @@ def test_train_command_runs_a_config_on_a_karpathy_corpus(standin_backbones, tmp
     assert "finetune: modules at" in result.output
     assert (tmp_path / "run" / "finetune" / "final" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "finetune" / "last" / "trainer_state.json").is_file()
+    config = json.loads((tmp_path / "run" / "finetune" / "final" / "adapter_config.json").read_text())
+    assert config["provenance"] == {"data": [{"dataset": "coco", "split": "train", "synthetic": True}],
+                                    "standin_backbones": True, "license": "apache-2.0"}  # as the files said
 
 
 def test_train_command_reports_a_bad_config_key(standin_backbones, tmp_path):

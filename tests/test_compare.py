@@ -48,6 +48,9 @@ def test_metrics_table_has_a_row_per_metric_and_marks_the_best_run():
 
 
 def test_images_are_ranked_by_how_far_apart_their_per_image_cider_is():
+    from dataclasses import asdict
+
+    from ituning.decoding import DecodingConfig
     from ituning.evaluation import score_captions
 
     first = {"far": "two red circles on a white background", "near": "a blue square next to a yellow circle",
@@ -82,6 +85,24 @@ def test_comparison_puts_the_largest_difference_first_and_adds_the_papers_column
     assert len(build_comparison([first, second], REFERENCES, {}, limit=1).images) == 1
 
 
+def test_columns_are_named_by_the_settings_that_differ_between_the_runs():
+    from pipeline.compare_settings import column_names, run_settings
+
+    def settings(preset, checkpoint, beams, **more):
+        return run_settings({"checkpoint": checkpoint, "decoding.num_beams": beams, "decoding.max_length": "20",
+                             **more}, preset)
+
+    here, there = "/ws/runs/demo/finetune/best", "/ws/runs/coco-gpt2/finetune/best"
+    ids = ["a" * 32, "b" * 32, "c" * 32]
+    assert column_names([settings("demo", here, "5"), settings("coco-gpt2", there, "5")], ["x", "y"], ids) == \
+        ["demo · demo/finetune/best", "coco-gpt2 · coco-gpt2/finetune/best"]
+    assert column_names([settings("demo", here, "5"), settings("demo", here, "1", **{"decoding.rerank": "clip"})],
+                        ["x", "y"], ids) == ["beams 5 · rerank –", "beams 1 (greedy) · rerank clip"]
+    alike = [settings("demo", here, "5")] * 3  # nothing differs: the run name and id, as before
+    assert column_names(alike, ["evaluate-coco-test aaaaaaaa", "evaluate-coco-test bbbbbbbb", "z"], ids) == \
+        ["evaluate-coco-test aaaaaaaa", "evaluate-coco-test bbbbbbbb", "z"]
+
+
 def test_runs_that_cannot_be_compared_are_refused():
     one = evaluated("one", {"far": "a dog"})
     with pytest.raises(CompareError, match="at least two evaluation runs"):
@@ -96,12 +117,15 @@ def test_runs_that_cannot_be_compared_are_refused():
 
 
 def log_evaluation_run(workspace: Path, split: str, captions: dict, parent: str | None = None,
-                       checkpoint: str = "checkpoints/elsewhere") -> str:
+                       checkpoint: str = "checkpoints/elsewhere", beams: int = 5) -> str:
     """An evaluation run as pipeline.evaluation.evaluate logs one (its run name, params, scores,
     captions and gallery, through the same functions), with chosen captions in place of a
     captioner's: the stand-in captioner's captions of the tiny corpus all score 0, leaving nothing
     to rank, and captioning them takes most of a minute. METEOR is left out (its Java start takes
     seconds); the other metrics are scored as evaluate scores them."""
+    from dataclasses import asdict
+
+    from ituning.decoding import DecodingConfig
     from ituning.evaluation import score_captions
     from pipeline.data import open_catalog, split_images
     from pipeline.report import write_report
@@ -111,7 +135,8 @@ def log_evaluation_run(workspace: Path, split: str, captions: dict, parent: str 
     with open_catalog(workspace) as catalog:
         references = catalog.captions("coco", split)
     scores = score_captions(captions, references, ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"])
-    settings = {"checkpoint": checkpoint, "dataset": "coco", "split": split, "decoding": {"num_beams": 5},
+    settings = {"checkpoint": checkpoint, "dataset": "coco", "split": split,
+                "decoding": asdict(DecodingConfig(num_beams=beams)),
                 "backbones": {"vision_model": "ViT-B-16", "vision_pretrained": "openai", "language_model": "gpt2"}}
     tracker = ExperimentTracker(workspace=workspace)
     with child_run(tracker, parent, f"evaluate-coco-{split}", f"evaluate-coco-{split}", settings) as run_id:
@@ -123,8 +148,8 @@ def log_evaluation_run(workspace: Path, split: str, captions: dict, parent: str 
 
 @pytest.fixture(scope="module")
 def evaluations(tmp_path_factory):
-    """Two evaluations of the tiny corpus's coco/test (one from a pipeline run of the coco-gpt2
-    preset, one on its own) and one of coco/val."""
+    """Two evaluations of the tiny corpus's coco/test by the same checkpoint of a pipeline run of the
+    coco-gpt2 preset, with beam search (5 beams) and greedy, and one of coco/val on its own."""
     from pipeline import data
     from pipeline.tracking import ExperimentTracker
 
@@ -145,9 +170,8 @@ def evaluations(tmp_path_factory):
         tracker = ExperimentTracker(workspace=workspace)
         parent = tracker.start_pipeline("full-pipeline-coco-gpt2", {"config": "coco-gpt2"})
         first_run = log_evaluation_run(workspace, "test", first, parent)
+        second_run = log_evaluation_run(workspace, "test", second, parent, beams=1)
         tracker.finish(parent)
-        trained_here = str(workspace / "runs" / "demo" / "finetune" / "best")
-        second_run = log_evaluation_run(workspace, "test", second, checkpoint=trained_here)
         val_run = log_evaluation_run(workspace, "val", {key: "a small picture" for key in val_images})
         yield {"workspace": workspace, "tracker": tracker, "parent": parent, "runs": [first_run, second_run],
                "val": val_run, "captions": [first, second], "references": references}
@@ -206,6 +230,15 @@ def test_compare_writes_one_page_with_metrics_captions_and_thumbnails_and_logs_i
                                                              else "") for value in values]
     assert metric_cells(page, "CIDEr")[2] == ("number paper", "1.1670")  # the coco-gpt2 run's preset
     assert "paper: coco-gpt2" in page and all(run_id in page for run_id in runs)
+    # the columns are named by what differs between the runs, the decoding: not by their shared run name
+    assert [f"<th>beams {beams}<br><code>{run_id}</code></th>" in page for beams, run_id in
+            zip(("5", "1 (greedy)"), runs)] == [True, True] and "evaluate-coco-test" not in page
+    assert re.search(r"^\s+beams 5\s+beams 1 \(greedy\)\s+paper coco-gpt2$", lines[1]), lines[1]
+    assert re.search(r"^beams\s+5\s+1 \(greedy\)$", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^max length\s+20\s+20$", result.stdout, re.MULTILINE), result.stdout
+    assert '<tr class="setting differs"><th class="metric">beams</th><td>5</td><td>1 (greedy)</td>' in page
+    assert '<tr class="setting"><th class="metric">max length</th><td>20</td><td>20</td>' in page
+    assert '<tr class="setting"><th class="metric">checkpoint</th><td>checkpoints/elsewhere</td>' in page
 
     apart = cider_apart(evaluations["captions"], evaluations["references"])
     shown = re.findall(r'<tr class="image" id="image-([^"]+)">', page)

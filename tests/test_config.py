@@ -49,6 +49,7 @@ def test_presets_cover_the_paper_rows():
     ({**minimal(), "model": {"drop_first": -1}}, "model.drop_first"),
     ({**minimal(), "model": {"languagemodel": "gpt2"}}, "model.languagemodel"),
     ({**minimal(), "extra": 1}, "extra"),
+    ({**minimal(), "license": "Apache 2.0"}, "license"),
     ({"name": "x", "stages": []}, "stages"),
     ({"name": "x", "stages": [minimal()["stages"][0]] * 2}, "stages"),
     ({"stages": minimal()["stages"]}, "name"),
@@ -58,6 +59,11 @@ def test_bad_keys_and_values_are_errors_naming_the_key(data, key):
     with pytest.raises(ConfigError) as error:
         config_from_dict(data)
     assert str(error.value).startswith(f"{key}:")
+
+
+def test_the_license_is_a_hub_licence_id_and_apache_by_default():
+    assert config_from_dict(minimal()).license == "apache-2.0"
+    assert config_from_dict({**minimal(), "license": "cc-by-4.0"}).license == "cc-by-4.0"
 
 
 def test_speed_settings_take_auto_or_a_value():

@@ -101,3 +101,31 @@ def test_a_failed_download_ends_the_pipeline_command_with_one_clear_line(tmp_pat
     assert errors == [f"error: train2014.zip: HTTP 404 from {url} (not retried); correct the URL, or give a "
                       f"manifest naming a mirror or a local copy"], result.stderr
     assert len(result.stderr.strip().splitlines()) <= 6, result.stderr
+
+
+def test_the_catalog_tells_the_synthetic_corpus_from_the_dataset_whichever_way_it_came(corpus, downloaded, tmp_path):
+    """Downloaded from its (synthetic) manifest, or used in place by its own marked files: synthetic.
+    The same files without the marks, as a real dataset's are: not synthetic."""
+    data.build_catalog(downloaded, ["coco"])
+    folder = tmp_path / "my-corpus"
+    shutil.copytree(downloaded / "data" / "coco", folder)
+    data.use_local_corpus(tmp_path / "in-place", "coco", str(folder))
+    data.build_catalog(tmp_path / "in-place", ["coco"])
+    assert data.is_synthetic(tmp_path / "in-place", "coco")  # no manifest there: the file's own mark
+    karpathy = folder / "dataset_coco.json"
+    unmarked = {key: value for key, value in json.loads(karpathy.read_text()).items() if key != "synthetic"}
+    karpathy.write_text(json.dumps(unmarked))
+    data.build_catalog(tmp_path / "in-place", ["coco"])
+    assert [data.is_synthetic(downloaded, "coco"), data.is_synthetic(tmp_path / "in-place", "coco")] == [True, False]
+    with Catalog(downloaded / "catalog.duckdb", read_only=True) as catalog:
+        assert catalog.query("SELECT dataset, synthetic FROM builds")[1] == [("coco", True)]
+
+
+def test_a_manifests_synthetic_mark_must_be_true_or_false(corpus, tmp_path):
+    from storage.manifests import ManifestError, load_manifest
+
+    raw = json.loads(corpus.manifests["vg"].read_text())
+    assert raw["synthetic"] is True and load_manifest(corpus.manifests["vg"]).synthetic
+    (tmp_path / "m.json").write_text(json.dumps({**raw, "synthetic": "yes"}))
+    with pytest.raises(ManifestError, match="field synthetic must be true or false, not 'yes'"):
+        load_manifest(tmp_path / "m.json")

@@ -127,6 +127,28 @@ def test_a_card_on_local_backbones_names_them_and_claims_no_hub_base_model(stand
     assert data.base_model is None and data.datasets is None and data.eval_results is None
     assert standin_backbones.language_model in card and "were local folders" in card
     assert "## Results" not in card and "## Data" not in card  # nothing known, nothing claimed
+    assert "standin-backbones" in data.tags and "**Stand-in backbones.**" in card  # their folders say so
+    assert "records no provenance" in card and data.license == "apache-2.0"
+
+
+def test_a_card_of_real_data_and_backbones_names_them_their_licences_and_the_clip_of_clip_s():
+    provenance = {"data": [{"dataset": "vg", "split": "pretrain", "synthetic": False},
+                           {"dataset": "coco", "split": "train", "synthetic": False}],
+                  "standin_backbones": False, "license": "mit"}
+    clip_s = Score("coco", "test", "CLIP-S", 0.7712, scored_by="ViT-B-32 (openai)")
+    record = RunRecord("a1b2c3", scores=RECORD.scores + (clip_s,))
+    card = model_card(CardFacts({**PAPER_CONFIG, "provenance": provenance}, 14_178_816, "user/ituning-coco",
+                                record=record))
+    data = ModelCard(card).data
+    assert data.datasets == ["vg", "coco", "nocaps"] and data.license == "mit"
+    assert not {"synthetic-data", "standin-backbones"} & set(data.tags)
+    assert {result.dataset_name for result in data.eval_results} == {"COCO (Karpathy splits)", "NoCaps"}
+    assert "CLIP-S, by ViT-B-32 (openai)" in {result.metric_name for result in data.eval_results}
+    for text in ("| Visual Genome region descriptions | pretrain | training |", "`mit`",
+                 "GPT-2 (`openai-community/gpt2`) under MIT", "OpenAI (`ViT-B-16`, `openai`) under MIT",
+                 "| COCO (Karpathy splits) | test | CLIP-S, by ViT-B-32 (openai) | 0.7712 |"):
+        assert text in card, text
+    assert "synthetic" not in card.lower() and "stand-in" not in card.lower()
 
 
 # ---- model specs and repository ids -----------------------------------------------------------

@@ -455,3 +455,50 @@ def test_a_later_stage_trained_by_the_pipeline_is_kept_when_retrained_without_a_
     assert tracker.client.get_metric_history(again["run_id"], "loss") == []  # reused, not trained afresh
     recorded = json.loads((workspace / "runs/two-stage/config.json").read_text())
     assert [stage["name"] for stage in recorded["stages"]] == ["pretrain", "finetune"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_synthetic_corpus_and_stand_ins_is_pushed_with_a_card_that_says_so(pipeline, tmp_path):
+    """`ituning push --run` of the pipeline's checkpoint, later and from another process, against the
+    loopback hub: the card tells the synthetic corpus catalogued as "coco" and the stand-in backbones
+    from what the checkpoint and the runs recorded, and names the CLIP that scored CLIP-S. The
+    repository existed, public: `--private` makes it private."""
+    import subprocess
+    import sys
+
+    import httpx
+    from huggingface_hub import ModelCard
+
+    from tests.hub_server import HubServer, hub_environment
+
+    workspace, checkpoint = pipeline["workspace"], pipeline["trained"]["checkpoint"]
+    recorded = json.loads((Path(checkpoint) / CONFIG_FILE).read_text())["provenance"]
+    assert recorded == {"data": [{"dataset": "coco", "split": "train", "synthetic": True},
+                                 {"dataset": "coco", "split": "val", "synthetic": True}],
+                        "standin_backbones": True, "license": "apache-2.0"}
+    evaluation_params = pipeline["tracker"].client.get_run(pipeline["evaluated"]["run_id"]).data.params
+    assert evaluation_params["data.evaluation.coco/test.synthetic"] == "true"
+    assert (evaluation_params["decoding.num_beams"], evaluation_params["decoding.max_length"]) == ("5", "20")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "README.md").write_text("an earlier upload\n")
+    with HubServer() as hub:
+        hub.add_repo("user/demo", tmp_path / "old")  # public
+        hub_env = hub_environment(hub.endpoint, tmp_path / "hf", token="hf_x")
+        environment = {key: value for key, value in hub_env.items() if not key.startswith("MLFLOW_TRACKING")}
+        pushed = subprocess.run([Path(sys.executable).with_name("ituning"), "push", checkpoint, "user/demo", "--run",
+                                 pipeline["parent"], "--workspace", str(workspace), "--private"],
+                                capture_output=True, text=True, env=environment, cwd=tmp_path)
+        assert pushed.returncode == 0, pushed.stderr
+        assert "user/demo" in hub.private
+        assert httpx.get(f"{hub.endpoint}/api/models/user/demo").status_code == 401  # hidden without a token
+        card = ModelCard(hub.repos["user/demo"].files["README.md"].location.read_text())
+    data = card.data
+    assert data.datasets is None and data.license == "apache-2.0"  # no real data set to name
+    assert {"synthetic-data", "standin-backbones"} <= set(data.tags) and data.base_model is None
+    assert {result.dataset_type for result in data.eval_results} == {"synthetic"}
+    assert {result.dataset_name for result in data.eval_results} == {"synthetic (COCO format)"}
+    clip = {result.metric_name for result in data.eval_results if result.metric_type == "clip-s"}
+    assert clip == {f"CLIP-S, by the stand-in CLIP {LOCAL_DIR}{(workspace / 'backbones' / 'vision').resolve()}"}
+    assert "COCO (Karpathy splits)" not in card.text
+    assert "**Synthetic data.**" in card.text and "**Stand-in backbones.**" in card.text
+    assert "| synthetic (COCO format) | train | training |" in card.text

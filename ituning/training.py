@@ -246,11 +246,13 @@ class StageTrainer:
         return {"micro_batch_size": self.micro_batch_size, "data_on_device": self.device_data is not None,
                 "compiled": self.loss_sum is not caption_loss_sum}
 
-    def check_compiled_loss(self, batch: CaptionBatch) -> None:
-        """Before the compiled loss takes over: its loss and module gradients on `batch` against the
-        eager ones (ituning/fast_paths.py); through the captioner itself, so no gradient is all-reduced."""
+    def check_compiled_loss(self, batch: CaptionBatch | None = None) -> None:
+        """Before the compiled loss takes over: its loss and module gradients on `batch` (by default a
+        few captions of the first step) against the eager ones (ituning/fast_paths.py); through the
+        captioner itself, so no gradient is all-reduced."""
         if self.loss_sum is caption_loss_sum or COMPILE.outcome == ON:
             return
+        batch = batch if batch is not None else self.host_collate(self.first_samples())
         reduced = self.device.type == "cuda" and self.stage.precision not in ("float32", "fp32")
         tolerance = COMPILE_TOLERANCE["reduced" if reduced else "float32"]
         used, _ = COMPILE.first_use(self.stage.compile, lambda: self.loss_and_gradients(self.loss_sum, batch),
@@ -303,7 +305,7 @@ class StageTrainer:
             raise ValueError(f"stage {self.stage.name}: no training captions")
         self.start(resume)
         self.model.eval()  # frozen backbones: no dropout; the modules have none
-        self.check_compiled_loss(self.host_collate(self.first_samples()))
+        self.check_compiled_loss()
         self.notify("on_plan", self.stage.name, self.plan())
         total = self.steps_per_epoch * self.stage.epochs
         show = self.progress and is_main_process()

@@ -167,11 +167,17 @@ def fast_path_rows(device: str) -> list[Row]:
 
 
 def diagnose(workspace: str | Path | None = None, device: str = "auto") -> list[Row]:
-    rows = package_rows()
-    if any(row.status == FAIL for row in rows):
-        return rows  # without the packages, the rest cannot be checked
-    return [*rows, *torch_rows(), *java_rows(), *hugging_face_rows(), *workspace_rows(workspace),
-            *tracking_rows(workspace), *fast_path_rows(device)]
+    sections = [(package_rows,), (torch_rows,), (java_rows,), (hugging_face_rows,), (workspace_rows, workspace),
+                (tracking_rows, workspace), (fast_path_rows, device)]
+    return [row for function, *arguments in sections for row in _section(function, *arguments)]
+
+
+def _section(function, *arguments) -> list[Row]:
+    """A section's rows; one failing row where a package it needs cannot be imported."""
+    try:
+        return function(*arguments)
+    except ImportError as error:
+        return [Row(function.__name__.removesuffix("_rows").replace("_", " "), FAIL, f"cannot import: {error}")]
 
 
 def ready(rows: list[Row]) -> bool:

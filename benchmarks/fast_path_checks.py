@@ -23,8 +23,9 @@ from PIL import Image
 import ituning  # noqa: F401  (torchvision importable before transformers)
 from common import machine, median_seconds
 from ituning.config import config_from_dict
-from ituning.decoding import CachedStep, DecodingConfig, ranked_beams, search_difference, caption_prompt
-from ituning.fast_paths import COMPILE, DATA_ON_DEVICE, forget_outcomes
+from ituning.decoding import CachedStep, DecodingConfig, caption_prompt, ranked_beams, search_difference
+from ituning.device_data import batch_difference
+from ituning.fast_paths import DATA_ON_DEVICE, forget_outcomes
 from ituning.standins import build_random_standins
 from ituning.static_decoding import StaticCacheStep
 from ituning.training import StageData, StageTrainer, build_model, caption_loss_sum
@@ -59,8 +60,7 @@ def training_checks(trainer: StageTrainer, rounds: int) -> dict:
 
     held = trainer.device_data
     data_check = lambda: DATA_ON_DEVICE.first_use(  # noqa: E731
-        True, lambda: (held, held.collate(samples)), lambda: (None, trainer.host_collate(samples)),
-        __import__("ituning.device_data", fromlist=["batch_difference"]).batch_difference)
+        True, lambda: (held, held.collate(samples)), lambda: (None, trainer.host_collate(samples)), batch_difference)
     return {"plain micro-batch (forward + backward) s": plain_batch,
             "compile check s": median_seconds(compile_check, rounds),
             "data_on_device check s": median_seconds(data_check, rounds),
@@ -112,7 +112,6 @@ def main() -> None:
         trainer = stage_trainer(spec, Path(folder) / "run", args.images, args.batch)
         figures = {**training_checks(trainer, args.rounds), **decoding_check(trainer, args.batch, args.rounds),
                    **jpeg_check(spec, Path(folder), args.batch, args.rounds)}
-    COMPILE.outcome = None
     print(json.dumps({"machine": machine(), "batch": args.batch,
                       **{name: round(value, 4) for name, value in figures.items()}}, indent=1))
 

@@ -87,7 +87,8 @@ def _encode_rendered_jpegs(spec, device: torch.device, folder: Path) -> None:
         image = Image.fromarray(pixels.astype(np.uint8))
         for _ in range(3):
             left, top = (int(value) for value in generator.integers(0, 80, 2))
-            ImageDraw.Draw(image).rectangle((left, top, left + 30, top + 20), fill=tuple(generator.integers(0, 256, 3).tolist()))
+            colour = tuple(generator.integers(0, 256, 3).tolist())
+            ImageDraw.Draw(image).rectangle((left, top, left + 30, top + 20), fill=colour)
         path = folder / f"{index}.jpg"
         image.save(path, quality=90)
         items.append((0, str(index), str(path)))

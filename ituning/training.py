@@ -120,7 +120,8 @@ def training_loss(setting: bool | str, device: torch.device) -> Callable:
     fewer kernel launches pay for the compile time, and not after the compiled loss fell back in this
     process). Shapes are dynamic from the start: caption lengths and images per micro-batch change
     from one micro-batch to the next. The trainer checks the compiled loss on its first micro-batch."""
-    plain = setting is False or (setting == "auto" and (COMPILE.fell_back or not COMPILE.available(device.type == "cuda")))
+    off_here = COMPILE.fell_back or not COMPILE.available(device.type == "cuda")
+    plain = setting is False or (setting == "auto" and off_here)
     return caption_loss_sum if plain else torch.compile(caption_loss_sum, dynamic=True)
 
 
@@ -216,7 +217,8 @@ class StageTrainer:
 
     def first_samples(self) -> list[tuple[str, int]]:
         """A few captions of the first step: what the fast paths' first-use checks run on."""
-        return epoch_samples(self.data.captions, self.stage.captions, self.stage.seed, 0)[: min(8, self.stage.batch_size)]
+        samples = epoch_samples(self.data.captions, self.stage.captions, self.stage.seed, 0)
+        return samples[: min(8, self.stage.batch_size)]
 
     def host_collate(self, samples: list[tuple[str, int]]) -> CaptionBatch:
         """One micro-batch collated on the host from the features, as streaming does."""

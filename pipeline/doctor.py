@@ -162,7 +162,8 @@ def fast_path_rows(device: str) -> list[Row]:
         elif checked.get(name) == "on":
             rows.append(Row(f"fast path {name}", OK, f"on ({resolved}); self-check on a tiny model passed"))
         else:
-            rows.append(Row(f"fast path {name}", WARN, f"falls back to the plain path: {checked.get(name, 'not reached')}"))
+            outcome = checked.get(name, "not reached")
+            rows.append(Row(f"fast path {name}", WARN, f"falls back to the plain path: {outcome}"))
     return rows
 
 

@@ -32,7 +32,8 @@ def step_status(record: dict) -> str:
         return "cached: reused, not re-run"
     if record.get("already_done"):
         return "ran: the stage was already trained on these inputs; its checkpoint reused"
-    fell_back = [f"{name} fell back to the plain path ({reason})" for name, reason in record.get("fallbacks", {}).items()]
+    fallbacks = record.get("fallbacks", {})
+    fell_back = [f"{name} fell back to the plain path ({reason})" for name, reason in fallbacks.items()]
     return "; ".join(["ran", *fell_back])
 
 

@@ -154,3 +154,14 @@ def test_auto_falls_back_from_a_compiled_loss_that_fails_later(standin_backbones
     assert len(caplog.records) == 1
     for name, tensor in expected.items():
         torch.testing.assert_close(weights[name], tensor, rtol=0, atol=0)
+
+
+def test_the_pipeline_summary_names_each_fallback_of_a_step(tmp_path):
+    from pipeline.run_summary import pipeline_markdown
+
+    records = [{"step": "train finetune", "cached": False, "metrics": {}, "run_id": "abc",
+                "fallbacks": {"compile": "InductorError: no C++ compiler"}},
+               {"step": "evaluate coco/test", "cached": False, "metrics": {}, "run_id": "def", "fallbacks": {}}]
+    rows = pipeline_markdown("run", records, tmp_path).splitlines()
+    assert "| train finetune | ran; compile fell back to the plain path (InductorError: no C++ compiler) |" in rows[4]
+    assert rows[5].startswith("| evaluate coco/test | ran |")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The three speed goals on one GPU, in one run of under 8 minutes (figures go to docs/benchmarks.md):
+# The three speed goals on one GPU, in one run of under 8 minutes (figures go to docs/benchmarks.md),
+# after `ituning doctor` (each fast path's first-use check on a tiny model, in doctor.json):
 #   beam-5 decoding of 5,000 images          goal >= 1,000 images/s   (compiled static-cache step)
 #   one COCO-sized training epoch            goal <= 45 s             (data on the device, compiled step,
 #                                                                      micro-batch measured: auto)
@@ -35,6 +36,9 @@ run() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv"
   python3 -c "import torch, torchvision, transformers; print(torch.__version__, torchvision.__version__, transformers.__version__)" \
     > "$out/versions.txt"
+  timeout 120 python3 -c "import json; from pipeline.doctor import as_dicts, diagnose; \
+print(json.dumps(as_dicts(diagnose(device='cuda')), indent=1))" > "$out/doctor.json" 2> "$out/doctor.log" \
+    || echo "doctor: exit $?"
   timeout 140 python3 benchmarks/beam_decoding.py --device cuda --images 5000 --batch 500 --bf16 \
     --paths cached,compiled > "$out/beam_decoding.txt" 2> "$out/beam_decoding.log" || echo "beam decoding: exit $?"
   timeout 220 python3 benchmarks/training_epoch.py --device cuda --micro-batch auto --data-on-device auto \
@@ -42,6 +46,8 @@ run() {
   timeout 120 python3 benchmarks/feature_cache.py --device cuda --images 123287 --distinct 4000 \
     --image-size 640x480 --textured --batch-size 256 --workers 15 --rounds 1 --only pipeline \
     > "$out/feature_cache.json" 2> "$out/feature_cache.log" || echo "feature cache: exit $?"
+  grep -h -A2 '"fast path' "$out/doctor.json" || true
+  grep -h "fell back to the plain path" "$out"/*.log || echo "no fast path fell back"
   tail -n 3 "$out"/*.txt "$out"/*.json
 }
 

@@ -41,6 +41,7 @@ from common import CLIP_TOKENS, CLIP_WIDTH, gpt2_captioner, machine, seconds_on
 from ituning.backbones import BackboneSpec
 from ituning.config import StageConfig
 from ituning.data import epoch_samples
+from ituning.fast_paths import outcomes
 from ituning.standins import train_tokenizer
 from ituning.precision import autocast
 from ituning.training import StageData, StageTrainer
@@ -182,6 +183,7 @@ def main():
         "bf16_peak_share": peak_share(rate, device),
         "coco_epoch_minutes_at_this_rate": round(566_435 / rate / 60, 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "fast_paths": outcomes(),  # each checked path: "on", or why it fell back (ituning/fast_paths.py)
         **split,
     }
     print(json.dumps(result, indent=2))

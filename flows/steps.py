@@ -126,7 +126,7 @@ def step_record(step: str, future: PrefectFuture) -> dict:
     metrics = {name: value for name, value in step_figures(result).items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     return {"step": step, "cached": was_cached(future), "metrics": metrics, "run_id": found.get("run_id"),
-            "already_done": found.get("trained_now") is False}
+            "already_done": found.get("trained_now") is False, "fallbacks": found.get("fallbacks") or {}}
 
 
 def step_figures(result) -> dict:

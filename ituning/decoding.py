@@ -11,7 +11,10 @@ hypotheses are ranked by sum of log-probabilities / (generated tokens ** length_
 
 `DecodingConfig.compile` picks the step when the caller passes none (`decoding_step`): "auto" uses
 `StaticCacheStep` compiled into CUDA graphs on CUDA (see ituning/static_decoding.py) and
-`CachedStep` on CPU; "never" always `CachedStep`; "always" the compiled step on any device.
+`CachedStep` on CPU; "never" always `CachedStep`; "always" the compiled step on any device. The
+compiled step proves itself on its first batch in a process (ituning/fast_paths.py): that batch is
+also decoded with `CachedStep`, and unless the tokens are equal and the scores within
+SCORE_TOLERANCE, "auto" decodes with `CachedStep` from then on ("always" raises).
 
 Every caption starts from `caption_prompt`, in training as in decoding. `caption_texts` turns a
 batch of visual tokens into captions; `caption_cached_tokens` captions cached visual tokens by image id.
@@ -24,6 +27,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from ituning.fast_paths import STATIC_DECODING
 from ituning.model import ITuningCaptioner
 from ituning.progress import Progress
 from ituning.static_decoding import COMPILE_SETTINGS, StaticCacheStep, static_cache_supported
@@ -90,7 +94,8 @@ def decoding_step(config: DecodingConfig, device: torch.device) -> Callable:
     kernel launches bound the speed (CUDA); on CPU the arithmetic dominates and compiling only costs."""
     if config.compile == "never":
         return CachedStep
-    if config.compile == "auto" and (torch.device(device).type != "cuda" or not static_cache_supported()):
+    on_cuda = torch.device(device).type == "cuda" and static_cache_supported()
+    if config.compile == "auto" and not STATIC_DECODING.available(on_cuda):
         return CachedStep
     return partial(StaticCacheStep, max_new_tokens=config.max_length, compile=config.compile)
 
@@ -101,11 +106,44 @@ def forbid_early_eos(log_probs: torch.Tensor, generated: int, eos_id: int, confi
     return log_probs
 
 
+SCORE_TOLERANCE = 1e-3  # |score difference| / max(1, |score|) allowed between the compiled and cached steps
+
+
+def searched(search: Callable, model, visual, prompt_ids, eos_id, config: DecodingConfig, step) -> list:
+    """search(..., step), with the step `config.compile` picks when `step` is None; a compiled step
+    is checked against `CachedStep` on its first batch in the process and replaced if it fails."""
+    chosen = step or decoding_step(config, visual.device)
+    if chosen is CachedStep or step is not None:
+        return search(model, visual, prompt_ids, eos_id, config, chosen)
+    _, result = STATIC_DECODING.first_use(config.compile, lambda: search(model, visual, prompt_ids, eos_id, config,
+                                                                          chosen),
+                                          lambda: search(model, visual, prompt_ids, eos_id, config, CachedStep),
+                                          search_difference)
+    return result
+
+
+def search_difference(compiled: list, cached: list) -> str:
+    """"" when two searches' outputs (token lists, or `_Hypotheses`) have equal tokens and close scores."""
+    for image, (mine, theirs) in enumerate(zip(compiled, cached)):
+        mine_entries = getattr(mine, "entries", [(0.0, mine)])
+        their_entries = getattr(theirs, "entries", [(0.0, theirs)])
+        if [tokens for _, tokens in mine_entries] != [tokens for _, tokens in their_entries]:
+            return f"image {image} decoded to other tokens"
+        for (score, _), (expected, _) in zip(mine_entries, their_entries):
+            if abs(score - expected) > SCORE_TOLERANCE * max(1.0, abs(expected)):
+                return f"image {image}: beam score {score:.6g} against {expected:.6g}"
+    return ""
+
+
 @torch.inference_mode()
 def greedy_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(num_beams=1), step=None):
     """Token ids (without prompt and EOS) of the most likely next token at every step."""
+    return searched(_greedy, model, visual, prompt_ids, eos_id, config, step)
+
+
+def _greedy(model, visual, prompt_ids, eos_id, config, step) -> list[list[int]]:
     images = visual.shape[0]
-    next_log_probs = (step or decoding_step(config, visual.device))(model, visual)
+    next_log_probs = step(model, visual)
     sequences = prompt_ids.expand(images, -1)  # (B, P)
     finished = torch.zeros(images, dtype=torch.bool)
     outputs: list[list[int]] = [[] for _ in range(images)]
@@ -158,19 +196,19 @@ class Beam:
 @torch.inference_mode()
 def beam_search(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=None):
     """Token ids (without prompt and EOS) of the best beam for each image."""
-    return [h.best() for h in _search_beams(model, visual, prompt_ids, eos_id, config, step)]
+    return [h.best() for h in searched(_search_beams, model, visual, prompt_ids, eos_id, config, step)]
 
 
 @torch.inference_mode()
 def ranked_beams(model, visual, prompt_ids, eos_id, config=DecodingConfig(), step=None) -> list[list[Beam]]:
     """Every finished hypothesis of each image, best first (the first is `beam_search`'s answer)."""
-    hypotheses = _search_beams(model, visual, prompt_ids, eos_id, config, step)
+    hypotheses = searched(_search_beams, model, visual, prompt_ids, eos_id, config, step)
     return [[Beam(tokens, score) for score, tokens in h.entries] for h in hypotheses]
 
 
 def _search_beams(model, visual, prompt_ids, eos_id, config, step) -> list[_Hypotheses]:
     images, beams = visual.shape[0], config.num_beams
-    next_log_probs = (step or decoding_step(config, visual.device))(model, visual)
+    next_log_probs = step(model, visual)
     sequences = prompt_ids.expand(images * beams, -1)  # (B·K, P), beams of an image adjacent
     beam_scores = torch.zeros(images, beams)
     beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first

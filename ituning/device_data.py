@@ -8,7 +8,9 @@ device. Its tensors equal those of `ituning.data.collate` exactly, so training i
 
 `data_on_device` in a stage's config: true holds the data on the training device (the CPU's memory
 on a CPU), false streams, auto holds it on a CUDA device when it takes at most FREE_MEMORY_SHARE of
-the free memory (the rest is for the model's activations) and streams otherwise.
+the free memory (the rest is for the model's activations) and streams otherwise. Before the held
+data take over, the trainer checks that their first micro-batch equals the one collated on the host
+(`batch_difference`, ituning/fast_paths.py), and streams if not.
 """
 
 from collections.abc import Callable, Mapping
@@ -18,6 +20,7 @@ import torch
 
 from ituning.data import (IGNORE_INDEX, CaptionBatch, caption_token_rows, first_appearances, images_with_captions,
                           pad_caption_rows)
+from ituning.fast_paths import DATA_ON_DEVICE
 from ituning.model import ImageGroups
 from ituning.progress import Progress
 
@@ -45,8 +48,10 @@ def holds_on_device(setting: bool | str, device: torch.device, needed: Callable[
     """Whether a split whose visual tokens take needed() bytes is held on `device` (needed() is
     only asked where the answer depends on it)."""
     free = free_bytes(device)
-    if setting is False or (setting == "auto" and free is None):
+    if setting is False or (setting == "auto" and DATA_ON_DEVICE.fell_back):
         return False
+    if setting == "auto" and free is None:
+        return DATA_ON_DEVICE.available(False)  # off the GPU auto streams (a test may inject a fault)
     if setting is True:
         if free is not None and (size := needed()) > free:
             raise DataDoesNotFit(
@@ -55,6 +60,19 @@ def holds_on_device(setting: bool | str, device: torch.device, needed: Callable[
                 f"fit) or false")
         return True
     return needed() <= FREE_MEMORY_SHARE * free
+
+
+def batch_difference(held: tuple, streamed: tuple) -> str:
+    """difference((data, batch gathered on the device), (None, batch collated on the host)): "" when
+    every tensor of the two micro-batches is equal (`collate`'s promise: no tolerance)."""
+    (_, gathered), (_, collated) = held, streamed
+    for name in ("input_ids", "labels", "attention_mask", "visual", "image_index"):
+        mine, theirs = getattr(gathered, name), getattr(collated, name)
+        if (mine is None) != (theirs is None):
+            return f"{name}: one micro-batch has it, the other not"
+        if mine is not None and not torch.equal(mine.cpu(), theirs.cpu()):
+            return f"{name} of the first micro-batch differs from the one collated on the host"
+    return ""
 
 
 class DeviceCaptionData:

@@ -34,6 +34,11 @@ CUDA decoder to a mean absolute difference under 2 levels from its CPU decoder a
 any averaging by the resize. The whole device path is held to END_TO_END_TOLERANCE against the
 CPU path on CUDA: a bound taken from torchvision's, loosened for a few values at sharp colour edges,
 not a measurement.
+
+Before the device path takes over in a process (ituning/fast_paths.py), the first batch of files is
+decoded both ways and must agree within END_TO_END_TOLERANCE; otherwise, or if it raises, `auto`
+decodes on the CPU from then on (`always` raises). A batch that fails on the device later (out of
+memory, a driver error) is decoded on the CPU in the main process, and so is every batch after it.
 """
 
 import io
@@ -49,6 +54,7 @@ from PIL import ExifTags, Image
 from torch.utils.data import Dataset
 
 from ituning.compat import ensure_torchvision_importable
+from ituning.fast_paths import DEVICE_DECODING, ON
 from ituning.images import decode_scale, within_pixel_limit
 
 DECODE_ON_DEVICE = ("auto", "never", "always")
@@ -219,10 +225,32 @@ class DeviceJpegs:
     on the device: JPEGs decoded by `decode` (nvJPEG; a stand-in in tests), resized and cropped
     there, the CPU path's rows copied in, each in its place."""
 
-    def __init__(self, files, resize_crop: DeviceResizeCrop, device, decode=nvjpeg_decode):
+    def __init__(self, files, resize_crop: DeviceResizeCrop, device, decode=nvjpeg_decode, setting: str = "auto"):
         self.files, self.resize_crop, self.device, self.decode = files, resize_crop, torch.device(device), decode
+        self.setting, self.failed = setting, False
 
     def __call__(self, batch: RoutedBatch):
+        if not self.failed:
+            try:
+                return self.on_device(batch)
+            except Exception as error:  # noqa: BLE001 (any failure: the CPU path decodes this batch and the rest)
+                DEVICE_DECODING.failed_later(self.setting, error)
+                self.failed = True
+        return self.on_host(batch)
+
+    def on_host(self, batch: RoutedBatch):
+        """The batch as the CPU path gives it: the JPEG rows decoded there, in the main process."""
+        rows, errors, jpegs = list(batch.pixels), list(batch.errors), iter(batch.jpeg_indices)
+        pixels = []
+        for row, sent in enumerate(batch.on_device.tolist()):
+            if sent:
+                image, _, _, errors[row] = self.files[next(jpegs)]
+                pixels.append(image)
+            else:
+                pixels.append(rows.pop(0))
+        return torch.stack(pixels), batch.groups, list(batch.image_ids), errors
+
+    def on_device(self, batch: RoutedBatch):
         with torch.inference_mode():
             on_device = batch.on_device.tolist()
             pixels = torch.empty((len(on_device), *self.files.blank.shape), dtype=torch.uint8, device=self.device)
@@ -288,7 +316,34 @@ def device_jpegs(files, device, decode_on_device: str = "auto") -> DeviceJpegs |
     problem = why_not_on_device(torch.device(device), resize_crop)
     if problem and decode_on_device == "always":
         raise RuntimeError(f"decode_on_device='always' cannot be done: {problem}")
-    return None if problem else DeviceJpegs(files, resize_crop, device)
+    if not DEVICE_DECODING.available(not problem):
+        return None
+    return DeviceJpegs(files, resize_crop, device, setting=decode_on_device)
+
+
+def proven(jpegs: DeviceJpegs | None, first_batch: list[int]) -> DeviceJpegs | None:
+    """`jpegs` once the files of `first_batch` (dataset indices) decoded on the device agree with the
+    CPU path within END_TO_END_TOLERANCE, in this process (ituning/fast_paths.py); None otherwise."""
+    if jpegs is None or DEVICE_DECODING.outcome == ON or not first_batch:
+        return jpegs
+    routed = RoutedFiles(jpegs.files)
+    fast = lambda: jpegs.on_device(collate_routed([routed[index] for index in first_batch]))[0].cpu()  # noqa: E731
+    plain = lambda: torch.stack([jpegs.files[index][0] for index in first_batch])  # noqa: E731
+    used, _ = DEVICE_DECODING.first_use(jpegs.setting, fast, plain, pixel_difference)
+    return jpegs if used else None
+
+
+def pixel_difference(device_pixels: torch.Tensor, cpu_pixels: torch.Tensor,
+                     tolerance: Tolerance = END_TO_END_TOLERANCE) -> str:
+    """"" when uint8 images (B, 3, H, W) from the two paths are within `tolerance`."""
+    if device_pixels.shape != cpu_pixels.shape:
+        return f"pixels of shape {tuple(device_pixels.shape)} against {tuple(cpu_pixels.shape)}"
+    gap = (device_pixels.int() - cpu_pixels.int()).abs()
+    mean, over = gap.float().mean().item(), (gap > tolerance.max_levels).float().mean().item()
+    if mean >= tolerance.mean_levels or over > tolerance.over_fraction:
+        return (f"mean difference {mean:.3f} levels, {over:.2%} of the values over {tolerance.max_levels} "
+                f"(allowed under {tolerance.mean_levels}, {tolerance.over_fraction:.2%})")
+    return ""
 
 
 def why_not_on_device(device: torch.device, resize_crop: DeviceResizeCrop | None) -> str:

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ituning.data import usable_workers, worker_start_method
-from ituning.device_decoding import RoutedFiles, collate_routed, device_jpegs
+from ituning.device_decoding import RoutedFiles, collate_routed, device_jpegs, proven
 from ituning.images import UnreadableImage, open_rgb
 from ituning.precision import autocast
 
@@ -174,9 +174,9 @@ def image_loader(encoder, items, settings: EncodeSettings) -> tuple[Iterable, ob
     size = image_size(encoder)
     transform, blank, finish = split_preprocess(encoder.preprocess, size)
     files = ImageFiles(items, transform, blank, min(size))
-    jpegs = device_jpegs(files, settings.device, settings.decode_on_device)
-    workers = usable_workers(settings.num_workers)
     batches = group_batches([group for group, _, _ in items], settings.batch_size)
+    jpegs = proven(device_jpegs(files, settings.device, settings.decode_on_device), batches[0] if batches else [])
+    workers = usable_workers(settings.num_workers)
     loader = DataLoader(files if jpegs is None else RoutedFiles(files), batch_sampler=batches, num_workers=workers,
                         collate_fn=None if jpegs is None else collate_routed,
                         pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False,

@@ -7,6 +7,11 @@ then the largest divisor of the effective batch whose predicted peak fits FREE_S
 free at that moment (after the model, and the data when held on the device, are loaded), leaving
 room for the optimizer's state and the allocator's fragmentation. On other devices there is no
 memory to measure, and the micro-batch is the largest divisor up to HOST_MICRO_BATCH.
+
+The measured micro-batch proves itself before training starts (ituning/fast_paths.py): one
+forward and backward pass of the worst micro-batch of the chosen size must run. If the probe or
+that pass fails (out of memory: the prediction misjudged), the stage falls back to the plain rule,
+the largest divisor up to HOST_MICRO_BATCH that runs, halving the size after each failed pass.
 """
 
 from collections.abc import Callable
@@ -14,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ituning.data import CaptionBatch
+from ituning.fast_paths import MICRO_BATCH
 from ituning.model import ImageGroups
 
 PROBE_SIZES = (4, 8)
@@ -63,10 +69,33 @@ def measured_micro_batch(batch_size: int, device: torch.device, run_size: Callab
 
 def resolve_micro_batch(setting: int | str, batch_size: int, device: torch.device,
                         run_size: Callable[[int], None]) -> int:
-    """The micro-batch a stage runs: its setting, or for auto the measured fit (CUDA) or the
-    largest divisor of batch_size up to HOST_MICRO_BATCH (elsewhere)."""
+    """The micro-batch a stage runs: its setting, or for auto the measured fit (CUDA), checked by
+    running it, or the largest divisor of batch_size up to HOST_MICRO_BATCH (elsewhere)."""
     if setting != "auto":
         return setting
-    if device.type != "cuda":
-        return largest_divisor_within(batch_size, lambda size: size <= HOST_MICRO_BATCH)
-    return measured_micro_batch(batch_size, device, run_size)
+    host_rule = largest_divisor_within(batch_size, lambda size: size <= HOST_MICRO_BATCH)
+    if not MICRO_BATCH.available(device.type == "cuda") or MICRO_BATCH.fell_back:
+        return host_rule
+
+    def measured_and_run() -> int:
+        size = measured_micro_batch(batch_size, device, run_size)
+        run_size(size)  # the chosen size must fit when actually run, not only by the prediction
+        return size
+
+    used, size = MICRO_BATCH.first_use("auto", measured_and_run, lambda: None, lambda measured, plain: "")
+    return size if used else largest_that_runs(batch_size, host_rule, device, run_size)
+
+
+def largest_that_runs(batch_size: int, start: int, device: torch.device, run_size: Callable[[int], None]) -> int:
+    """The largest divisor of batch_size up to `start` whose pass runs, halving after each failure
+    (1 is taken as it is: a smaller batch does not exist)."""
+    size = start
+    while size > 1:
+        try:
+            run_size(size)
+            return size
+        except torch.OutOfMemoryError:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            size = largest_divisor_within(batch_size, lambda candidate, limit=size // 2: candidate <= limit)
+    return size

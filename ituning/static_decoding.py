@@ -23,13 +23,13 @@ full batch's graph instead of compiling and capturing another. A batch larger th
 decoder builds (and compiles) a new one.
 """
 
-import warnings
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ituning.fast_paths import STATIC_DECODING
 from ituning.model import ITuningCaptioner, VisualMemory
 
 COMPILE_SETTINGS = ("auto", "never", "always")
@@ -161,16 +161,16 @@ class _StaticDecoder:
                 return _log_probs(model.language_model, self.tokens, self.cache)[:rows]
 
     def _stop_compiling(self, error: Exception) -> None:
-        """'always' fails loudly; 'auto' warns once per model and decodes eagerly from here on."""
+        """'always' fails loudly; 'auto' records the fallback (one warning line, ituning/fast_paths.py)
+        and decodes this model eagerly over the static cache from here on."""
         message = (f"compiling the decoding step failed on {self.layout.device} "
                    f"(DecodingConfig.compile={self.layout.compile!r}): {type(error).__name__}: "
                    f"{str(error).strip()[:500]}")
         if self.layout.compile == "always":
             raise RuntimeError(f"{message}. Set DecodingConfig.compile='never' (or 'auto') to decode without "
                                "compiling; on CPU compiling needs a working C++ compiler.") from error
-        if not self.shelf.compile_failed:
-            warnings.warn(f"{message}; decoding with the uncompiled static cache instead", RuntimeWarning,
-                          stacklevel=2)
+        STATIC_DECODING.failed_later("auto", RuntimeError(f"{message}; decoding with the uncompiled static "
+                                                         "cache instead"))
         self.shelf.compile_failed = True
         for decoder in [self, *self.shelf.decoders]:
             if decoder.layout.compile == "auto":

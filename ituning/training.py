@@ -38,9 +38,10 @@ from ituning.config import RunConfig, StageConfig, config_to_dict
 from ituning.data import (CaptionBatch, MicroBatches, epoch_samples, images_with_captions, micro_batch_chunks,
                           micro_batch_count, micro_batch_loader, samples_per_epoch)
 from ituning.decoding import CachedStep, DecodingConfig, caption_texts, caption_cached_tokens
-from ituning.device_data import DeviceCaptionData, holds_on_device, visual_bytes
+from ituning.device_data import DeviceCaptionData, batch_difference, holds_on_device, visual_bytes
 from ituning.distributed import (barrier, data_parallel, gradient_sync, is_main_process, join_from_environment,
                                  process_device, shard, summed, unwrapped, world)
+from ituning.fast_paths import COMPILE, DATA_ON_DEVICE, ON
 from ituning.micro_batch import resolve_micro_batch, worst_micro_batch
 from ituning.model import ITuningCaptioner, trainable_parameters
 from ituning.progress import Progress
@@ -118,11 +119,33 @@ def caption_loss_sum(model: ITuningCaptioner, batch: CaptionBatch) -> torch.Tens
 
 def training_loss(setting: bool | str, device: torch.device) -> Callable:
     """caption_loss_sum, compiled by torch.compile when `setting` says so (auto: on CUDA only, where
-    fewer kernel launches pay for the compile time). Shapes are dynamic from the start: caption
-    lengths and images per micro-batch change from one micro-batch to the next."""
-    if setting is False or (setting == "auto" and device.type != "cuda"):
-        return caption_loss_sum
-    return torch.compile(caption_loss_sum, dynamic=True)
+    fewer kernel launches pay for the compile time, and not after the compiled loss fell back in this
+    process). Shapes are dynamic from the start: caption lengths and images per micro-batch change
+    from one micro-batch to the next. The trainer checks the compiled loss on its first micro-batch."""
+    off_here = COMPILE.fell_back or not COMPILE.available(device.type == "cuda")
+    plain = setting is False or (setting == "auto" and off_here)
+    return caption_loss_sum if plain else torch.compile(caption_loss_sum, dynamic=True)
+
+
+# How close the compiled loss and module gradients must come to the eager ones: relative to the
+# eager values' size, float32 rounding in float32, a few bf16/fp16 steps (2^-8 = 0.4 %) under autocast.
+COMPILE_TOLERANCE = {"float32": 1e-4, "reduced": 2e-2}
+
+
+def gradients_difference(tolerance: float) -> Callable:
+    """difference((loss, gradients) compiled, (loss, gradients) eager): "" when close."""
+
+    def difference(compiled: tuple, eager: tuple) -> str:
+        (compiled_loss, compiled_grads), (eager_loss, eager_grads) = compiled, eager
+        if abs(compiled_loss - eager_loss) > tolerance * max(1.0, abs(eager_loss)):
+            return f"loss {compiled_loss:.6g} against {eager_loss:.6g}"
+        for index, (fast, plain) in enumerate(zip(compiled_grads, eager_grads)):
+            gap = float((fast.float() - plain.float()).norm())
+            if not math.isfinite(gap) or gap > tolerance * max(float(plain.float().norm()), 1e-12):
+                return f"module gradient {index} off by {gap:.3g} (norm {float(plain.float().norm()):.3g})"
+        return ""
+
+    return difference
 
 
 class BlindStep(CachedStep):
@@ -179,12 +202,43 @@ class StageTrainer:
 
     @cached_property
     def device_data(self) -> DeviceCaptionData | None:
-        """The split held on the device, when the stage's `data_on_device` says so (see ituning/device_data.py)."""
+        """The split held on the device, when the stage's `data_on_device` says so (see
+        ituning/device_data.py) and its first micro-batch equals the one collated on the host."""
         needed = lambda: visual_bytes(self.data.features, images_with_captions(self.data.captions))  # noqa: E731
         if not holds_on_device(self.stage.data_on_device, self.device, needed):
             return None
-        return DeviceCaptionData(self.data.captions, self.data.features, self.tokenizer, self.stage.max_caption_tokens,
-                                 self.device, self.stage.share_visual, self.progress and is_main_process())
+        first = self.first_samples()
+
+        def held() -> tuple[DeviceCaptionData, CaptionBatch]:
+            data = DeviceCaptionData(self.data.captions, self.data.features, self.tokenizer,
+                                     self.stage.max_caption_tokens, self.device, self.stage.share_visual,
+                                     self.progress and is_main_process())
+            return data, data.collate(first)
+
+        used, (data, _) = DATA_ON_DEVICE.first_use(self.stage.data_on_device, held,
+                                                    lambda: (None, self.host_collate(first)), batch_difference)
+        return data if used else None
+
+    def first_samples(self) -> list[tuple[str, int]]:
+        """A few captions of the first step: what the fast paths' first-use checks run on."""
+        samples = epoch_samples(self.data.captions, self.stage.captions, self.stage.seed, 0)
+        return samples[: min(8, self.stage.batch_size)]
+
+    def host_collate(self, samples: list[tuple[str, int]]) -> CaptionBatch:
+        """One micro-batch collated on the host from the features, as streaming does."""
+        return MicroBatches([samples], len(samples), self.data.captions, self.data.features, self.tokenizer,
+                            self.stage.max_caption_tokens, self.stage.share_visual)[0]
+
+    def collate_on_device(self, samples: list[tuple[str, int]]) -> CaptionBatch:
+        """A micro-batch gathered on the device; if that fails later in the run (auto), the data are
+        let go and this and every later micro-batch are collated on the host instead."""
+        if self.device_data is not None:
+            try:
+                return self.device_data.collate(samples)
+            except Exception as error:  # noqa: BLE001 (any failure: the host path continues from here)
+                DATA_ON_DEVICE.failed_later(self.stage.data_on_device, error)
+                self.__dict__["device_data"] = None
+        return self.host_collate(samples).to(self.device)
 
     @cached_property
     def micro_batch_size(self) -> int:
@@ -197,6 +251,31 @@ class StageTrainer:
         """How this stage runs here, where its config leaves the choice to the machine."""
         return {"micro_batch_size": self.micro_batch_size, "data_on_device": self.device_data is not None,
                 "compiled": self.loss_sum is not caption_loss_sum}
+
+    def check_compiled_loss(self, batch: CaptionBatch | None = None) -> None:
+        """Before the compiled loss takes over: its loss and module gradients on `batch` (by default a
+        few captions of the first step) against the eager ones (ituning/fast_paths.py); through the
+        captioner itself, so no gradient is all-reduced."""
+        if self.loss_sum is caption_loss_sum or COMPILE.outcome == ON:
+            return
+        batch = batch if batch is not None else self.host_collate(self.first_samples())
+        reduced = self.device.type == "cuda" and self.stage.precision not in ("float32", "fp32")
+        tolerance = COMPILE_TOLERANCE["reduced" if reduced else "float32"]
+        used, _ = COMPILE.first_use(self.stage.compile, lambda: self.loss_and_gradients(self.loss_sum, batch),
+                                    lambda: self.loss_and_gradients(caption_loss_sum, batch),
+                                    gradients_difference(tolerance))
+        if not used:
+            self.loss_sum = caption_loss_sum
+
+    def loss_and_gradients(self, loss_sum: Callable, batch: CaptionBatch) -> tuple[float, list[torch.Tensor]]:
+        """(loss, module gradients) of one micro-batch; the gradients are cleared again."""
+        with autocast(self.device, self.stage.precision):
+            loss = loss_sum(self.model, batch.to(self.device))
+        loss.backward()
+        gradients = [parameter.grad.detach().clone() for parameter in trainable_parameters(self.model)
+                     if parameter.grad is not None]
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), gradients
 
     def probe(self, size: int) -> None:
         """A forward and backward pass on the worst micro-batch of `size` captions; no weight changes."""
@@ -232,6 +311,7 @@ class StageTrainer:
             raise ValueError(f"stage {self.stage.name}: no training captions")
         self.start(resume)
         self.model.eval()  # frozen backbones: no dropout; the modules have none
+        self.check_compiled_loss()
         self.notify("on_plan", self.stage.name, self.plan())
         total = self.steps_per_epoch * self.stage.epochs
         show = self.progress and is_main_process()
@@ -267,7 +347,7 @@ class StageTrainer:
 
     def loader(self, shares: list[list[tuple[str, int]]]):
         if self.device_data is not None:
-            return map(self.device_data.collate, micro_batch_chunks(shares, self.micro_batch_size))
+            return map(self.collate_on_device, micro_batch_chunks(shares, self.micro_batch_size))
         workers = self.stage.data_workers
         if workers is None:
             workers = 4 if self.device.type == "cuda" else 0
@@ -313,8 +393,16 @@ class StageTrainer:
         return [batches[index] for index in range(len(batches))]
 
     def backward(self, batch: CaptionBatch, tokens: float, share: int) -> torch.Tensor:
+        batch = batch.to(self.device)
         with autocast(self.device, self.stage.precision):
-            loss = self.loss_sum(self.replica, batch.to(self.device)) / tokens * share
+            try:
+                loss = self.loss_sum(self.replica, batch) / tokens * share
+            except Exception as error:  # noqa: BLE001 (e.g. a recompilation for a new shape fails)
+                if self.loss_sum is caption_loss_sum:
+                    raise
+                COMPILE.failed_later(self.stage.compile, error)  # nothing accumulated yet: eager continues
+                self.loss_sum = caption_loss_sum
+                loss = self.loss_sum(self.replica, batch) / tokens * share
         loss.backward()
         return loss.detach()
 

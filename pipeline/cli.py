@@ -7,6 +7,7 @@ import typer
 from pipeline.cli_app import serve_app
 from pipeline.cli_compare import compare
 from pipeline.cli_data import register as register_dataset_commands
+from pipeline.cli_doctor import doctor
 from pipeline.cli_evaluation import score
 from pipeline.cli_features import features_app
 from pipeline.cli_hub import push
@@ -52,6 +53,7 @@ app.command()(sync)
 app.command(name="app")(serve_app)
 app.command()(demo)
 app.command()(pipeline)
+app.command()(doctor)
 
 
 def main():

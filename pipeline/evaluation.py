@@ -29,6 +29,7 @@ def evaluate(workspace: Path, checkpoint: str, dataset: str, split: str, parent_
     CLIP-S and RefCLIP-S use the CLIP `scoring` names; by default the checkpoint's run config's."""
     from ituning.captioner import Captioner
     from ituning.decoding import DecodingConfig
+    from ituning.fast_paths import fallbacks
 
     workspace = Path(workspace)
     captioner = Captioner.from_checkpoint(checkpoint, device)
@@ -44,7 +45,7 @@ def evaluate(workspace: Path, checkpoint: str, dataset: str, split: str, parent_
         log_split_inputs(tracker, run_id, workspace, dataset, split, reader, "evaluation")
         result = _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references, dataset, split,
                                    decoding, gallery_size, blind_baseline, scoring)
-    return {**result, "run_id": run_id, "task": evaluation_task(workspace, dataset, split)}
+    return {**result, "run_id": run_id, "task": evaluation_task(workspace, dataset, split), "fallbacks": fallbacks()}
 
 
 def score_nocaps(candidates: dict[str, str], references: dict[str, list[str]], domains: dict[str, str | None],

@@ -32,7 +32,9 @@ def step_status(record: dict) -> str:
         return "cached: reused, not re-run"
     if record.get("already_done"):
         return "ran: the stage was already trained on these inputs; its checkpoint reused"
-    return "ran"
+    fallbacks = record.get("fallbacks", {})
+    fell_back = [f"{name} fell back to the plain path ({reason})" for name, reason in fallbacks.items()]
+    return "; ".join(["ran", *fell_back])
 
 
 def step_rows(records: list[dict], uri: str) -> list[str]:

@@ -167,6 +167,8 @@ class ExperimentTracker:
         return run_id
 
     def finish(self, run_id: str, failed: bool = False) -> None:
+        """End a run, tagged with the fast paths of this process (`log_fast_paths`)."""
+        self.log_fast_paths(run_id)
         status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
         self._deliver("set_terminated", run_id, status=status, end_time=_now_ms())
 
@@ -192,6 +194,17 @@ class ExperimentTracker:
         self.finish(run_id)
 
     # ---- values ------------------------------------------------------------------------------
+
+    def log_fast_paths(self, run_id: str) -> None:
+        """Which fast paths ran in this process (ituning/fast_paths.py) as tags: `fast_path.<name>`
+        is on or fallback, and `fallback.<name>` the reason a path fell back to the plain one."""
+        from ituning.fast_paths import fallbacks, outcomes
+
+        reasons = fallbacks()
+        for name in outcomes():
+            self.set_tag(run_id, f"fast_path.{name}", "fallback" if name in reasons else "on")
+        for name, reason in reasons.items():
+            self.set_tag(run_id, f"fallback.{name}", reason)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         entries = [(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]

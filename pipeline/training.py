@@ -62,6 +62,7 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
     the run folder; the first stage of a config starts from fresh modules."""
     from ituning.config import config_to_dict
     from ituning.distributed import is_main_process
+    from ituning.fast_paths import fallbacks
 
     workspace = Path(workspace)
     run_config = resolve_config(config, workspace)
@@ -86,7 +87,7 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
         _log_stage_inputs(tracker, run_id, workspace, stage_config, data)
         result = _train(workspace, run_config, data, out, device, resume, progress, [tracker.callbacks(run_id)], whole)
         tracker.log_checkpoint(run_id, result["checkpoint"], "checkpoint")
-    return {**result, "run_id": run_id}
+    return {**result, "run_id": run_id, "fallbacks": fallbacks()}
 
 
 @contextmanager

@@ -35,6 +35,16 @@ def seed():
     return 0
 
 
+@pytest.fixture(autouse=True)
+def fast_paths_unchecked():
+    """Each test meets the fast paths unchecked, as a new process does (ituning/fast_paths.py)."""
+    from ituning.fast_paths import forget_outcomes
+
+    forget_outcomes()
+    yield
+    forget_outcomes()
+
+
 def tiny_language_model(n_layer: int = 3, vocab_size: int = VOCAB):
     from transformers import GPT2Config, GPT2LMHeadModel
 

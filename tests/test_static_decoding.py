@@ -2,6 +2,7 @@
 cache and of the recomputing reference, for beams that finish unevenly, min_length, padded batches,
 greedy decoding and the compiled forward; and DecodingConfig.compile picks the step."""
 
+import logging
 from functools import partial
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from ituning import static_decoding
 from ituning.decoding import (CachedStep, DecodingConfig, RecomputingStep, decoding_step, generate, greedy_search,
                               ranked_beams)
+from ituning.fast_paths import FastPathFailed, fallbacks, outcomes
 from ituning.static_decoding import StaticCacheStep, kept_decoder_sizes
 from tests.conftest import random_visual, tiny_captioner
 
@@ -191,7 +193,7 @@ def compiler_failing_at_once(forward):
 
 
 @pytest.mark.parametrize("failing_compiler", [compiler_failing_at_first_call, compiler_failing_at_once])
-def test_a_failed_compile_raises_for_always_and_falls_back_once_for_auto(monkeypatch, failing_compiler):
+def test_a_failed_compile_raises_for_always_and_falls_back_once_for_auto(monkeypatch, caplog, failing_compiler):
     """`failing_compiler` stands in for a machine where compiling fails (no C++ compiler for
     inductor on CPU, a broken toolchain on CUDA, a Python that torch.compile does not support)."""
     monkeypatch.setattr(static_decoding, "compile_one_token_forward", failing_compiler)
@@ -203,14 +205,42 @@ def test_a_failed_compile_raises_for_always_and_falls_back_once_for_auto(monkeyp
 
     model = early_finishing_captioner(0)
     expected = ranked_beams(model, visual, PROMPT, EOS, config, step=CachedStep)
-    with pytest.warns(RuntimeWarning, match="decoding with the uncompiled static cache") as warned:
+    with caplog.at_level(logging.WARNING, logger="ituning.fast_paths"):
         assert_same_beams(ranked_beams(model, visual, PROMPT, EOS, config, step=static_step(config, "auto")), expected)
         assert_same_beams(ranked_beams(model, visual[:2], PROMPT, EOS, config, step=static_step(config, "auto")),
                           expected[:2])
         larger = random_visual(4).double()
         assert_same_beams(ranked_beams(model, larger, PROMPT, EOS, config, step=static_step(config, "auto")),
                           ranked_beams(model, larger, PROMPT, EOS, config, step=CachedStep))
-    assert len(warned) == 1
+    assert len([record for record in caplog.records if "(static_decoding) fell back" in record.getMessage()]) == 1
+    assert "decoding with the uncompiled static cache" in fallbacks()["static_decoding"]
+
+
+def compiler_off_by_a_little(forward):
+    """A compiled forward whose log-probabilities drift: the mismatch a miscompiled graph would give."""
+    return lambda *args: forward(*args) + torch.linspace(0, 0.5, 120, dtype=torch.float64)
+
+
+def test_a_compiled_step_that_disagrees_with_the_cached_one_is_caught_on_its_first_batch(monkeypatch):
+    monkeypatch.setattr(static_decoding, "compile_one_token_forward", compiler_off_by_a_little)
+    config = DecodingConfig(num_beams=3, max_length=6, compile="always")
+    model, visual = early_finishing_captioner(0), random_visual(3).double()
+    with pytest.raises(FastPathFailed, match="static_decoding.*differs from the plain path"):
+        ranked_beams(model, visual, PROMPT, EOS, config)
+
+
+def test_a_compiled_step_that_fails_its_first_batch_falls_back_to_the_cached_step(monkeypatch):
+    """The fault-injection point of the tests (ituning/fault_injection.py) takes the compiled step as
+    available on the CPU and makes its first batch fail, as a broken graph capture would on CUDA."""
+    monkeypatch.setenv("ITUNING_TEST_FAULTS", "static_decoding")
+    config = DecodingConfig(num_beams=3, max_length=6)
+    model, visual = early_finishing_captioner(0), random_visual(3).double()
+    assert decoding_step(config, visual.device) is not CachedStep
+    expected = ranked_beams(model, visual, PROMPT, EOS, config, step=CachedStep)
+    assert_same_beams(ranked_beams(model, visual, PROMPT, EOS, config), expected)
+    assert "InjectedFault" in fallbacks()["static_decoding"]
+    assert_same_beams(ranked_beams(model, visual[:2], PROMPT, EOS, config), expected[:2])  # no second check
+    assert outcomes() == {"static_decoding": fallbacks()["static_decoding"]}
 
 
 @pytest.mark.slow  # inductor's first compile takes 30-40 s here

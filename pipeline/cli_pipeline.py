@@ -113,11 +113,19 @@ def demo(workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = 
     pipeline(config=DEMO, source="synthetic", workspace=workspace, synthetic_images=600, device="auto")
 
 
+def shown_state(record: dict) -> str:
+    """ran, reused (cached, or a stage already trained on these inputs) or rebuilt (a feature cache
+    whose damaged shards were encoded again)."""
+    if record.get("rebuilt"):
+        return "rebuilt"
+    return "reused" if record["cached"] or record.get("already_done") else "ran"
+
+
 def print_outcome(outcome: dict, workspace: Path) -> None:
     from pipeline.tracking import tracking_uri
 
     for record in [*outcome.get("data", []), *outcome["steps"]]:
-        state = "reused" if record["cached"] or record.get("already_done") else "ran"
+        state = shown_state(record)
         run = f"run {record['run_id']}" if record.get("run_id") else ""
         typer.echo(f"  {record['step']:<22} {state:<7} {run}".rstrip())
     typer.echo("Test metrics:")

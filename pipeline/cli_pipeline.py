@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 from pipeline.cli_errors import fail, first_line
+from pipeline.cli_training import WAIT_HELP
+from pipeline.step_locks import set_step_wait
+from storage.locks import StepBusy
 from storage.manifests import DATASETS
 
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -65,12 +68,14 @@ def pipeline(
     gallery_size: Annotated[int, typer.Option(min=0, help="images in each evaluation's caption gallery")] = 50,
     backbone_steps: Annotated[int, typer.Option(min=1, help="training steps of each demo stand-in backbone")] = 100,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    wait: Annotated[float | None, typer.Option(min=0, help=WAIT_HELP)] = None,
 ):
     """Run full-pipeline: data, catalog, features, training, evaluation, registration. Backbones are
     downloaded from the Hugging Face hub on first use (the demo's are built locally, offline).
     Datasets already downloaded and verified in the workspace are reused."""
     manifests, corpora = dataset_paths(manifest, "--manifest", "file"), dataset_paths(corpus, "--corpus", "dir")
     workspace = workspace.resolve()
+    set_step_wait(wait)  # read by the flow's steps in this process
     (workspace / "prefect").mkdir(parents=True, exist_ok=True)
     for key, value in pipeline_environment(config, workspace, set_ or []).items():
         os.environ.setdefault(key, value)  # read when prefect is first imported, by the entrypoint below
@@ -81,6 +86,8 @@ def pipeline(
                                 device=device, manifests=manifests, corpora=corpora, register_as=register_as,
                                 evaluate_on=evaluate_on or ["test"], shard_size=shard_size, gallery_size=gallery_size,
                                 backbone_steps=backbone_steps, overrides=set_ or None)
+    except StepBusy as error:
+        fail(error, 1)
     except Exception as error:  # the whole traceback stays in the flow run's log
         fail(first_line(error), 1, hint=FLOW_LOG)
     print_outcome(outcome, workspace)

@@ -7,6 +7,10 @@ from typing import Annotated
 import typer
 
 from pipeline.cli_errors import fail
+from pipeline.step_locks import DEFAULT_WAIT_S, set_step_wait
+
+WAIT_HELP = (f"seconds to wait for another process training the same stage (or building the stand-ins, or "
+             f"registering) before stopping; default ITUNING_WAIT, else {DEFAULT_WAIT_S:g}")
 
 KARPATHY_HELP = "a corpus in the Karpathy format (dataset_coco.json style) instead of the catalog and feature cache"
 
@@ -21,6 +25,7 @@ def train(
     fresh: Annotated[bool, typer.Option(help="ignore checkpoints of an earlier run in the same folder")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE: change one setting of the config, "
                                                    "read as YAML (repeatable), e.g. stages[0].epochs=3")] = None,
+    wait: Annotated[float | None, typer.Option(min=0, help=WAIT_HELP)] = None,
 ):
     """Train the I-Tuning modules stage by stage; a rerun continues from the last checkpoint.
 
@@ -31,13 +36,17 @@ def train(
     from ituning.training import NonFiniteLoss
 
     from pipeline.presets import with_overrides
+    from storage.locks import StepBusy
 
+    set_step_wait(wait)
     try:
         config = Path(with_overrides(str(config), set_ or [], workspace))
         if karpathy_json is None:
             lines = train_from_catalog(config, workspace, out, device, fresh)
         else:
             lines = train_from_corpus(config, karpathy_json, images, workspace, out, device, fresh)
+    except StepBusy as error:
+        fail(error, 1)
     except (ConfigError, NonFiniteLoss, OSError, ValueError, ImportError, RuntimeError) as error:
         fail(error)
     if not is_main_process():  # under torchrun the lines come once, from rank 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from pipeline.data import catalog_fingerprint, content_digest, open_catalog
 from pipeline.features import feature_entry
 from pipeline.presets import resolve_config
+from pipeline.step_locks import folder_writer
 from pipeline.tracking import ExperimentTracker
 from storage.atomic import write_atomically
 from storage.feature_cache import FeatureReader
@@ -77,7 +78,9 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
         return {**_train(workspace, run_config, data, out, device, resume, False, whole=whole), "run_id": None}
     tracker = ExperimentTracker(workspace=workspace)
     settings = config_to_dict(run_config)
-    with child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed, stage) as run_id:
+    # One writer per stage folder: a second run waits here, then finds the stage done and reuses it.
+    with folder_writer(out / stage, f"training {run_config.name}/{stage}"), \
+            child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed, stage) as run_id:
         data = _stage_inputs(workspace, run_config, stage_config, device)
         _log_stage_inputs(tracker, run_id, workspace, stage_config, data)
         result = _train(workspace, run_config, data, out, device, resume, progress, [tracker.callbacks(run_id)], whole)

@@ -130,7 +130,7 @@ def one_writer(path: Path, doing: str, wait: float, announce=None):
     """Hold the lock at `path` for `doing`; while another process holds it, say once whom it waits for
     (through `announce`, a function taking one line; default stderr) and wait up to `wait` seconds,
     then raise StepBusy naming the holder. The lock goes with this process, however it ends."""
-    with FileLock(path, f"{doing}: {command_line()}") as lock:
+    with FileLock(path) as lock:  # its holder line names the command that holds it
         if not lock.acquire(0):
             holder = lock.holder()
             line = f"{doing}: waiting up to {wait:g} s for {holder or 'another process'} to finish"

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail, first_line
-from pipeline.cli_training import WAIT_HELP
+from pipeline.cli_errors import fail, filesystem_cause, first_line, interrupted_in
+from pipeline.cli_training import WAIT_HELP, stop_interrupted, tracking_database
 from pipeline.step_locks import set_step_wait
 from storage.locks import StepBusy
 from storage.manifests import DATASETS
@@ -86,10 +86,15 @@ def pipeline(
                                 device=device, manifests=manifests, corpora=corpora, register_as=register_as,
                                 evaluate_on=evaluate_on or ["test"], shard_size=shard_size, gallery_size=gallery_size,
                                 backbone_steps=backbone_steps, overrides=set_ or None)
+    except KeyboardInterrupt:
+        stop_interrupted(config, workspace, None)
     except StepBusy as error:
         fail(error, 1)
     except Exception as error:  # the whole traceback stays in the flow run's log
-        fail(first_line(error), 1, hint=FLOW_LOG)
+        if interrupted_in(error):
+            stop_interrupted(config, workspace, None)
+        cause = filesystem_cause(error, tracking_database(workspace))  # a refused write: its path and cause
+        fail(cause or first_line(error), 1, hint=None if cause else FLOW_LOG)
     print_outcome(outcome, workspace)
 
 

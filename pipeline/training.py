@@ -231,9 +231,24 @@ def _recorded_cider(best: Path | None) -> float | None:
 
 def _steps(result) -> int:
     """Steps of the stage; for a stage finished by an earlier run, from its trainer state."""
+    return result.steps if result.steps >= 0 else checkpoint_step(result.final_dir.parent)
+
+
+def checkpoint_step(stage_dir: Path) -> int:
+    """The step of a stage folder's last training checkpoint (0 when it has none yet)."""
     from ituning.training_state import STATE_FILE, last_checkpoint
 
-    if result.steps >= 0:
-        return result.steps
-    last = last_checkpoint(result.final_dir.parent)
+    last = last_checkpoint(Path(stage_dir))
     return json.loads((last / STATE_FILE).read_text())["trainer"]["step"] if last else 0
+
+
+def interrupted_line(run_folder: Path, stages: list[str]) -> str:
+    """What Ctrl-C during training says: the step a rerun resumes from, in the first stage of the
+    run folder that has not finished."""
+    from ituning.checkpoint import WEIGHTS_FILE
+
+    unfinished = [stage for stage in stages if not (Path(run_folder) / stage / "final" / WEIGHTS_FILE).is_file()]
+    if not unfinished:
+        return "interrupted; every stage had finished: a rerun reuses them"
+    where = f" of {unfinished[0]}" if len(stages) > 1 else ""
+    return f"interrupted; rerun to resume from step {checkpoint_step(Path(run_folder) / unfinished[0])}{where}"

@@ -57,9 +57,10 @@ def workspace_on(root: Path, backbones) -> tuple[Path, Path]:
 
 
 def copied(reference: str, to: Path) -> str:
-    prefix, _, path = reference.rpartition("local-dir:")
-    shutil.copytree(path or reference, to)
-    return f"{prefix}local-dir:{to}" if path else str(to)
+    """A backbone folder copied to `to`, named as the reference names it (`local-dir:PATH` or PATH)."""
+    local = reference.startswith("local-dir:")
+    shutil.copytree(reference.removeprefix("local-dir:"), to)
+    return f"local-dir:{to}" if local else str(to)
 
 
 def train(workspace: Path, config: Path, *extra: str, **options) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ line naming the path and the cause, exit 1.
 """
 
 import errno
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -39,10 +40,31 @@ def fail(error: BaseException | str, code: int = USAGE, hint: str | None = None)
     raise typer.Exit(FAILED if cause else code)
 
 
+# Libraries that log the traceback of a database error before raising it (MLflow's SQL store)
+LOGGING_TRACEBACKS = ("mlflow.store.db.utils",)
+
+
+class RefusedWriteFilter(logging.Filter):
+    """Drops a library's log record of an error that is a refused write: the command tells it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or filesystem_cause(error) is None
+
+
+def refused_writes_unlogged() -> None:
+    """Keep the libraries of LOGGING_TRACEBACKS from logging a refused write's traceback."""
+    for name in LOGGING_TRACEBACKS:
+        if not any(isinstance(item, RefusedWriteFilter) for item in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(RefusedWriteFilter())
+
+
 @contextmanager
 def refused_writes_told(database: str | None = None) -> Iterator[None]:
     """Any exception whose chain holds a refused write (whatever wrapped it) ends the command with
-    its one line; `database` names the SQLite file a bare SQLite error is about."""
+    its one line; `database` names the SQLite file a bare SQLite error is about. The libraries that
+    would log its traceback first are kept from it."""
+    refused_writes_unlogged()
     try:
         yield
     except typer.Exit:

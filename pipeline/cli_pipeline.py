@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail, filesystem_cause, first_line, interrupted_in
+from pipeline.cli_errors import fail, filesystem_cause, first_line, interrupted_in, refused_writes_unlogged
 from pipeline.cli_training import WAIT_HELP, stop_interrupted, tracking_database
 from pipeline.step_locks import set_step_wait
 from storage.locks import StepBusy
@@ -76,6 +76,7 @@ def pipeline(
     manifests, corpora = dataset_paths(manifest, "--manifest", "file"), dataset_paths(corpus, "--corpus", "dir")
     workspace = workspace.resolve()
     set_step_wait(wait)  # read by the flow's steps in this process
+    refused_writes_unlogged()
     (workspace / "prefect").mkdir(parents=True, exist_ok=True)
     for key, value in pipeline_environment(config, workspace, set_ or []).items():
         os.environ.setdefault(key, value)  # read when prefect is first imported, by the entrypoint below

@@ -63,9 +63,11 @@ def copied(reference: str, to: Path) -> str:
     return f"local-dir:{to}" if local else str(to)
 
 
-def train(workspace: Path, config: Path, *extra: str, **options) -> subprocess.CompletedProcess:
+def train(workspace: Path, config: Path, *extra: str, as_user: int | None = None, **options) -> subprocess.CompletedProcess:
+    """`ituning train` in a subprocess (as another user through setpriv(1) when `as_user` is given)."""
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([ITUNING, "train", "--config", str(config), "--workspace", str(workspace), *extra],
+    user = [] if as_user is None else ["setpriv", f"--reuid={as_user}", f"--regid={as_user}", "--clear-groups"]
+    return subprocess.run([*user, ITUNING, "train", "--config", str(config), "--workspace", str(workspace), *extra],
                           capture_output=True, text=True, timeout=RUN_S, env={**env, **options.pop("env", {})},
                           **options)
 
@@ -114,8 +116,7 @@ def test_full_read_only_and_unwritable_workspaces_say_the_path_and_cause_and_lea
     home = small_disk / "home"  # nobody's caches; the workspace stays root's, 755
     home.mkdir(mode=0o777)
     home.chmod(0o777)
-    as_nobody = train(workspace, config, "--fresh", cwd=home, env={"HOME": str(home)},
-                      user=NOBODY, group=NOBODY, extra_groups=[])
+    as_nobody = train(workspace, config, "--fresh", cwd=home, env={"HOME": str(home)}, as_user=NOBODY)
     line = one_error_line(as_nobody)
     assert as_nobody.returncode == 1 and line.startswith(f"error: {small_disk}/"), as_nobody.stderr
     assert "Permission denied" in line, line

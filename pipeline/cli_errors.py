@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from contextlib import contextmanager
-from typing import Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 import typer
 
@@ -60,9 +60,9 @@ def refused_writes_unlogged() -> None:
 
 
 @contextmanager
-def refused_writes_told(database: str | None = None) -> Iterator[None]:
+def refused_writes_told(database: Callable[[], str | None] = lambda: None) -> Iterator[None]:
     """Any exception whose chain holds a refused write (whatever wrapped it) ends the command with
-    its one line; `database` names the SQLite file a bare SQLite error is about. The libraries that
+    its one line; `database()` names the SQLite file a bare SQLite error is about. The libraries that
     would log its traceback first are kept from it."""
     refused_writes_unlogged()
     try:
@@ -70,10 +70,9 @@ def refused_writes_told(database: str | None = None) -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception as error:
-        cause = filesystem_cause(error, database)
-        if cause is None:
+        if filesystem_cause(error) is None:
             raise
-        echo_error(cause)
+        echo_error(filesystem_cause(error, database()))
         raise typer.Exit(FAILED) from None
 
 

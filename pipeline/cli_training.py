@@ -41,7 +41,7 @@ def train(
     set_step_wait(wait)
     try:
         config = Path(with_overrides(str(config), set_ or [], workspace))
-        with refused_writes_told(tracking_database(workspace) if karpathy_json is None else None):
+        with refused_writes_told(lambda: tracking_database(workspace) if karpathy_json is None else None):
             if karpathy_json is None:
                 lines = train_from_catalog(config, workspace, out, device, fresh)
             else:

@@ -34,4 +34,4 @@ def cache_features(dataset: Dataset = "coco", splits: list[str] = ["train", "val
     plan = plan_pipeline(config, [])
     backbones, _ = backbones_for(root, config, plan["demo_backbones"], None, backbone_steps)
     entries = encode_splits(root, [[dataset, split] for split in splits], backbones, shard_size, device)
-    return {f"{d}/{s}": future.result() for (d, s), future in entries.items()}
+    return {f"{d}/{s}": future.result()["entry"] for (d, s), future in entries.items()}

@@ -154,11 +154,14 @@ def data_records(datasets: list[str], downloads: list[PrefectFuture], catalog: P
 
 
 def feature_record(key: tuple[str, str], entries: FeatureEntries) -> dict:
-    """A split's feature cache counts as reused when every one of its shard tasks was (finishing the
-    entry point always runs, and only re-checks it)."""
+    """A split's feature cache counts as reused when every one of its shard tasks was and finishing
+    the entry point (which always runs) encoded nothing; as rebuilt when that finish encoded again
+    shards damaged since they were written."""
     record = step_record(f"features {key[0]}/{key[1]}", entries[key])
     shards = entries.shard_tasks.get(key, [])
-    record["cached"] = bool(shards) and all(was_cached(future) for future in shards)
+    all_cached = bool(shards) and all(was_cached(future) for future in shards)
+    rebuilt = bool(entries[key].result()["encoded_shards"])
+    record["cached"], record["rebuilt"] = all_cached and not rebuilt, all_cached and rebuilt
     return record
 
 

@@ -8,7 +8,10 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail, first_line
+from pipeline.cli_errors import fail, filesystem_cause, first_line, interrupted_in, refused_writes_unlogged
+from pipeline.cli_training import WAIT_HELP, stop_interrupted, tracking_database
+from pipeline.step_locks import set_step_wait
+from storage.locks import StepBusy
 from storage.manifests import DATASETS
 
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -65,12 +68,15 @@ def pipeline(
     gallery_size: Annotated[int, typer.Option(min=0, help="images in each evaluation's caption gallery")] = 50,
     backbone_steps: Annotated[int, typer.Option(min=1, help="training steps of each demo stand-in backbone")] = 100,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    wait: Annotated[float | None, typer.Option(min=0, help=WAIT_HELP)] = None,
 ):
     """Run full-pipeline: data, catalog, features, training, evaluation, registration. Backbones are
     downloaded from the Hugging Face hub on first use (the demo's are built locally, offline).
     Datasets already downloaded and verified in the workspace are reused."""
     manifests, corpora = dataset_paths(manifest, "--manifest", "file"), dataset_paths(corpus, "--corpus", "dir")
     workspace = workspace.resolve()
+    set_step_wait(wait)  # read by the flow's steps in this process
+    refused_writes_unlogged()
     (workspace / "prefect").mkdir(parents=True, exist_ok=True)
     for key, value in pipeline_environment(config, workspace, set_ or []).items():
         os.environ.setdefault(key, value)  # read when prefect is first imported, by the entrypoint below
@@ -81,8 +87,15 @@ def pipeline(
                                 device=device, manifests=manifests, corpora=corpora, register_as=register_as,
                                 evaluate_on=evaluate_on or ["test"], shard_size=shard_size, gallery_size=gallery_size,
                                 backbone_steps=backbone_steps, overrides=set_ or None)
+    except KeyboardInterrupt:
+        stop_interrupted(config, workspace, None)
+    except StepBusy as error:
+        fail(error, 1)
     except Exception as error:  # the whole traceback stays in the flow run's log
-        fail(first_line(error), 1, hint=FLOW_LOG)
+        if interrupted_in(error):
+            stop_interrupted(config, workspace, None)
+        cause = filesystem_cause(error, tracking_database(workspace))  # a refused write: its path and cause
+        fail(cause or first_line(error), 1, hint=None if cause else FLOW_LOG)
     print_outcome(outcome, workspace)
 
 
@@ -113,11 +126,19 @@ def demo(workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = 
     pipeline(config=DEMO, source="synthetic", workspace=workspace, synthetic_images=600, device="auto")
 
 
+def shown_state(record: dict) -> str:
+    """ran, reused (cached, or a stage already trained on these inputs) or rebuilt (a feature cache
+    whose damaged shards were encoded again)."""
+    if record.get("rebuilt"):
+        return "rebuilt"
+    return "reused" if record["cached"] or record.get("already_done") else "ran"
+
+
 def print_outcome(outcome: dict, workspace: Path) -> None:
     from pipeline.tracking import tracking_uri
 
     for record in [*outcome.get("data", []), *outcome["steps"]]:
-        state = "reused" if record["cached"] or record.get("already_done") else "ran"
+        state = shown_state(record)
         run = f"run {record['run_id']}" if record.get("run_id") else ""
         typer.echo(f"  {record['step']:<22} {state:<7} {run}".rstrip())
     typer.echo("Test metrics:")

@@ -2,11 +2,15 @@
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
-from pipeline.cli_errors import fail
+from pipeline.cli_errors import INTERRUPTED, fail, interrupted_in, refused_writes_told
+from pipeline.step_locks import DEFAULT_WAIT_S, set_step_wait
+
+WAIT_HELP = (f"seconds to wait for another process training the same stage (or building the stand-ins, or "
+             f"registering) before stopping; default ITUNING_WAIT, else {DEFAULT_WAIT_S:g}")
 
 KARPATHY_HELP = "a corpus in the Karpathy format (dataset_coco.json style) instead of the catalog and feature cache"
 
@@ -21,6 +25,7 @@ def train(
     fresh: Annotated[bool, typer.Option(help="ignore checkpoints of an earlier run in the same folder")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE: change one setting of the config, "
                                                    "read as YAML (repeatable), e.g. stages[0].epochs=3")] = None,
+    wait: Annotated[float | None, typer.Option(min=0, help=WAIT_HELP)] = None,
 ):
     """Train the I-Tuning modules stage by stage; a rerun continues from the last checkpoint.
 
@@ -31,19 +36,53 @@ def train(
     from ituning.training import NonFiniteLoss
 
     from pipeline.presets import with_overrides
+    from storage.locks import StepBusy
 
+    set_step_wait(wait)
     try:
         config = Path(with_overrides(str(config), set_ or [], workspace))
-        if karpathy_json is None:
-            lines = train_from_catalog(config, workspace, out, device, fresh)
-        else:
-            lines = train_from_corpus(config, karpathy_json, images, workspace, out, device, fresh)
-    except (ConfigError, NonFiniteLoss, OSError, ValueError, ImportError, RuntimeError) as error:
-        fail(error)
+        with refused_writes_told(lambda: tracking_database(workspace) if karpathy_json is None else None):
+            if karpathy_json is None:
+                lines = train_from_catalog(config, workspace, out, device, fresh)
+            else:
+                lines = train_from_corpus(config, karpathy_json, images, workspace, out, device, fresh)
+    except typer.Exit:  # a refused write, already told
+        raise
+    except KeyboardInterrupt:
+        stop_interrupted(str(config), workspace, out)
+    except Exception as error:
+        if interrupted_in(error):  # a tracking call cut short by Ctrl-C can fail the cleanup after it
+            stop_interrupted(str(config), workspace, out)
+        if isinstance(error, StepBusy):
+            fail(error, 1)
+        if isinstance(error, (ConfigError, NonFiniteLoss, OSError, ValueError, ImportError, RuntimeError)):
+            fail(error)
+        raise
     if not is_main_process():  # under torchrun the lines come once, from rank 0
         return
     for line in lines:
         typer.echo(line)
+
+
+def stop_interrupted(config: str, workspace: Path, out: Path | None) -> NoReturn:
+    """Ctrl-C: one line saying where a rerun resumes, exit 130 (no traceback)."""
+    from pipeline import presets, training
+
+    run_config = presets.resolve_config(config, workspace)
+    folder = out or workspace / "runs" / run_config.name
+    typer.echo(training.interrupted_line(folder, [stage.name for stage in run_config.stages]), err=True)
+    raise typer.Exit(INTERRUPTED)
+
+
+def tracking_database(workspace: Path) -> str | None:
+    """The SQLite file MLflow tracks in (named when SQLite refuses a write); None for a server."""
+    from pipeline.tracking import tracking_uri
+
+    try:
+        uri = tracking_uri(workspace)
+    except OSError:  # the workspace cannot be created: the run itself will say why
+        return None
+    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
 
 
 def train_from_catalog(config: Path, workspace: Path, out: Path | None, device: str, fresh: bool) -> list[str]:

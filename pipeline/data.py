@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.image_check import inspect_images
+from pipeline.step_locks import folder_writer
 from storage import catalog_build
 from storage.catalog import Catalog
 from storage.catalog_build import BUILD_ORDER, BuildSummary, open_for_build
@@ -129,5 +130,7 @@ def build_demo_backbones(workspace: Path, seed: int = 0, vision_steps: int = 300
               if captions.get(image_id)]
     settings = StandinTraining(vision_steps=vision_steps, language_steps=language_steps, batch_size=batch_size,
                                seed=seed)
-    spec = build_standins_from_images(images, Path(out_dir or Path(workspace) / "backbones"), settings, progress=True)
+    out = Path(out_dir or Path(workspace) / "backbones")
+    with folder_writer(out, "building stand-in backbones"):
+        spec = build_standins_from_images(images, out, settings, progress=True)
     return spec.to_dict()

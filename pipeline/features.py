@@ -201,11 +201,18 @@ def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: d
     """Write the entry point once every shard exists (encoding any still missing) and verify the
     cache against the catalog; returns the features.json path. `device` must be the one the
     shards were encoded on: it decides the compute precision, which is part of the cache identity."""
+    return completed_feature_cache(workspace, dataset, split, backbones, shard_size, device)["entry"]
+
+
+def completed_feature_cache(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int = 1024,
+                            device: str = "auto") -> dict:
+    """finish_feature_cache's work, told as {"entry": features.json path, "encoded_shards": the shards
+    it had to encode (missing, or damaged since they were written)}."""
     images = split_images(workspace, dataset, split)
     settings = _feature_settings(shard_size, device)
     out_dir = feature_dir(workspace, dataset, split, backbones, settings)
-    entry = build_feature_cache(images, BackboneSpec(**backbones), out_dir, settings)
-    report = verify_feature_cache(entry, [image_id for image_id, _ in images])
+    built = encode_features(images, BackboneSpec(**backbones), out_dir, settings)
+    report = verify_feature_cache(built.entry, [image_id for image_id, _ in images])
     if not report.ok:
-        raise RuntimeError(f"{entry}: " + "; ".join(report.problems))
-    return str(entry)
+        raise RuntimeError(f"{built.entry}: " + "; ".join(report.problems))
+    return {"entry": str(built.entry), "encoded_shards": built.encoded_shards}

@@ -16,7 +16,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+from ituning.images import open_rgb
 
 PAGE_STYLE = (
     "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -58,9 +60,8 @@ def _file_name(image_id: str, source: Path, kind: str) -> str:
 
 
 def thumbnail_jpeg(path: Path, side: int) -> bytes:
-    """The image upright, within side x side, as JPEG bytes."""
-    with Image.open(path) as image:
-        thumbnail = ImageOps.exif_transpose(image).convert("RGB")
+    """The image upright, within side x side, as JPEG bytes; decoded as every other reader decodes it."""
+    thumbnail = open_rgb(path)
     thumbnail.thumbnail((side, side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     thumbnail.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ituning.checkpoint import WEIGHTS_FILE
 from pipeline.evaluation import evaluation_task
+from pipeline.step_locks import registry_writer
 from pipeline.tracking import ExperimentTracker
 from storage.downloads import file_checksum
 
@@ -17,8 +18,13 @@ WEIGHTS_TAG = "ituning.weights_sha256"  # on every version: the sha256 of its mo
 def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str = "ituning-captioner") -> dict:
     """Log the captioner as a pyfunc model under `run_id` and register it as a new version of
     `name`, unless a version with the same weights exists: then that version is the answer and
-    nothing is logged (`new_version` says which)."""
-    tracker = ExperimentTracker(workspace=workspace)
+    nothing is logged (`new_version` says which). One registration of `name` at a time per workspace:
+    a second one waits for the first, then finds its version."""
+    with registry_writer(workspace, name):
+        return _register_unless_held(ExperimentTracker(workspace=workspace), checkpoint, run_id, name)
+
+
+def _register_unless_held(tracker: ExperimentTracker, checkpoint: str, run_id: str, name: str) -> dict:
     digest = file_checksum(Path(checkpoint) / WEIGHTS_FILE)
     same = _version_with_weights(tracker.client, name, digest)
     if same is not None:

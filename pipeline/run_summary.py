@@ -28,6 +28,8 @@ def metrics_cell(metrics: dict) -> str:
 
 
 def step_status(record: dict) -> str:
+    if record.get("rebuilt"):
+        return "rebuilt: shards damaged since they were written were encoded again"
     if record["cached"]:
         return "cached: reused, not re-run"
     if record.get("already_done"):

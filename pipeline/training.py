@@ -12,6 +12,7 @@ from pathlib import Path
 from pipeline.data import catalog_fingerprint, content_digest, is_synthetic, open_catalog
 from pipeline.features import feature_entry
 from pipeline.presets import resolve_config
+from pipeline.step_locks import folder_writer
 from pipeline.tracking import ExperimentTracker
 from storage.atomic import write_atomically
 from storage.feature_cache import FeatureReader
@@ -82,7 +83,9 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
         return {**_train(workspace, run_config, data, out, device, resume, False, whole=whole), "run_id": None}
     tracker = ExperimentTracker(workspace=workspace)
     settings = config_to_dict(run_config)
-    with child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed, stage) as run_id:
+    # One writer per stage folder: a second run waits here, then finds the stage done and reuses it.
+    with folder_writer(out / stage, f"training {run_config.name}/{stage}"), \
+            child_run(tracker, parent_run_id, run_config.name, stage, settings, stage_config.seed, stage) as run_id:
         data = _stage_inputs(workspace, run_config, stage_config, device)
         _log_stage_inputs(tracker, run_id, workspace, stage_config, data)
         result = _train(workspace, run_config, data, out, device, resume, progress, [tracker.callbacks(run_id)], whole)
@@ -238,9 +241,24 @@ def _recorded_cider(best: Path | None) -> float | None:
 
 def _steps(result) -> int:
     """Steps of the stage; for a stage finished by an earlier run, from its trainer state."""
+    return result.steps if result.steps >= 0 else checkpoint_step(result.final_dir.parent)
+
+
+def checkpoint_step(stage_dir: Path) -> int:
+    """The step of a stage folder's last training checkpoint (0 when it has none yet)."""
     from ituning.training_state import STATE_FILE, last_checkpoint
 
-    if result.steps >= 0:
-        return result.steps
-    last = last_checkpoint(result.final_dir.parent)
+    last = last_checkpoint(Path(stage_dir))
     return json.loads((last / STATE_FILE).read_text())["trainer"]["step"] if last else 0
+
+
+def interrupted_line(run_folder: Path, stages: list[str]) -> str:
+    """What Ctrl-C during training says: the step a rerun resumes from, in the first stage of the
+    run folder that has not finished."""
+    from ituning.checkpoint import WEIGHTS_FILE
+
+    unfinished = [stage for stage in stages if not (Path(run_folder) / stage / "final" / WEIGHTS_FILE).is_file()]
+    if not unfinished:
+        return "interrupted; every stage had finished: a rerun reuses them"
+    where = f" of {unfinished[0]}" if len(stages) > 1 else ""
+    return f"interrupted; rerun to resume from step {checkpoint_step(Path(run_folder) / unfinished[0])}{where}"

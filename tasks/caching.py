@@ -78,7 +78,7 @@ class InputContents(CachePolicy):
     names: tuple[str, ...] = ("checkpoint", "init_from", "previous", "features")
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
-        paths = [path for name in self.names for path in _as_list(inputs.get(name))]
+        paths = [_path_of(value) for name in self.names for value in _as_list(inputs.get(name))]
         if not paths:
             return None
         return hashlib.sha256("|".join(data.content_digest(path) for path in paths).encode()).hexdigest()
@@ -102,6 +102,11 @@ class CatalogContents(CachePolicy):
         if "workspace" not in inputs:
             return None
         return data.catalog_fingerprint(inputs["workspace"], self.splits(inputs), self.captions)
+
+
+def _path_of(value) -> str:
+    """A path input, or the entry point of a finished feature cache ({"entry": path, ...})."""
+    return value["entry"] if isinstance(value, dict) else value
 
 
 def _as_list(value) -> list:

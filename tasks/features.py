@@ -27,6 +27,8 @@ def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: di
 
 @task(name="finish-feature-cache", cache_policy=NO_CACHE, task_run_name="features-{dataset}-{split}")
 def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int,
-                         shard_files: list[str], device: str = "auto") -> str:
-    """Cheap (reuses every shard), so it always runs and re-checks the entry point."""
-    return features.finish_feature_cache(workspace, dataset, split, backbones, shard_size=shard_size, device=device)
+                         shard_files: list[str], device: str = "auto") -> dict:
+    """Cheap (reuses every shard), so it always runs and re-checks the entry point (encoding again
+    a shard damaged since it was written). {"entry": features.json path, "encoded_shards": [...]}."""
+    return features.completed_feature_cache(workspace, dataset, split, backbones, shard_size=shard_size,
+                                            device=device)

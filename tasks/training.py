@@ -8,8 +8,9 @@ from prefect.cache_policies import NO_CACHE
 from pipeline import evaluation, registry, tracking, training
 from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents, retry_transient
 
-# A new pipeline run has a new MLflow parent run; the work it would redo is the same.
-STAGE_CACHE = EXPENSIVE - "parent_run_id"
+# A new pipeline run has a new MLflow parent run; the work it would redo is the same. The feature
+# caches a task reads count by what they hold (InputContents), not by how finishing them went.
+STAGE_CACHE = EXPENSIVE - "parent_run_id" - "features"
 
 
 def stage_splits(inputs: dict) -> list:
@@ -26,9 +27,9 @@ TRACKING_RETRIES = dict(retries=3, retry_delay_seconds=[5, 20, 80], retry_jitter
 # Never retried: a failed training run resumes from its own last checkpoint when run again.
 @task(name="train-stage", cache_policy=TRAIN_CACHE, **PERSISTED, task_run_name="train-{stage}")
 def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | None = None,
-                init_from: str | None = None, device: str = "auto", features: list[str] | None = None,
+                init_from: str | None = None, device: str = "auto", features: list[dict] | None = None,
                 previous: str | None = None) -> dict:
-    """`features` (the entry points this stage reads) orders it after the feature cache; `previous`
+    """`features` (the finished feature caches this stage reads) orders it after them; `previous`
     is the checkpoint the stage before it produced."""
     return training.train_stage(workspace, config, stage, parent_run_id=parent_run_id, init_from=init_from,
                               device=device, previous=previous)
@@ -36,7 +37,7 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
 
 @task(name="evaluate", cache_policy=EVALUATION_CACHE, **PERSISTED, task_run_name="evaluate-{dataset}-{split}")
 def evaluate_checkpoint(workspace: Path, checkpoint: str, dataset: str, split: str, parent_run_id: str | None = None,
-                        gallery_size: int = 50, device: str = "auto", features: list[str] | None = None) -> dict:
+                        gallery_size: int = 50, device: str = "auto", features: list[dict] | None = None) -> dict:
     return evaluation.evaluate(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
                            gallery_size=gallery_size, device=device)
 

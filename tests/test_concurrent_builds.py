@@ -26,6 +26,7 @@ from storage.synthetic import write_corpus
 from storage.workspace import catalog_path
 
 START_TIMEOUT_S = 120  # two interpreters importing torch on a busy machine
+ITUNING = str(Path(sys.executable).with_name("ituning"))
 
 
 def held_cli(target: str, pass_first: int = 0) -> str:
@@ -265,3 +266,56 @@ def test_reading_the_catalog_while_it_is_built_names_the_build(catalogued, tmp_p
     assert builder.returncode == 0, outputs
     after = CliRunner().invoke(app, reader)
     assert after.exit_code == 1 and "no entry point" in after.output  # the catalog reads again; no cache yet
+
+
+# ---- training stages --------------------------------------------------------------------------
+
+
+def train_command(workspace: Path, config: Path, wait: float) -> list[str]:
+    return ["train", "--config", str(config), "--workspace", str(workspace), "--device", "cpu", "--wait", f"{wait:g}"]
+
+
+def start_logged(command: list[str], log: Path, python: bool = True) -> subprocess.Popen:
+    """A process (a Python script's, unless python is False) whose stderr goes to `log`, read while it runs."""
+    with log.open("w") as stderr:
+        return subprocess.Popen([sys.executable, *command] if python else command, text=True,
+                                stdout=subprocess.PIPE, stderr=stderr)
+
+
+@pytest.mark.slow
+def test_a_second_training_of_a_stage_waits_for_the_first_names_it_and_reuses_its_checkpoint(
+        catalogued, standin_backbones, tmp_path, monkeypatch):
+    """A holds the stage (held before its first step); B, allowed 1 s, stops naming A; C waits for A
+    and takes over the moment A is killed (kill -9 leaves no stale lock); D waits for C, then reuses
+    the checkpoint C trained instead of training again."""
+    from tests.test_cli_training import write_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config, hold = write_config(tmp_path / "run.yaml", standin_backbones), tmp_path / "hold"
+    hook, stage = "ituning.training:train_run", catalogued / "runs" / "cli" / "finetune"
+    [holder_a] = start_together(hook, hold, train_command(catalogued, config, 0))
+    logs = {name: tmp_path / f"{name}.err" for name in "CD"}
+    try:
+        assert wait_until(lambda: list(hold.glob(f"{holder_a.pid}.working"))), holder_a.stderr
+        refused = subprocess.run([ITUNING, *train_command(catalogued, config, 1)],
+                                 capture_output=True, text=True, timeout=START_TIMEOUT_S * 3)
+        second = start_logged(["-c", held_cli(hook), str(hold), *train_command(catalogued, config, 600)], logs["C"])
+        assert wait_until(lambda: f"waiting up to 600 s for PID {holder_a.pid} on " in logs["C"].read_text())
+        holder_a.kill()
+        assert wait_until(lambda: list(hold.glob(f"{second.pid}.working")))  # at once: no stale lock
+        third = start_logged([ITUNING, *train_command(catalogued, config, 600)], logs["D"], python=False)
+        assert wait_until(lambda: f"waiting up to 600 s for PID {second.pid} on " in logs["D"].read_text())
+    finally:
+        (hold / "go").touch()
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"training cli/finetune in {stage}: waiting up to 1 s for PID {holder_a.pid}" in refused.stderr
+    [line] = error_lines(refused.stderr)
+    assert line.startswith(f"error: training cli/finetune in {stage}: still held after 1 s by PID {holder_a.pid} "
+                           f"on {socket.gethostname()} since "), line
+    assert f"(ituning train --config {config} " in line, line  # what the holder runs
+    assert second.wait(timeout=START_TIMEOUT_S * 3) == 0, logs["C"].read_text()
+    trained = {path.name: path.stat().st_mtime_ns for path in stage.rglob("*") if path.is_file()}
+    out, _ = third.communicate(timeout=START_TIMEOUT_S * 3)
+    assert third.returncode == 0 and "finetune: modules at " in out, logs["D"].read_text()
+    assert {path.name: path.stat().st_mtime_ns for path in stage.rglob("*") if path.is_file()} == trained
+    assert not list(stage.parent.glob("*.lock"))  # the last holder removed its file

@@ -123,6 +123,23 @@ def test_summary_artifact_lists_stages_and_reuse(pipeline_runs, prefect_api):
     assert re.search(r"\| catalog \| ran \| coco usable images \d+ \|", first), first
 
 
+def test_a_shard_damaged_after_its_run_is_encoded_again_and_the_summary_says_rebuilt(pipeline_runs):
+    """The shard's task is a cache hit (its inputs did not change); finishing the cache finds the
+    damage, encodes the shard again, and the split's feature cache is reported rebuilt, not reused."""
+    from tests.shard_damage import overwrite_tokens_in_place
+    from pipeline.run_summary import step_status
+
+    workspace, _, _ = pipeline_runs
+    [shard, *_] = sorted((workspace / "features" / "coco" / "train").rglob("*.h5"))
+    overwrite_tokens_in_place(shard)
+    outcome = full_pipeline(workspace=str(workspace), **SMALL_RUN, register_as="after-shard-damage")
+    records = {record["step"]: record for record in outcome["data"]}
+    assert records["features coco/train"]["rebuilt"] and not records["features coco/train"]["cached"]
+    assert step_status(records["features coco/train"]).startswith("rebuilt")
+    assert not any(record.get("rebuilt") for step, record in records.items() if step != "features coco/train")
+    FeatureReader(next((workspace / "features" / "coco" / "train").rglob("features.json")))  # whole again
+
+
 def test_the_flow_runs_log_shows_the_progress_of_long_steps(pipeline_runs, prefect_api):
     """What the Prefect UI shows of a run: the INFO lines of ituning.progress, step by step."""
     from prefect.client.orchestration import get_client

@@ -3,6 +3,7 @@ limit and very large images, through every reader of image files (the catalog ch
 cache, captioning, the served model and the Karpathy-split path), which all decode with open_rgb."""
 
 import base64
+import io
 import json
 import struct
 import zlib
@@ -18,6 +19,7 @@ from ituning.images import UnreadableImage, open_rgb
 from ituning.encoding import BytePixels, EncodeSettings, ImageFiles, load_pixels
 from storage.catalog import Catalog
 from pipeline.data import build_dataset
+from pipeline.gallery import thumbnail_jpeg
 from pipeline.image_check import inspect_image, inspect_images
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -135,6 +137,19 @@ def test_16_bit_grayscale_png_written_by_pillow_is_scaled_not_clipped(tmp_path, 
     decoded = READERS[reader](path)
     assert (decoded == 255).mean() < 0.01  # a clipping conversion makes 99.6% of them white
     np.testing.assert_array_equal(decoded, high_bytes_as_rgb(pixels))
+
+
+def test_gallery_thumbnail_of_a_16_bit_grayscale_png_matches_the_decoded_pixels(tmp_path):
+    """A smooth 16-bit ramp (a plain conversion clips it to white) within the thumbnail's side, so the
+    JPEG keeps the decoded pixels within a few grey levels."""
+    ramp = np.linspace(0, 65535, 48 * 40).reshape(40, 48).astype(np.uint16)
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode == "I;16"
+    with Image.open(io.BytesIO(thumbnail_jpeg(path, 64))) as thumbnail:
+        shown = np.asarray(thumbnail.convert("RGB")).astype(int)
+    assert (shown >= 250).mean() < 0.05  # the clipping conversion made 99.9% of them white
+    assert np.abs(shown - np.asarray(open_rgb(path)).astype(int)).max() <= 8
 
 
 @pytest.mark.parametrize("dtype, mode", [("<u2", "I;16"), (">u2", "I;16B"), ("<i4", "I")])

@@ -3,6 +3,10 @@
     adapter_model.safetensors   the I-Tuning module weights only, keyed layers.<i>.<parameter>
     adapter_config.json         backbones, r, λ, dropped layers, shapes, code version
 
+A checkpoint written inside a workspace names the backbones the workspace holds relative to it
+(`local-dir:backbones/vision`) and records where the workspace lies from the checkpoint's folder
+(`"workspace": "../../.."`), so a copied or moved workspace loads its checkpoints as they are.
+Absolute paths, of checkpoints written before or outside a workspace, load as they are too.
 Loading checks the config against the model it is loaded into and refuses a different backbone.
 Nothing is unpickled. A checkpoint folder that is written again (a training run's `last`, `best` and
 `final`) is swapped in whole (`write_folder`), so that a kill at any point leaves a complete one.
@@ -48,13 +52,19 @@ def describe(model: ITuningCaptioner, backbones: BackboneSpec) -> dict:
     }
 
 
-def save_checkpoint(directory: str | Path, model: ITuningCaptioner, backbones: BackboneSpec) -> Path:
-    """Write weights and config; each file appears only once completely written."""
+def save_checkpoint(directory: str | Path, model: ITuningCaptioner, backbones: BackboneSpec,
+                    workspace: str | Path | None = None) -> Path:
+    """Write weights and config; each file appears only once completely written. Backbones inside
+    `workspace` are named relative to it (see the module docstring)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {key: tensor.detach().cpu().contiguous() for key, tensor in model.ituning_state_dict().items()}
     _write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(weights, path, metadata={"format": FORMAT}))
-    config_text = json.dumps(describe(model, backbones), indent=2)
+    config = describe(model, backbones)
+    if workspace is not None:
+        config["backbones"] = backbones.relative_to(workspace).to_dict()
+        config["workspace"] = os.path.relpath(os.path.realpath(workspace), os.path.realpath(directory))
+    config_text = json.dumps(config, indent=2)
     _write_atomically(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text))
     return directory
 
@@ -69,8 +79,13 @@ def read_config(directory: str | Path) -> dict:
     return config
 
 
-def backbones_of(config: dict) -> BackboneSpec:
-    return BackboneSpec(**config["backbones"])
+def backbones_of(config: dict, directory: str | Path | None = None) -> BackboneSpec:
+    """The backbones to load: those a checkpoint in `directory` names relative to its workspace
+    are taken from that workspace, wherever it now lies."""
+    backbones = BackboneSpec(**config["backbones"])
+    if directory is None or "workspace" not in config:
+        return backbones
+    return backbones.located(Path(directory) / config["workspace"])
 
 
 def ituning_config_of(config: dict) -> ITuningConfig:
@@ -81,6 +96,7 @@ def ituning_config_of(config: dict) -> ITuningConfig:
 def load_weights_into(model: ITuningCaptioner, directory: str | Path, backbones: BackboneSpec) -> None:
     """Load a checkpoint's module weights, refusing one made for different backbones."""
     saved = read_config(directory)
+    saved["backbones"] = backbones_of(saved, directory).to_dict()
     current = describe(model, backbones)
     mismatches = [
         f"{section}.{key}: checkpoint {saved[section].get(key)!r}, model {value!r}"

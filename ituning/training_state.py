@@ -46,9 +46,9 @@ class TrainerState:
 
 
 def save_training_checkpoint(stage_dir: Path, model: ITuningCaptioner, backbones: BackboneSpec,
-                             optimizer, scheduler, state: TrainerState) -> Path:
+                             optimizer, scheduler, state: TrainerState, workspace: Path | None = None) -> Path:
     def write(folder: Path) -> None:
-        save_checkpoint(folder, model, backbones)
+        save_checkpoint(folder, model, backbones, workspace)
         tensors, groups = _optimizer_tensors(optimizer)
         save_file(tensors, folder / OPTIMIZER_FILE)
         save_file(_rng_tensors(), folder / RNG_FILE)
@@ -63,11 +63,12 @@ def save_training_checkpoint(stage_dir: Path, model: ITuningCaptioner, backbones
     return write_folder(stage_dir / LAST, write)
 
 
-def save_modules(directory: Path, model: ITuningCaptioner, backbones: BackboneSpec, metrics) -> Path:
+def save_modules(directory: Path, model: ITuningCaptioner, backbones: BackboneSpec, metrics,
+                 workspace: Path | None = None) -> Path:
     """A module checkpoint with its metrics (best/, final/), swapped in whole."""
 
     def write(folder: Path) -> None:
-        save_checkpoint(folder, model, backbones)
+        save_checkpoint(folder, model, backbones, workspace)
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
 
     return write_folder(directory, write)

@@ -70,15 +70,4 @@ def _workspace_clip_score_model(evaluation, workspace: Path):
 
 
 def _workspace_backbones(model, workspace: Path) -> dict:
-    def located(path: str) -> str | None:
-        candidate = Path(workspace) / path
-        return str(candidate.resolve()) if not Path(path).is_absolute() and candidate.exists() else None
-
-    changed = {}
-    if model.vision_model.startswith(LOCAL_DIR) and located(model.vision_model[len(LOCAL_DIR):]):
-        changed["vision_model"] = LOCAL_DIR + located(model.vision_model[len(LOCAL_DIR):])
-    if model.vision_pretrained and located(model.vision_pretrained):
-        changed["vision_pretrained"] = located(model.vision_pretrained)
-    if located(model.language_model):
-        changed["language_model"] = located(model.language_model)
-    return changed
+    return model.backbones().located(workspace).to_dict()

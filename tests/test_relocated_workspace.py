@@ -71,3 +71,10 @@ def test_a_copied_workspace_reuses_every_finished_step_and_names_only_its_own_fi
     assert captioned.returncode == 0, captioned.stderr[-3000:]
     path, caption = captioned.stdout.strip().split("\t")
     assert path == str(image) and caption.strip()
+    # the registry of the copy's store: the served model's bundled checkpoint and backbones, read from the copy
+    served = subprocess.run([ITUNING, "caption", str(image), "--model", "ituning-demo@champion", "--workspace",
+                             str(copy), "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={name: value for name, value in os.environ.items()
+                                 if not name.startswith(("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"))})
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert served.stdout.strip().split("\t")[1].strip()

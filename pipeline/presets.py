@@ -19,7 +19,7 @@ def resolve_config(config: str, workspace: Path):
     one is taken from the workspace when it exists there (e.g. backbones/vision)."""
     run_config = load_config(config_file(config))
     return replace(run_config, model=replace(run_config.model, **_workspace_backbones(run_config.model, workspace)),
-                   evaluation=_workspace_clip_score_model(run_config.evaluation, workspace))
+                   evaluation=workspace_clip_score_model(run_config.evaluation, workspace))
 
 
 def config_file(config: str) -> Path:
@@ -59,7 +59,7 @@ def workspace_backbones(workspace: Path, config: str) -> dict:
     return resolve_config(config, workspace).model.backbones().to_dict()
 
 
-def _workspace_clip_score_model(evaluation, workspace: Path):
+def workspace_clip_score_model(evaluation, workspace: Path):
     """The CLIPScore model's local-dir: path taken from the workspace like the backbones' (the demo's
     is its vision stand-in, a whole CLIP)."""
     name = evaluation.clip_score_model or ""

@@ -54,6 +54,7 @@ def test_a_copied_workspace_reuses_every_finished_step_and_names_only_its_own_fi
     assert {"catalog", "stand-in backbones", "features coco/train", "finetune", "evaluate coco/test"} <= set(states)
     assert set(states.values()) == {"reused"}, rerun.stdout
     assert "Same weights as ituning-demo version 1" in rerun.stdout, rerun.stdout
+    assert re.search(r"^  CLIP-S +\d", rerun.stdout, re.MULTILINE), rerun.stdout  # the stand-in CLIP was found
     assert file_digests(copy, "features/**/shard-*.h5") == shards
     assert file_digests(copy, "runs/**/*.safetensors") == checkpoints
     assert not (tmp_path / "first" / "ws").exists()

@@ -12,6 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.parameters import BackboneSteps, Dataset, Device, Preset, ShardSize, Workspace, resolve_workspace
 from flows.steps import backbones_for, encode_splits
+from tasks.caching import flow_result
 from tasks.data import plan_pipeline
 
 
@@ -34,4 +35,4 @@ def cache_features(dataset: Dataset = "coco", splits: list[str] = ["train", "val
     plan = plan_pipeline(config, [])
     backbones, _ = backbones_for(root, config, plan["demo_backbones"], None, backbone_steps)
     entries = encode_splits(root, [[dataset, split] for split in splits], backbones, shard_size, device)
-    return {f"{d}/{s}": future.result()["entry"] for (d, s), future in entries.items()}
+    return {f"{d}/{s}": flow_result(root, future.result()["entry"]) for (d, s), future in entries.items()}

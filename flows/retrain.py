@@ -8,6 +8,7 @@ from prefect import flow
 
 from flows.parameters import Device, GallerySize, ModelName, Preset, ShardSize, Workspace, resolve_workspace
 from flows.steps import encode_splits, evaluate_all, promotion_note, step_record, train_in_order
+from tasks.caching import flow_result
 from tasks.data import configured_backbones, plan_pipeline
 from tasks.reports import publish_report
 from tasks.training import finish_pipeline_run, promote_if_better, register_captioner, start_pipeline_run
@@ -38,7 +39,7 @@ def _retrain(root, plan, run_id, init_from, device, register_as, shard_size, gal
     # ---- a schedule asks for new weights: the training and evaluation caches are refreshed, never read
     [trained] = train_in_order(root, plan["config"], [stage], entries, run_id, device, init_from=init_from,
                                refresh_last=True)
-    checkpoint = trained.result()["checkpoint"]
+    checkpoint = flow_result(root, trained.result())["checkpoint"]
     [scored] = evaluate_all(root, checkpoint, plan["evaluations"], entries, run_id, gallery_size, device, refresh=True)
     # ---- registry
     model = register_captioner(root, checkpoint, trained.result()["run_id"], register_as)

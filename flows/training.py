@@ -8,6 +8,7 @@ from prefect import flow
 
 from flows.parameters import Dataset, Device, GallerySize, Preset, Workspace, resolve_workspace
 from flows.steps import step_record
+from tasks.caching import flow_result
 from tasks.reports import publish_report
 from tasks.training import evaluate_checkpoint, train_stage
 
@@ -32,10 +33,10 @@ def evaluate(checkpoint: str, dataset: Dataset = "coco", split: str = "test", wo
     future = evaluate_checkpoint.submit(root, checkpoint, dataset, split, gallery_size=gallery_size)
     publish_report(f"evaluate {dataset}/{split}", [step_record(f"evaluate {dataset}/{split}", future)], root,
                    future.result().get("sample", [])[:5], key="evaluation-summary")
-    return future.result()
+    return flow_result(root, future.result())
 
 
 def _train(root, config: str, stage: str, init_from: str | None, device: str) -> dict:
     future = train_stage.submit(root, config, stage, init_from=init_from, device=device)
     publish_report(f"{stage} ({config})", [step_record(stage, future)], root, key=f"{stage}-summary")
-    return future.result()
+    return flow_result(root, future.result())

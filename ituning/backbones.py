@@ -48,6 +48,37 @@ class BackboneSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def relative_to(self, root: str | Path) -> "BackboneSpec":
+        """The spec with every local path inside `root` (the workspace) written relative to it, as a
+        config names the workspace's backbones (`local-dir:backbones/vision`): what is stored."""
+        return self._with_paths(lambda path: _inside(path, root))
+
+    def located(self, base: str | Path) -> "BackboneSpec":
+        """The spec with every relative local path that exists under `base` made absolute there:
+        what is loaded. Hub names, and paths `base` does not hold, stay as they are."""
+        return self._with_paths(lambda path: _under(path, base))
+
+    def _with_paths(self, rewrite) -> "BackboneSpec":
+        vision = self.vision_model
+        if vision.startswith(LOCAL_DIR):
+            vision = LOCAL_DIR + (rewrite(vision[len(LOCAL_DIR):]) or vision[len(LOCAL_DIR):])
+        pretrained = self.vision_pretrained and (rewrite(self.vision_pretrained) or self.vision_pretrained)
+        return BackboneSpec(vision, pretrained, rewrite(self.language_model) or self.language_model)
+
+
+def _inside(path: str, root: str | Path) -> str | None:
+    """`path` relative to `root` when it is an absolute path inside it."""
+    if not os.path.isabs(path):
+        return None
+    relative = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    return None if relative == os.curdir or relative.startswith(os.pardir) else relative
+
+
+def _under(path: str, base: str | Path) -> str | None:
+    """The absolute path of a relative `path` that exists under `base`."""
+    candidate = Path(base) / path
+    return str(candidate.resolve()) if not os.path.isabs(path) and candidate.exists() else None
+
 
 class VisionEncoder(nn.Module):
     """A frozen open_clip ViT yielding all final-layer tokens: class token + patches, after ln_post,

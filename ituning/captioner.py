@@ -56,7 +56,7 @@ class Captioner:
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device="auto"):
         config = read_config(directory)
-        captioner = cls.from_backbones(backbones_of(config), ituning_config_of(config), device)
+        captioner = cls.from_backbones(backbones_of(config, directory), ituning_config_of(config), device)
         load_weights_into(captioner.model, directory, captioner.backbones)
         captioner.model.eval()
         captioner.provenance = provenance_of(config)

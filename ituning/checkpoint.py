@@ -4,6 +4,10 @@
     adapter_config.json         backbones, r, λ, dropped layers, shapes, code version, and where
                                 a trained checkpoint comes from (ituning/provenance.py)
 
+A checkpoint written inside a workspace names the backbones the workspace holds relative to it
+(`local-dir:backbones/vision`) and records where the workspace lies from the checkpoint's folder
+(`"workspace": "../../.."`), so a copied or moved workspace loads its checkpoints as they are.
+Absolute paths, of checkpoints written before or outside a workspace, load as they are too.
 Loading checks the config against the model it is loaded into and refuses a different backbone.
 Nothing is unpickled. A checkpoint folder that is written again (a training run's `last`, `best` and
 `final`) is swapped in whole (`write_folder`), so that a kill at any point leaves a complete one.
@@ -51,9 +55,9 @@ def describe(model: ITuningCaptioner, backbones: BackboneSpec) -> dict:
 
 
 def save_checkpoint(directory: str | Path, model: ITuningCaptioner, backbones: BackboneSpec,
-                    provenance: Provenance | None = None) -> Path:
+                    provenance: Provenance | None = None, workspace: str | Path | None = None) -> Path:
     """Write weights and config (with `provenance` when known); each file appears only once completely
-    written."""
+    written. Backbones inside `workspace` are named relative to it (see the module docstring)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {key: tensor.detach().cpu().contiguous() for key, tensor in model.ituning_state_dict().items()}
@@ -61,6 +65,9 @@ def save_checkpoint(directory: str | Path, model: ITuningCaptioner, backbones: B
     config = describe(model, backbones)
     if provenance is not None:
         config["provenance"] = provenance.to_dict()
+    if workspace is not None:
+        config["backbones"] = backbones.relative_to(workspace).to_dict()
+        config["workspace"] = os.path.relpath(os.path.realpath(workspace), os.path.realpath(directory))
     config_text = json.dumps(config, indent=2)
     _write_atomically(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text))
     return directory
@@ -81,8 +88,13 @@ def read_provenance(directory: str | Path) -> Provenance | None:
     return provenance_of(read_config(directory))
 
 
-def backbones_of(config: dict) -> BackboneSpec:
-    return BackboneSpec(**config["backbones"])
+def backbones_of(config: dict, directory: str | Path | None = None) -> BackboneSpec:
+    """The backbones to load: those a checkpoint in `directory` names relative to its workspace
+    are taken from that workspace, wherever it now lies."""
+    backbones = BackboneSpec(**config["backbones"])
+    if directory is None or "workspace" not in config:
+        return backbones
+    return backbones.located(Path(directory) / config["workspace"])
 
 
 def ituning_config_of(config: dict) -> ITuningConfig:
@@ -93,6 +105,7 @@ def ituning_config_of(config: dict) -> ITuningConfig:
 def load_weights_into(model: ITuningCaptioner, directory: str | Path, backbones: BackboneSpec) -> None:
     """Load a checkpoint's module weights, refusing one made for different backbones."""
     saved = read_config(directory)
+    saved["backbones"] = backbones_of(saved, directory).to_dict()
     current = describe(model, backbones)
     mismatches = [
         f"{section}.{key}: checkpoint {saved[section].get(key)!r}, model {value!r}"

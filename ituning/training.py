@@ -181,9 +181,10 @@ class StageTrainer:
 
     def __init__(self, model: nn.Module, tokenizer, backbones: BackboneSpec, stage: StageConfig,
                  data: StageData, stage_dir: Path, score: Scorer | None = None, callbacks=(), progress=True,
-                 provenance: Provenance | None = None):
+                 provenance: Provenance | None = None, workspace: Path | None = None):
         self.replica, self.model = model, unwrapped(model)
         self.provenance = provenance
+        self.workspace = workspace  # checkpoints name the backbones inside it relative to it
         self.tokenizer, self.backbones = tokenizer, backbones
         self.stage, self.data, self.stage_dir = stage, data, Path(stage_dir)
         self.score = score or default_scorer
@@ -320,7 +321,7 @@ class StageTrainer:
                 self.run_epoch(bar)
         final = self.stage_dir / FINAL
         if is_main_process():
-            save_modules(final, self.model, self.backbones, self.state.history, self.provenance)
+            save_modules(final, self.model, self.backbones, self.state.history, self.provenance, self.workspace)
         barrier()  # a next stage in another train_run may load `final` at once
         best = self.stage_dir / BEST
         return StageResult(self.stage.name, self.state.step, final, best if best.exists() else None,
@@ -439,14 +440,14 @@ class StageTrainer:
         if (self.state.best_cider is None or cider > self.state.best_cider) and is_main_process():
             self.state.best_cider = cider
             best = save_modules(self.stage_dir / BEST, self.model, self.backbones,
-                                {"epoch": self.state.epoch, **metrics}, self.provenance)
+                                {"epoch": self.state.epoch, **metrics}, self.provenance, self.workspace)
             self.notify("on_checkpoint", best)
 
     def save(self) -> None:
         if not is_main_process():  # every process holds the same weights; one writes them
             return
         path = save_training_checkpoint(self.stage_dir, self.model, self.backbones, self.optimizer,
-                                        self.scheduler, self.state, self.provenance)
+                                        self.scheduler, self.state, self.provenance, self.workspace)
         self.notify("on_checkpoint", path)
 
 
@@ -462,13 +463,14 @@ def build_model(config: RunConfig, device: str = "auto"):
 
 def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path, score: Scorer | None = None,
               callbacks=(), device: str = "auto", resume: bool = True, progress: bool = True,
-              whole_config: RunConfig | None = None) -> list[StageResult]:
+              whole_config: RunConfig | None = None, workspace: str | Path | None = None) -> list[StageResult]:
     """Every stage of `config` in order, each on `data[stage.name]`, under out_dir/<stage>/.
 
     A stage whose final checkpoint exists is not trained again (its modules are loaded), a stage
     with a `last` checkpoint continues from it; what a kill left of a checkpoint write is settled
     first. out_dir/config.json records `whole_config` (default `config`): the run's every stage,
-    when `config` holds only the ones trained now.
+    when `config` holds only the ones trained now. Checkpoints name the backbones inside
+    `workspace` relative to it (ituning.checkpoint).
     """
     missing = [stage.name for stage in config.stages if stage.name not in data]
     if missing:
@@ -491,7 +493,7 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
         stage_dir = out_dir / stage.name
         provenance = stage_provenance(config, stage, data[stage.name], provenance)
         trainer = StageTrainer(replica, tokenizer, backbones, stage, data[stage.name], stage_dir, score,
-                               callbacks, progress, provenance)
+                               callbacks, progress, provenance, workspace)
         trainer.notify("on_stage", stage.name, config_to_dict(stage))
         if resume and is_finished(stage_dir):
             load_weights_into(model, stage_dir / FINAL, backbones)

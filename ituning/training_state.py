@@ -47,9 +47,10 @@ class TrainerState:
 
 
 def save_training_checkpoint(stage_dir: Path, model: ITuningCaptioner, backbones: BackboneSpec,
-                             optimizer, scheduler, state: TrainerState, provenance: Provenance | None = None) -> Path:
+                             optimizer, scheduler, state: TrainerState, provenance: Provenance | None = None,
+                             workspace: Path | None = None) -> Path:
     def write(folder: Path) -> None:
-        save_checkpoint(folder, model, backbones, provenance)
+        save_checkpoint(folder, model, backbones, provenance, workspace)
         tensors, groups = _optimizer_tensors(optimizer)
         save_file(tensors, folder / OPTIMIZER_FILE)
         save_file(_rng_tensors(), folder / RNG_FILE)
@@ -65,11 +66,11 @@ def save_training_checkpoint(stage_dir: Path, model: ITuningCaptioner, backbones
 
 
 def save_modules(directory: Path, model: ITuningCaptioner, backbones: BackboneSpec, metrics,
-                 provenance: Provenance | None = None) -> Path:
+                 provenance: Provenance | None = None, workspace: Path | None = None) -> Path:
     """A module checkpoint with its metrics (best/, final/), swapped in whole."""
 
     def write(folder: Path) -> None:
-        save_checkpoint(folder, model, backbones, provenance)
+        save_checkpoint(folder, model, backbones, provenance, workspace)
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
 
     return write_folder(directory, write)

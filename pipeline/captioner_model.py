@@ -87,6 +87,7 @@ def relocated_checkpoint(artifacts: dict) -> Path:
     source = Path(artifacts[CHECKPOINT])
     config = json.loads((source / CONFIG_FILE).read_text())
     config["backbones"] = relocate_backbones(config["backbones"], artifacts)
+    config.pop("workspace", None)  # the bundled backbones stand in for those of the workspace it was trained in
     target = Path(tempfile.mkdtemp(prefix="ituning-checkpoint-"))
     shutil.copyfile(source / WEIGHTS_FILE, target / WEIGHTS_FILE)
     (target / CONFIG_FILE).write_text(json.dumps(config, indent=2))

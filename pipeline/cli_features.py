@@ -81,7 +81,8 @@ def features(
     shards = part.shards(ShardPlan(tuple(images), shard_size).count)
     _show_progress()
     try:
-        report = encode_features(images, spec, out_dir, FeatureSettings(shard_size, encode), shards=shards)
+        report = encode_features(images, spec, out_dir, FeatureSettings(shard_size, encode), shards=shards,
+                                 workspace=root)
     except (OSError, ValueError, RuntimeError) as error:
         fail(error)
     for name, reason in sorted(report.damaged.items()):

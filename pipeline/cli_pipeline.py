@@ -155,5 +155,5 @@ def print_outcome(outcome: dict, workspace: Path) -> None:
     uri = tracking_uri(workspace)
     typer.echo("Where to look:")
     typer.echo(f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
-    typer.echo(f"  Prefect UI: make serve   (then http://127.0.0.1:4200: flow runs, the summary artifact)")
+    typer.echo("  Prefect UI: make serve   (then http://127.0.0.1:4200: flow runs, the summary artifact)")
     typer.echo(f"  Files:      {workspace}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from ituning.config import EvaluationSettings, config_from_dict
 from ituning.evaluation import OVERALL, score_by_domain
 from pipeline.data import catalog_fingerprint, open_catalog, split_images
+from pipeline.presets import workspace_clip_score_model
 from pipeline.tracking import ExperimentTracker
 from pipeline.training import child_run, log_split_inputs, split_data
 from storage.sources import NOCAPS_DOMAINS, unknown_domains
@@ -36,7 +37,7 @@ def evaluate(workspace: Path, checkpoint: str, dataset: str, split: str, parent_
     decoding = DecodingConfig(num_beams=num_beams)
     reader, references = split_data(workspace, dataset, split, captioner.backbones.to_dict(), device)
     tracker = ExperimentTracker(workspace=workspace)
-    scoring = scoring or evaluation_settings(checkpoint)
+    scoring = scoring or workspace_clip_score_model(evaluation_settings(checkpoint), workspace)
     settings = {"checkpoint": str(checkpoint), "dataset": dataset, "split": split, "decoding": asdict(decoding),
                 "backbones": captioner.backbones.to_dict(),
                 "clip_score": {**asdict(scoring), "standin": clip_is_standin(scoring, captioner)}}
@@ -59,7 +60,8 @@ def score_nocaps(candidates: dict[str, str], references: dict[str, list[str]], d
 
 def evaluation_settings(checkpoint: str | Path) -> EvaluationSettings:
     """How a checkpoint's evaluations score: the `evaluation` settings of the run config its training
-    recorded (runs/<config>/config.json beside the stage folder), or the defaults (the paper's
+    recorded (runs/<config>/config.json beside the stage folder; a CLIP in the workspace named
+    relative to it, as `evaluate` finds it with presets.workspace_clip_score_model), or the defaults (the paper's
     ViT-B/32 for CLIPScore) for a checkpoint kept elsewhere."""
     stage_dir = Path(checkpoint).parent
     record = stage_dir.parent / RUN_CONFIG

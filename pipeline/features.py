@@ -64,8 +64,9 @@ def precision_key(encode: EncodeSettings) -> str:
 
 
 def encoder_cache_dir(workspace: Path, dataset: str, split: str, spec: BackboneSpec) -> Path:
-    """The split's caches of one encoder, one subfolder per precision."""
-    return Path(workspace) / "features" / dataset / split / encoder_slug(spec)
+    """The split's caches of one encoder, one subfolder per precision; an encoder in the workspace is
+    named by its path there, so a copied or moved workspace finds its caches."""
+    return Path(workspace) / "features" / dataset / split / encoder_slug(spec.relative_to(workspace))
 
 
 def split_cache_dir(workspace: Path, dataset: str, split: str, spec: BackboneSpec, encode: EncodeSettings) -> Path:
@@ -79,15 +80,17 @@ def find_feature_entry(workspace: Path, dataset: str, split: str, spec: Backbone
     return find_entry(encoder_cache_dir(workspace, dataset, split, spec), precision_key(encode))
 
 
-def cache_identity(encoder, images, settings: FeatureSettings) -> dict:
+def cache_identity(encoder, images, settings: FeatureSettings, workspace: Path | None = None) -> dict:
+    """What a cache was built from; the encoder's and the images' paths inside `workspace` relative to it."""
+    spec = encoder.spec if workspace is None else encoder.spec.relative_to(workspace)
     return {
         "format_version": FORMAT_VERSION,
-        "encoder_name": encoder.spec.vision_model,
-        "encoder_pretrained": encoder.spec.vision_pretrained or "",
+        "encoder_name": spec.vision_model,
+        "encoder_pretrained": spec.vision_pretrained or "",
         "encoder_weights_sha256": encoder_weights_digest(encoder),
         "encoder_layers": encoder_layers_digest(encoder),
         "image_size": list(image_size(encoder)),
-        "image_list_fingerprint": image_list_fingerprint(images),
+        "image_list_fingerprint": image_list_fingerprint(images, root=workspace),
         "image_count": len(images),
         "shard_size": settings.shard_size,
         "dtype": settings.encode.dtype,
@@ -96,17 +99,18 @@ def cache_identity(encoder, images, settings: FeatureSettings) -> dict:
 
 
 def encode_features(images, spec: BackboneSpec, out_dir: Path, settings: FeatureSettings = FeatureSettings(),
-                    shards: list[int] | None = None, encoder=None) -> BuildReport:
+                    shards: list[int] | None = None, encoder=None, workspace: Path | None = None) -> BuildReport:
     """Encode the images into the cache at out_dir (only `shards` of it, when given), reusing what
     is already finished, intact, for the same encoder and image list. CacheBusy when another
-    process is encoding one of the shards to encode."""
+    process is encoding one of the shards to encode. The identity names paths inside `workspace`
+    relative to it."""
     out_dir = Path(out_dir)
     plan = ShardPlan(sorted_unique_images(images), settings.shard_size)
     settings = replace(settings, encode=resolved_encode(settings.encode))
     if out_dir.name == precision_key(settings.encode):
         adopt_earlier_cache(out_dir)
     encoder = encoder if encoder is not None else load_vision_encoder(spec, settings.encode.device)
-    identity = cache_identity(encoder, plan.images, settings)
+    identity = cache_identity(encoder, plan.images, settings, workspace)
     wanted = list(range(plan.count)) if shards is None else sorted(set(shards))
     out_dir.mkdir(parents=True, exist_ok=True)
     stale, damaged = discard_stale(out_dir, identity)
@@ -150,16 +154,21 @@ def progress_label(out_dir: Path, shards: list[int]) -> str:
 
 
 def build_feature_cache(images, spec: BackboneSpec, out_dir: Path, settings: FeatureSettings = FeatureSettings(),
-                        encoder=None) -> Path:
+                        encoder=None, workspace: Path | None = None) -> Path:
     """Build (or reuse, or finish) the whole cache; returns its entry point."""
-    return encode_features(images, spec, out_dir, settings, encoder=encoder).entry
+    return encode_features(images, spec, out_dir, settings, encoder=encoder, workspace=workspace).entry
 
 
 def build_shard(shard: int, images, spec: BackboneSpec, out_dir: Path, settings: FeatureSettings = FeatureSettings(),
-                encoder=None) -> Path:
+                encoder=None, workspace: Path | None = None) -> Path:
     """Build shard `shard` alone: the unit of parallel work."""
-    encode_features(images, spec, out_dir, settings, shards=[shard], encoder=encoder)
+    encode_features(images, spec, out_dir, settings, shards=[shard], encoder=encoder, workspace=workspace)
     return ShardPlan((), settings.shard_size).path(Path(out_dir), shard)
+
+
+def workspace_spec(workspace: Path, backbones: dict) -> BackboneSpec:
+    """The backbones to load: those named relative to the workspace taken from it."""
+    return BackboneSpec(**backbones).located(workspace)
 
 
 def _short_hash(text: str) -> str:
@@ -192,8 +201,8 @@ def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: di
     """Encode one shard of the split's cache (reused when already finished); returns its file."""
     settings = _feature_settings(shard_size, device)
     out_dir = feature_dir(workspace, dataset, split, backbones, settings)
-    return str(build_shard(shard, split_images(workspace, dataset, split), BackboneSpec(**backbones), out_dir,
-                           settings))
+    return str(build_shard(shard, split_images(workspace, dataset, split), workspace_spec(workspace, backbones),
+                           out_dir, settings, workspace=Path(workspace)))
 
 
 def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: dict, shard_size: int = 1024,
@@ -211,7 +220,7 @@ def completed_feature_cache(workspace: Path, dataset: str, split: str, backbones
     images = split_images(workspace, dataset, split)
     settings = _feature_settings(shard_size, device)
     out_dir = feature_dir(workspace, dataset, split, backbones, settings)
-    built = encode_features(images, BackboneSpec(**backbones), out_dir, settings)
+    built = encode_features(images, workspace_spec(workspace, backbones), out_dir, settings, workspace=Path(workspace))
     report = verify_feature_cache(built.entry, [image_id for image_id, _ in images])
     if not report.ok:
         raise RuntimeError(f"{built.entry}: " + "; ".join(report.problems))

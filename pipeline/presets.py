@@ -19,7 +19,7 @@ def resolve_config(config: str, workspace: Path):
     one is taken from the workspace when it exists there (e.g. backbones/vision)."""
     run_config = load_config(config_file(config))
     return replace(run_config, model=replace(run_config.model, **_workspace_backbones(run_config.model, workspace)),
-                   evaluation=_workspace_clip_score_model(run_config.evaluation, workspace))
+                   evaluation=workspace_clip_score_model(run_config.evaluation, workspace))
 
 
 def config_file(config: str) -> Path:
@@ -59,7 +59,7 @@ def workspace_backbones(workspace: Path, config: str) -> dict:
     return resolve_config(config, workspace).model.backbones().to_dict()
 
 
-def _workspace_clip_score_model(evaluation, workspace: Path):
+def workspace_clip_score_model(evaluation, workspace: Path):
     """The CLIPScore model's local-dir: path taken from the workspace like the backbones' (the demo's
     is its vision stand-in, a whole CLIP)."""
     name = evaluation.clip_score_model or ""
@@ -70,15 +70,4 @@ def _workspace_clip_score_model(evaluation, workspace: Path):
 
 
 def _workspace_backbones(model, workspace: Path) -> dict:
-    def located(path: str) -> str | None:
-        candidate = Path(workspace) / path
-        return str(candidate.resolve()) if not Path(path).is_absolute() and candidate.exists() else None
-
-    changed = {}
-    if model.vision_model.startswith(LOCAL_DIR) and located(model.vision_model[len(LOCAL_DIR):]):
-        changed["vision_model"] = LOCAL_DIR + located(model.vision_model[len(LOCAL_DIR):])
-    if model.vision_pretrained and located(model.vision_pretrained):
-        changed["vision_pretrained"] = located(model.vision_pretrained)
-    if located(model.language_model):
-        changed["language_model"] = located(model.language_model)
-    return changed
+    return model.backbones().located(workspace).to_dict()

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ituning.checkpoint import WEIGHTS_FILE
-from pipeline.evaluation import evaluation_task
 from pipeline.step_locks import registry_writer
 from pipeline.tracking import ExperimentTracker
 from storage.downloads import file_checksum

@@ -31,6 +31,7 @@ from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ituning.version import code_version
 from pipeline import tracking_outbox
 from pipeline.tracking_outbox import Outbox
+from pipeline.mlflow_store import follow_moved_workspace
 from storage.workspace import workspace_root
 
 EXPERIMENT = "ituning"
@@ -51,6 +52,7 @@ def tracking_uri(workspace: str | Path | None = None) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     root = workspace_root(workspace).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    follow_moved_workspace(root / "mlflow.db")  # a copied or moved workspace keeps its own artifacts
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
@@ -336,11 +338,11 @@ def flatten_decoding(decoding) -> dict:
 def bundled_artifacts(checkpoint: Path, staging: Path) -> dict[str, str]:
     """The checkpoint's adapter files plus every backbone it names by local path."""
     from ituning.backbones import LOCAL_DIR
-    from ituning.checkpoint import read_config
+    from ituning.checkpoint import backbones_of, read_config
 
     from pipeline import captioner_model as names
 
-    backbones = read_config(checkpoint)["backbones"]
+    backbones = backbones_of(read_config(checkpoint), checkpoint).to_dict()
     adapter = staging / "checkpoint"
     adapter.mkdir()
     for file_name in (WEIGHTS_FILE, CONFIG_FILE):

@@ -16,7 +16,7 @@ from pipeline.step_locks import folder_writer
 from pipeline.tracking import ExperimentTracker
 from storage.atomic import write_atomically
 from storage.feature_cache import FeatureReader
-from storage.workspace import catalog_path
+from storage.workspace import catalog_path, in_workspace_terms
 
 TRAINED_FROM = "trained_from.json"
 
@@ -177,7 +177,8 @@ def _train(workspace: Path, run_config, data, out_dir: Path, device: str, resume
         _empty_unless_trained_from(out_dir / stage_config.name,
                                   _trained_from(workspace, run_config, stage_config, data), resume)
     [result] = train_run(run_config, {stage_config.name: data}, out_dir, callbacks=callbacks, device=device,
-                         resume=resume, progress=progress, whole_config=whole)
+                         resume=resume, progress=progress, whole_config=recorded_config(whole or run_config, workspace),
+                         workspace=workspace)
     best = result.best_dir or _existing_best(out_dir / stage_config.name)
     best_cider = result.best_cider if result.best_cider is not None else _recorded_cider(best)
     return {"checkpoint": str(best or result.final_dir), "best_cider": best_cider, "steps": _steps(result),
@@ -204,10 +205,17 @@ def _trained_from(workspace: Path, run_config, stage_config, data) -> dict:
     # another CLIPScore model or licence keeps a finished stage (a new training records the new licence).
     settings = {key: value for key, value in config_to_dict(run_config).items()
                 if key not in ("evaluation", "license")}
-    return {"settings": settings,
+    return {"settings": in_workspace_terms(settings, workspace),
             "data": catalog_fingerprint(workspace, splits_of(stage_config)),
             "features": [dict(reader.attrs) for reader in readers],
             "init_from": content_digest(stage_config.init_from) if stage_config.init_from else None}
+
+
+def recorded_config(run_config, workspace: Path):
+    """The run config as its run folder records it: the paths inside the workspace relative to it."""
+    from ituning.config import config_from_dict, config_to_dict
+
+    return config_from_dict(in_workspace_terms(config_to_dict(run_config), workspace))
 
 
 def _empty_unless_trained_from(stage_dir: Path, trained_from: dict, resume: bool = True) -> None:

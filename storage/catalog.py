@@ -89,13 +89,12 @@ class Catalog:
         rows = self.connection.execute(
             f"SELECT dataset, image_id, split, path, width, height, domain {USABLE_IMAGES} ORDER BY image_id",
             [dataset, split]).fetchall()
-        return [CatalogImage(d, i, s, Path(p), w, h, dom) for d, i, s, p, w, h, dom in rows]
+        return [CatalogImage(d, i, s, self.path.parent / p, w, h, dom) for d, i, s, p, w, h, dom in rows]
 
     def image_paths(self, dataset: str, split: str) -> list[tuple[str, Path]]:
         """The split's usable images as (image_id, path), sorted by image id; a relative path is
         taken from the catalog's folder, the workspace."""
-        return [(image.image_id, image.path if image.path.is_absolute() else self.path.parent / image.path)
-                for image in self.usable_images(dataset, split)]
+        return [(image.image_id, image.path) for image in self.usable_images(dataset, split)]
 
     def captions(self, dataset: str, split: str) -> dict[str, list[str]]:
         """Captions of the split's usable images (for VG, its region phrases), in caption_id order."""
@@ -113,7 +112,7 @@ class Catalog:
         from storage.image_lists import image_list_fingerprint
 
         rows = self.connection.execute(f"SELECT image_id, path {USABLE_IMAGES}", [dataset, split]).fetchall()
-        return image_list_fingerprint(rows, base=self.path.parent)
+        return image_list_fingerprint(rows, base=self.path.parent, root=self.path.parent)
 
     def captions_fingerprint(self, dataset: str, split: str) -> str:
         """sha256 over the usable images' "image_id<TAB>caption" lines in caption order."""

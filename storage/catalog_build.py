@@ -1,5 +1,6 @@
 """Building the catalog from a workspace's downloaded and unpacked files, one build at a time."""
 
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +73,13 @@ def read_sources(root: Path, dataset: str, catalog: Catalog) -> SourceRecords:
     raise ValueError(f"unknown dataset {dataset!r}")
 
 
+def in_catalog_terms(root: Path, paths: list[str]) -> list[str]:
+    """Image paths as the catalog stores them: those inside the workspace relative to it (the
+    catalog's own folder), so a copied or moved workspace keeps its catalog."""
+    inside = f"{Path(root).absolute()}{os.sep}"
+    return [path[len(inside):] if path.startswith(inside) else path for path in paths]
+
+
 def build_dataset(root: Path, dataset: str, catalog: Catalog, inspect: ImageInspector | None,
                   workers: int = 2) -> BuildSummary:
     """Read a dataset's annotations, check its image files with `inspect` (None: catalogue them
@@ -90,7 +98,7 @@ def build_dataset(root: Path, dataset: str, catalog: Catalog, inspect: ImageInsp
         row.width, row.height = width or row.width, height or row.height
     rows = records.images
     images = {"split": [r.split for r in rows], "image_id": [r.image_id for r in rows],
-              "path": paths, "width": [r.width for r in rows], "height": [r.height for r in rows],
+              "path": in_catalog_terms(root, paths), "width": [r.width for r in rows], "height": [r.height for r in rows],
               "domain": [r.domain for r in rows], "status": [r.status for r in rows], "reason": [r.reason for r in rows]}
     captions = dict(zip(("image_id", "split", "caption_id", "text"), map(list, zip(*records.captions)))) \
         if records.captions else {"image_id": [], "split": [], "caption_id": [], "text": []}

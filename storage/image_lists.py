@@ -7,6 +7,8 @@ the workspace; a plain list means the working directory), `.` and `..`, repeated
 separators are folded, and symlinks in its folders are resolved. So `ws/data/./a.jpg`,
 `/abs/ws/data/a.jpg` and the same file through a symlinked workspace give one line. The file name
 itself is kept as listed: an image that is a link is still the image the catalog names.
+A path inside `root` (the workspace) is written relative to it, so a copied or moved workspace
+keeps its fingerprints.
 """
 
 import hashlib
@@ -29,8 +31,15 @@ def normalised_path(path: str | Path, base: str | Path | None = None, folders: d
     return f"{real.rstrip(os.sep)}{os.sep}{name}" if name else real
 
 
-def image_list_fingerprint(images, base: str | Path | None = None) -> str:
-    """sha256 over "image_id<TAB>normalised path<LF>" lines of (image_id, path) pairs, in image-id order."""
+def image_list_fingerprint(images, base: str | Path | None = None, root: str | Path | None = None) -> str:
+    """sha256 over "image_id<TAB>normalised path<LF>" lines of (image_id, path) pairs, in image-id order;
+    paths inside `root` relative to it."""
     base, folders = os.getcwd() if base is None else os.fspath(base), {}
-    pairs = sorted((str(image_id), normalised_path(path, base, folders)) for image_id, path in images)
+    inside = "" if root is None else f"{os.path.realpath(root).rstrip(os.sep)}{os.sep}"
+    pairs = sorted((str(image_id), _within(normalised_path(path, base, folders), inside)) for image_id, path in images)
     return hashlib.sha256("".join(f"{image_id}\t{path}\n" for image_id, path in pairs).encode()).hexdigest()
+
+
+def _within(path: str, root: str) -> str:
+    """`path` relative to the folder `root` ("/ws/") when it lies inside it."""
+    return f".{os.sep}{path[len(root):]}" if root and path.startswith(root) else path

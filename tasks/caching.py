@@ -3,7 +3,13 @@
 A cached result must not outlive the files it names, so every cache key also carries the
 workspace's identity (a random token written once into the workspace; a deleted and recreated
 workspace gets a new one), the content of the run configuration the task reads, and what the
-checkpoint or feature cache it is given holds now. Tasks that read catalog splits add the
+checkpoint or feature cache it is given holds now.
+
+A workspace is relocatable: the identity travels with a copied or moved workspace, inputs are keyed
+with the paths inside the workspace relative to it (WorkspaceInputs, in place of Prefect's INPUTS,
+which would key on the absolute path), and tasks return those paths relative to it too
+(`relative_result`), read back against the workspace the flow runs in. So a copy reuses every
+finished task and its results name the copy's files, never the original's. Tasks that read catalog splits add the
 catalog's current contents of those splits (CatalogContents): new images or captions, a split
 prepared again or an image marked unusable make them, and the tasks after them, run again.
 
@@ -25,13 +31,15 @@ from typing import Any, Callable
 
 import httpx
 import requests
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.utilities.hashing import hash_objects
 from prefect.filesystems import LocalFileSystem
 from prefect.serializers import JSONSerializer
 
 from pipeline import data
 from pipeline.presets import config_digest
 from storage.downloads import DownloadError, TransientFailure
+from storage.workspace import in_workspace, in_workspace_terms
 
 IDENTITY_FILE = ".workspace-id"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +79,51 @@ class WorkspaceState(CachePolicy):
 
 
 @dataclass
+class WorkspaceInputs(CachePolicy):
+    """Keys on the task's inputs (but `exclude`) as Prefect's INPUTS does, with every path inside
+    the workspace relative to it: a copied or moved workspace keys its tasks as before."""
+
+    exclude: tuple[str, ...] = ()
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        kept = {name: value for name, value in (inputs or {}).items() if name not in self.exclude}
+        if not kept:
+            return None
+        if "workspace" in kept:
+            kept = in_workspace_terms({name: _plain(value) for name, value in kept.items()}, kept["workspace"])
+        return hash_objects(kept, raise_on_failure=True)
+
+
+def _plain(value):
+    """Paths as text, so that one spelled as a str or a Path keys alike."""
+    return str(value) if isinstance(value, Path) else value
+
+
+def relative_result(workspace: str | Path, result):
+    """What a task returns, its paths inside the workspace relative to it (see the module docstring)."""
+    return in_workspace_terms(result, workspace)
+
+
+def in_this_workspace(workspace: str | Path, path: str | Path | None) -> str | None:
+    """A path another task returned, in the workspace this run uses."""
+    return None if path is None else str(in_workspace(path, workspace))
+
+
+PATH_FIELDS = ("checkpoint", "captions_path")  # the paths in what training and evaluation return
+
+
+def flow_result(workspace: str | Path, result):
+    """A task's result as a flow hands it to its caller: its paths in the workspace this run uses
+    (a feature cache's entry point, a training stage's checkpoint, an evaluation's captions)."""
+    if isinstance(result, str):
+        return in_this_workspace(workspace, result)
+    if isinstance(result, dict):
+        return {key: in_this_workspace(workspace, value) if key in PATH_FIELDS and value else value
+                for key, value in result.items()}
+    return result
+
+
+@dataclass
 class InputContents(CachePolicy):
     """Keys on what path inputs hold now, so a checkpoint trained again or a feature cache rebuilt
     at the same path does not pass for the old one."""
@@ -81,6 +134,8 @@ class InputContents(CachePolicy):
         paths = [_path_of(value) for name in self.names for value in _as_list(inputs.get(name))]
         if not paths:
             return None
+        if "workspace" in inputs:
+            paths = [in_workspace(path, inputs["workspace"]) for path in paths]
         return hashlib.sha256("|".join(data.content_digest(path) for path in paths).encode()).hexdigest()
 
 
@@ -137,10 +192,17 @@ class ResultMetadata(LocalFileSystem):
 
 
 def checked_record(path: str, content: bytes) -> bytes:
-    """`content` when it is the metadata of a plain JSON result; ValueError otherwise."""
+    """`content` when it is the metadata of a plain JSON result; ValueError otherwise. A record
+    naming its result file where a copied or moved workspace's result storage used to be names the
+    file of that name in the storage now."""
     try:
         metadata = json.loads(content)
         result = Path(metadata["storage_key"])
+        moved = result.is_absolute() and result_storage_path() not in result.resolve().parents
+        if moved and (result_storage_path() / result.name).is_file():
+            result = result_storage_path() / result.name
+            metadata["storage_key"] = str(result)
+            content = json.dumps(metadata).encode()
         plain_json = metadata["serializer"] == PLAIN_JSON and (not result.is_absolute() or is_json_result(result))
     except (ValueError, KeyError, TypeError, OSError):
         plain_json = False
@@ -160,7 +222,15 @@ def is_json_result(result: Path) -> bool:
 
 # Every task that persists its result: JSON, read back only through ResultMetadata.
 PERSISTED = dict(persist_result=True, result_serializer=RESULT_SERIALIZER)
-EXPENSIVE = (INPUTS + TASK_SOURCE + WorkspaceState() + InputContents()).configure(key_storage=ResultMetadata())
+
+
+def expensive(exclude: tuple[str, ...] = ()) -> CachePolicy:
+    """The policy of an expensive task: its inputs (but `exclude`), code, workspace and what its inputs hold."""
+    return (WorkspaceInputs(exclude=exclude) + TASK_SOURCE + WorkspaceState() + InputContents()).configure(
+        key_storage=ResultMetadata())
+
+
+EXPENSIVE = expensive()
 
 TRANSIENT = (httpx.TransportError, requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)
 # MLflow's REST client gives up with an MlflowException carrying one of these.

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import data, presets
-from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents, retry_transient
+from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents, in_this_workspace, relative_result, retry_transient
 from pipeline.plan import plan_for_config
 
 
@@ -24,14 +24,15 @@ def plan_pipeline(config: str, evaluate_on: list[str]) -> dict:
 
 @task(name="write-demo-corpus", cache_policy=EXPENSIVE, **PERSISTED)
 def write_demo_corpus(workspace: Path, images: int, seed: int = 0) -> dict[str, str]:
-    return data.write_demo_corpus(workspace, images=images, seed=seed)
+    return relative_result(workspace, data.write_demo_corpus(workspace, images=images, seed=seed))
 
 
 @task(name="download-dataset", cache_policy=EXPENSIVE, **PERSISTED, retries=3,
       retry_delay_seconds=[10, 40, 160], retry_jitter_factor=0.5, retry_condition_fn=retry_transient,
       task_run_name="download-{dataset}")
 def download_dataset(workspace: Path, dataset: str, manifest: str | None = None, images: str | None = None) -> dict:
-    return data.download(workspace, dataset, manifest=manifest, images=images)
+    return relative_result(workspace, data.download(workspace, dataset, manifest=in_this_workspace(workspace, manifest),
+                                                    images=images))
 
 
 @task(name="use-local-corpus", cache_policy=NO_CACHE, task_run_name="corpus-{dataset}")
@@ -42,7 +43,7 @@ def use_local_corpus(workspace: Path, dataset: str, folder: str) -> dict:
 @task(name="build-catalog", cache_policy=EXPENSIVE, **PERSISTED)
 def build_catalog(workspace: Path, datasets: list[str], downloads: list[dict] | None = None) -> dict[str, dict]:
     """`downloads` only orders this after the downloads and keys the cache on what they fetched."""
-    return data.build_catalog(workspace, datasets)
+    return relative_result(workspace, data.build_catalog(workspace, datasets))
 
 
 def standin_split(inputs: dict) -> list:
@@ -51,7 +52,8 @@ def standin_split(inputs: dict) -> list:
 
 @task(name="build-demo-backbones", cache_policy=EXPENSIVE + CatalogContents(splits=standin_split), **PERSISTED)
 def build_demo_backbones(workspace: Path, catalog: dict, seed: int = 0, steps: int = 100) -> dict:
-    return data.build_demo_backbones(workspace, seed=seed, vision_steps=steps, language_steps=steps)
+    return relative_result(workspace, data.build_demo_backbones(workspace, seed=seed, vision_steps=steps,
+                                                                language_steps=steps))
 
 
 @task(name="configured-backbones", cache_policy=NO_CACHE)

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import features
-from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents
+from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents, relative_result
 
 # A shard reads its split's image list; the captions do not change its tokens.
 SHARD_CACHE = EXPENSIVE + CatalogContents(captions=False)
@@ -22,7 +22,8 @@ def feature_shards(workspace: Path, dataset: str, split: str, shard_size: int, c
       task_run_name="features-{dataset}-{split}-{shard}")
 def cache_feature_shard(workspace: Path, dataset: str, split: str, backbones: dict, shard: int, shard_size: int,
                         device: str = "auto") -> str:
-    return features.cache_feature_shard(workspace, dataset, split, backbones, shard, shard_size=shard_size, device=device)
+    return relative_result(workspace, features.cache_feature_shard(workspace, dataset, split, backbones, shard,
+                                                                   shard_size=shard_size, device=device))
 
 
 @task(name="finish-feature-cache", cache_policy=NO_CACHE, task_run_name="features-{dataset}-{split}")
@@ -30,5 +31,5 @@ def finish_feature_cache(workspace: Path, dataset: str, split: str, backbones: d
                          shard_files: list[str], device: str = "auto") -> dict:
     """Cheap (reuses every shard), so it always runs and re-checks the entry point (encoding again
     a shard damaged since it was written). {"entry": features.json path, "encoded_shards": [...]}."""
-    return features.completed_feature_cache(workspace, dataset, split, backbones, shard_size=shard_size,
-                                            device=device)
+    return relative_result(workspace, features.completed_feature_cache(workspace, dataset, split, backbones,
+                                                                       shard_size=shard_size, device=device))

@@ -6,11 +6,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import evaluation, registry, tracking, training
-from tasks.caching import EXPENSIVE, PERSISTED, CatalogContents, retry_transient
+from tasks.caching import PERSISTED, CatalogContents, expensive, in_this_workspace, relative_result, retry_transient
 
 # A new pipeline run has a new MLflow parent run; the work it would redo is the same. The feature
 # caches a task reads count by what they hold (InputContents), not by how finishing them went.
-STAGE_CACHE = EXPENSIVE - "parent_run_id" - "features"
+STAGE_CACHE = expensive(exclude=("parent_run_id", "features"))
 
 
 def stage_splits(inputs: dict) -> list:
@@ -31,21 +31,23 @@ def train_stage(workspace: Path, config: str, stage: str, parent_run_id: str | N
                 previous: str | None = None) -> dict:
     """`features` (the finished feature caches this stage reads) orders it after them; `previous`
     is the checkpoint the stage before it produced."""
-    return training.train_stage(workspace, config, stage, parent_run_id=parent_run_id, init_from=init_from,
-                              device=device, previous=previous)
+    return relative_result(workspace, training.train_stage(
+        workspace, config, stage, parent_run_id=parent_run_id, init_from=init_from, device=device,
+        previous=in_this_workspace(workspace, previous)))
 
 
 @task(name="evaluate", cache_policy=EVALUATION_CACHE, **PERSISTED, task_run_name="evaluate-{dataset}-{split}")
 def evaluate_checkpoint(workspace: Path, checkpoint: str, dataset: str, split: str, parent_run_id: str | None = None,
                         gallery_size: int = 50, device: str = "auto", features: list[dict] | None = None) -> dict:
-    return evaluation.evaluate(workspace, checkpoint, dataset, split, parent_run_id=parent_run_id,
-                           gallery_size=gallery_size, device=device)
+    return relative_result(workspace, evaluation.evaluate(
+        workspace, in_this_workspace(workspace, checkpoint), dataset, split, parent_run_id=parent_run_id,
+        gallery_size=gallery_size, device=device))
 
 
 @task(name="register-captioner", cache_policy=NO_CACHE, **TRACKING_RETRIES)
 def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str) -> dict:
     """Not cached: the registry itself answers with the existing version for weights it holds."""
-    return registry.register_captioner(workspace, checkpoint, run_id, name=name)
+    return registry.register_captioner(workspace, in_this_workspace(workspace, checkpoint), run_id, name=name)
 
 
 @task(name="promote-if-better", cache_policy=NO_CACHE, **TRACKING_RETRIES)

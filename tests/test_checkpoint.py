@@ -123,3 +123,31 @@ def test_a_killed_folder_write_settles_to_the_old_or_the_new_folder(tmp_path, re
     assert sorted(path.name for path in tmp_path.iterdir()) == (["best"] if target.exists() else [])
     write_folder(target, write_texts(NEW))  # and the next write goes through
     assert folder_texts(target) == NEW and sorted(path.name for path in tmp_path.iterdir()) == ["best"]
+
+
+def test_a_checkpoint_in_a_workspace_names_its_backbones_relative_to_it_and_loads_after_a_move(tmp_path):
+    import shutil
+
+    from ituning.checkpoint import backbones_of, read_config
+
+    workspace = tmp_path / "ws"
+    for folder in ("backbones/vision", "backbones/language"):
+        (workspace / folder).mkdir(parents=True)
+    spec = BackboneSpec(f"local-dir:{workspace}/backbones/vision", None, str(workspace / "backbones/language"))
+    model = tiny_captioner()
+    checkpoint = workspace / "runs" / "demo" / "finetune" / "best"
+    save_checkpoint(checkpoint, model, spec, workspace=workspace)
+    saved = read_config(checkpoint)
+    assert saved["backbones"] == {"vision_model": "local-dir:backbones/vision", "vision_pretrained": None,
+                                  "language_model": "backbones/language"}
+    assert saved["workspace"] == "../../../.."
+
+    moved = tmp_path / "elsewhere" / "ws"
+    shutil.move(workspace, moved)
+    moved_spec = BackboneSpec(f"local-dir:{moved}/backbones/vision", None, str(moved / "backbones/language"))
+    moved_checkpoint = moved / "runs" / "demo" / "finetune" / "best"
+    assert backbones_of(saved, moved_checkpoint) == moved_spec
+    restored = same_backbone_fresh_modules(model)
+    load_weights_into(restored, moved_checkpoint, moved_spec)  # the same backbones, at their new place
+    with pytest.raises(IncompatibleCheckpoint):
+        load_weights_into(restored, moved_checkpoint, spec)  # the old place is another backbone

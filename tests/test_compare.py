@@ -48,9 +48,7 @@ def test_metrics_table_has_a_row_per_metric_and_marks_the_best_run():
 
 
 def test_images_are_ranked_by_how_far_apart_their_per_image_cider_is():
-    from dataclasses import asdict
 
-    from ituning.decoding import DecodingConfig
     from ituning.evaluation import score_captions
 
     first = {"far": "two red circles on a white background", "near": "a blue square next to a yellow circle",
@@ -215,7 +213,7 @@ def test_compare_writes_one_page_with_metrics_captions_and_thumbnails_and_logs_i
     result = ituning("compare", *runs, "--workspace", workspace, "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == str(out) and f"logged to MLflow run" in lines[-1]
+    assert lines[0] == str(out) and "logged to MLflow run" in lines[-1]
     page = out.read_text(encoding="utf-8")
 
     logged = [tracker.client.get_run(run_id).data.metrics for run_id in runs]

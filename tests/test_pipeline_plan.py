@@ -5,12 +5,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prefect.cache_policies import INPUTS
 
 from storage.downloads import DownloadError, TransientFailure
 from pipeline.run_summary import metrics_cell, pipeline_markdown
 from pipeline.presets import config_file as config_path
-from tasks.caching import WorkspaceState, is_transient, workspace_identity
+from tasks.caching import WorkspaceInputs, WorkspaceState, is_transient, workspace_identity
 from pipeline.plan import plan_for_config
 
 
@@ -50,7 +49,7 @@ def test_workspace_identity_is_stable_and_presets_resolve(tmp_path):
 def test_parent_run_id_is_left_out_of_stage_cache_keys():
     from tasks.training import STAGE_CACHE
 
-    inputs = [p for p in STAGE_CACHE.policies if type(p) is type(INPUTS)]
+    inputs = [p for p in STAGE_CACHE.policies if isinstance(p, WorkspaceInputs)]
     assert inputs and "parent_run_id" in inputs[0].exclude
 
 
@@ -223,3 +222,18 @@ def test_result_metadata_reads_only_plain_json_records(tmp_path):
         for name in ("pickle", "hooks", "result not json", "result elsewhere", "not a record"):
             with pytest.raises(ValueError, match="not a plain JSON record"):
                 storage.read_path(name, _sync=True)
+
+
+def test_task_inputs_inside_the_workspace_key_alike_wherever_the_workspace_lies(tmp_path):
+    policy = WorkspaceInputs(exclude=("parent_run_id",))
+
+    def key(workspace, **inputs):
+        return policy.compute_key(None, {"workspace": workspace, **inputs}, {})
+
+    first, moved = tmp_path / "a" / "ws", tmp_path / "b" / "copy"
+    inputs = lambda ws: dict(backbones={"vision_model": f"local-dir:{ws}/backbones/vision", "language_model": "gpt2"},
+                             checkpoint=str(ws / "runs/demo/finetune/best"), features=[str(ws / "features/x.json")])
+    assert key(first, **inputs(first)) == key(moved, **inputs(moved)) == key(str(moved), **inputs(moved))
+    assert key(first, **inputs(first), parent_run_id="1") == key(first, **inputs(first), parent_run_id="2")
+    assert key(first, **inputs(first)) != key(first, **inputs(moved))  # a path outside the workspace is kept
+    assert key(first, **inputs(first), device="cpu") != key(first, **inputs(first), device="cuda")

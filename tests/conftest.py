@@ -8,6 +8,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the machine's cores: one compute thread each (and in the processes they start),
+    # since threads that outnumber the cores spin against each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 import ituning  # noqa: E402,F401  (makes torchvision importable before transformers is)
 from ituning.model import ITuningCaptioner, ITuningConfig  # noqa: E402
 
@@ -118,6 +124,7 @@ SHARED = {"services": {"prefect_service", "prefect_api", "mlflow_service", "post
           "demo-run": {"demo_run", "demo_workspace_copy"}}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     module = {item: item.nodeid.split("::")[0] for item in items}
     group = {}

@@ -81,14 +81,18 @@ def assert_cached(hf_home: Path, requested_as: str, repo) -> None:
 
 @pytest.fixture(scope="session")
 def served_models(tmp_path_factory) -> dict[str, Path]:
-    """A tiny GPT-2 with its tokenizer, saved as transformers does, and a tiny open_clip repo."""
+    """A tiny GPT-2 with its tokenizer, saved as transformers does, and a tiny open_clip repo: the files
+    a hub repository holds, without the mark our stand-ins carry on disk."""
     from tests.scene_images import scene_captions
+    from ituning.provenance import STANDIN_MARKER
     from ituning.standins import new_language_standin, save_language_standin, save_vision_standin, train_tokenizer
 
     root = tmp_path_factory.mktemp("served")
     tokenizer = train_tokenizer(scene_captions() * 10)
     save_language_standin(root / "gpt2", tokenizer, new_language_standin(tokenizer, SERVED_SEED))
     save_vision_standin(root / "tiny-clip", SERVED_SEED)
+    for folder in (root / "gpt2", root / "tiny-clip"):
+        (folder / STANDIN_MARKER).unlink()
     return {GPT2: root / "gpt2", TINY_CLIP: root / "tiny-clip"}
 
 

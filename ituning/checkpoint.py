@@ -89,12 +89,18 @@ def read_provenance(directory: str | Path) -> Provenance | None:
 
 
 def backbones_of(config: dict, directory: str | Path | None = None) -> BackboneSpec:
-    """The backbones to load: those a checkpoint in `directory` names relative to its workspace
-    are taken from that workspace, wherever it now lies."""
+    """The backbones to load. Those a checkpoint in `directory` names relative to its workspace are
+    taken from the workspace it records the way up to, wherever that now lies, or else from the nearest
+    folder above the checkpoint that holds them (a checkpoint folder copied to another depth)."""
     backbones = BackboneSpec(**config["backbones"])
     if directory is None or "workspace" not in config:
         return backbones
-    return backbones.located(Path(directory) / config["workspace"])
+    directory = Path(directory)
+    for base in (directory / config["workspace"], *directory.resolve().parents):
+        located = backbones.located(base)
+        if located != backbones:
+            return located
+    return backbones
 
 
 def ituning_config_of(config: dict) -> ITuningConfig:

@@ -47,6 +47,7 @@ from storage.feature_shards import (
     ShardPlan, checksum_path, file_sha256, read_checksum, read_identity, shard_contents, write_checksum,
 )
 from storage.locks import FileLock, LockHeld
+from storage.workspace import LOCAL_DIR, in_workspace
 
 ENTRY_NAME = "features.json"
 FORMAT_VERSION = 1
@@ -387,8 +388,11 @@ def rebuild_command(entry: Path) -> str:
     if features:
         command += f" --workspace {features.parent}"
     if identity.get("encoder_name"):
-        pretrained = identity["encoder_pretrained"] or "none"
-        command += f" --vision {identity['encoder_name']} --vision-pretrained {pretrained}"
+        name, pretrained = identity["encoder_name"], identity["encoder_pretrained"] or "none"
+        local = name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else None
+        if features and local and not os.path.isabs(local):  # named relative to the workspace: runnable from anywhere
+            name = LOCAL_DIR + str(in_workspace(local, features.parent))
+        command += f" --vision {name} --vision-pretrained {pretrained}"
     return command
 
 

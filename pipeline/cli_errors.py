@@ -11,6 +11,8 @@ import errno
 import logging
 import os
 import re
+import signal
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, NoReturn
 
@@ -44,19 +46,34 @@ def fail(error: BaseException | str, code: int = USAGE, hint: str | None = None)
 LOGGING_TRACEBACKS = ("mlflow.store.db.utils",)
 
 
+# Set by Ctrl-C (SIGINT) once `refused_writes_told` is in force: the cleanup after it may fail on a
+# database the interrupted write still holds ("database is locked"); the command says what happened.
+CTRL_C_SEEN = threading.Event()
+
+
 class RefusedWriteFilter(logging.Filter):
-    """Drops a library's log record of an error that is a refused write: the command tells it once."""
+    """Drops a library's log record of an error that is a refused write, or of any error after Ctrl-C:
+    the command tells it once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (CTRL_C_SEEN.is_set() or interrupted_in(error)):
+            return False
         return error is None or filesystem_cause(error) is None
 
 
 def refused_writes_unlogged() -> None:
-    """Keep the libraries of LOGGING_TRACEBACKS from logging a refused write's traceback."""
+    """Keep the libraries of LOGGING_TRACEBACKS from logging a refused write's traceback, and note Ctrl-C."""
     for name in LOGGING_TRACEBACKS:
         if not any(isinstance(item, RefusedWriteFilter) for item in logging.getLogger(name).filters):
             logging.getLogger(name).addFilter(RefusedWriteFilter())
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _note_interrupt)
+
+
+def _note_interrupt(signum, frame) -> None:
+    CTRL_C_SEEN.set()
+    signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without this handler
 
 
 @contextmanager

@@ -11,7 +11,8 @@ from prefect import flow
 from flows.parameters import (BackboneSteps, Corpora, Device, Evaluation, GallerySize, Manifests, ModelName,
                               Overrides, Preset, ShardSize, Source, SyntheticImages, Workspace, resolve_workspace)
 from flows.steps import (DataSources, backbones_for, data_records, encode_splits, evaluate_all, fetch_datasets,
-                         prepare, promotion_note, step_record, train_in_order)
+                         prepare, step_record, train_in_order)
+from pipeline.registry import registration_note
 from tasks.data import apply_config_overrides, plan_pipeline
 from tasks.reports import publish_report
 from tasks.training import finish_pipeline_run, promote_if_better, register_captioner, start_pipeline_run
@@ -60,8 +61,8 @@ def _run_plan(root, plan, run_id, data, shard_size, device, gallery_size, regist
     records += [step_record(f"evaluate {d}/{s}", future) for (d, s), future in zip(plan["evaluations"], evaluations)]
     first = evaluations[0].result()
     model = register_captioner(root, final["checkpoint"], final["run_id"], register_as)
-    promotion = promote_if_better(root, model["name"], model["version"], first)
-    notes = [promotion_note(model, promotion), f"pipeline parent run: {run_id}"]
+    promotion = promote_if_better(root, model["name"], model["version"], first, model.get("waiting"))
+    notes = [registration_note(model, promotion), f"pipeline parent run: {run_id}"]
     before = data_records(plan["datasets"], downloads, catalog, built, entries)
     publish_report(f"full-pipeline ({plan['config']})", before + records, root, first.get("sample", [])[:5], notes)
     return {"parent_run_id": run_id, "data": before, "steps": records, "test": first["metrics"], "model": model,

@@ -7,7 +7,8 @@ only when it beats the champion on the same task; the comparison is kept on the 
 from prefect import flow
 
 from flows.parameters import Device, GallerySize, ModelName, Preset, ShardSize, Workspace, resolve_workspace
-from flows.steps import encode_splits, evaluate_all, promotion_note, step_record, train_in_order
+from flows.steps import encode_splits, evaluate_all, step_record, train_in_order
+from pipeline.registry import registration_note
 from tasks.caching import flow_result
 from tasks.data import configured_backbones, plan_pipeline
 from tasks.reports import publish_report
@@ -43,9 +44,10 @@ def _retrain(root, plan, run_id, init_from, device, register_as, shard_size, gal
     [scored] = evaluate_all(root, checkpoint, plan["evaluations"], entries, run_id, gallery_size, device, refresh=True)
     # ---- registry
     model = register_captioner(root, checkpoint, trained.result()["run_id"], register_as)
-    promotion = promote_if_better(root, model["name"], model["version"], scored.result())
+    promotion = promote_if_better(root, model["name"], model["version"], scored.result(),
+                                  model.get("waiting"))
     dataset, split = plan["evaluations"][0]
     publish_report(f"retrain ({plan['config']})", [step_record(stage["name"], trained),
                                                    step_record(f"evaluate {dataset}/{split}", scored)], root,
-                   notes=[promotion_note(model, promotion)], key="retrain-summary")
+                   notes=[registration_note(model, promotion)], key="retrain-summary")
     return {"model": model, "promotion": promotion, "checkpoint": checkpoint, "metrics": scored.result()["metrics"]}

@@ -163,8 +163,3 @@ def feature_record(key: tuple[str, str], entries: FeatureEntries) -> dict:
     rebuilt = bool(entries[key].result()["encoded_shards"])
     record["cached"], record["rebuilt"] = all_cached and not rebuilt, all_cached and rebuilt
     return record
-
-
-def promotion_note(model: dict, promotion: dict) -> str:
-    verdict = "promoted to champion" if promotion["promoted"] else "champion kept"
-    return f"{model['name']} version {model['version']}: {verdict} ({promotion['reason']})"

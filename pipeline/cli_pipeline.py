@@ -135,6 +135,7 @@ def shown_state(record: dict) -> str:
 
 
 def print_outcome(outcome: dict, workspace: Path) -> None:
+    from pipeline.registry import registration_note
     from pipeline.tracking import tracking_uri
 
     for record in [*outcome.get("data", []), *outcome["steps"]]:
@@ -148,10 +149,7 @@ def print_outcome(outcome: dict, workspace: Path) -> None:
     typer.echo("Captions:")
     for image_id, caption in outcome["sample"]:
         typer.echo(f"  {image_id}\t{caption}")
-    model, promotion = outcome["model"], outcome["promotion"]
-    registered = "Registered" if model.get("new_version", True) else "Same weights as"
-    typer.echo(f"{registered} {model['name']} version {model['version']} ({model['model_uri']}); "
-               f"champion {'moved to it' if promotion['promoted'] else 'kept'} ({promotion['reason']})")
+    typer.echo(registration_note(outcome["model"], outcome["promotion"]))
     uri = tracking_uri(workspace)
     typer.echo("Where to look:")
     typer.echo(f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")

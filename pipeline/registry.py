@@ -1,5 +1,9 @@
 """The model registry: a trained captioner registered as a version of a model, once per set of
 weights, and the champion alias moved only to a better score on the same task.
+
+A registration that finds the tracking server unreachable waits in the workspace's outbox with the
+evaluation its champion comparison needs; the pipeline goes on and says so. It is sent before the
+next registration of the workspace, or by `ituning sync`.
 """
 
 from dataclasses import dataclass
@@ -8,7 +12,9 @@ from pathlib import Path
 from ituning.checkpoint import WEIGHTS_FILE
 from pipeline.step_locks import registry_writer
 from pipeline.tracking import ExperimentTracker
+from pipeline.tracking_outbox import Outbox, unreachable
 from storage.downloads import file_checksum
+from storage.workspace import in_workspace, in_workspace_terms
 
 CHAMPION = "champion"
 WEIGHTS_TAG = "ituning.weights_sha256"  # on every version: the sha256 of its module weights file
@@ -18,9 +24,48 @@ def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str 
     """Log the captioner as a pyfunc model under `run_id` and register it as a new version of
     `name`, unless a version with the same weights exists: then that version is the answer and
     nothing is logged (`new_version` says which). One registration of `name` at a time per workspace:
-    a second one waits for the first, then finds its version."""
-    with registry_writer(workspace, name):
-        return _register_unless_held(ExperimentTracker(workspace=workspace), checkpoint, run_id, name)
+    a second one waits for the first, then finds its version. While the tracking server is
+    unreachable the registration waits in the outbox: `version` is None and `waiting` its id."""
+    tracker = ExperimentTracker(workspace=workspace)
+    try:
+        register_waiting(workspace)
+        with registry_writer(workspace, name):
+            return _register_unless_held(tracker, checkpoint, tracker.server_run_id(run_id), name)
+    except Exception as error:
+        if tracker.outbox is None or not unreachable(error):
+            raise
+        tracker.outbox.went_offline(error)
+    waiting = tracker.outbox.keep_registration(
+        {"name": name, "checkpoint": str(in_workspace_terms(str(checkpoint), workspace)), "run_id": run_id})
+    return {"name": name, "version": None, "model_uri": None, "new_version": True, "waiting": waiting}
+
+
+def register_waiting(workspace: Path) -> list[str]:
+    """Send the registrations that waited for the tracking server, oldest first, each with its
+    champion comparison; what was done, in words. Raises while the server is unreachable."""
+    done = []
+    for entry in Outbox(workspace, "", "").waiting_registrations():
+        tracker = ExperimentTracker(uri=entry["uri"], workspace=workspace)
+        checkpoint = str(in_workspace(entry["checkpoint"], workspace))
+        with registry_writer(workspace, entry["name"]):
+            model = _register_unless_held(tracker, checkpoint, tracker.server_run_id(entry["run_id"]), entry["name"])
+        promotion = None
+        if entry.get("evaluation"):
+            promotion = promote_evaluated(workspace, model["name"], model["version"], entry["evaluation"])
+        tracker.outbox.registration_sent(entry["id"])
+        done.append(registration_note(model, promotion))
+    return done
+
+
+def registration_note(model: dict, promotion: dict | None) -> str:
+    """One line on a registration and its champion comparison."""
+    if model.get("waiting"):
+        return f"Registration of {model['name']} waits for the tracking server ({promotion['reason']})"
+    registered = "Registered" if model.get("new_version", True) else "Same weights as"
+    line = f"{registered} {model['name']} version {model['version']} ({model['model_uri']})"
+    if promotion is None:
+        return line
+    return f"{line}; champion {'moved to it' if promotion['promoted'] else 'kept'} ({promotion['reason']})"
 
 
 def _register_unless_held(tracker: ExperimentTracker, checkpoint: str, run_id: str, name: str) -> dict:
@@ -54,9 +99,13 @@ def promotion_metric(scores: dict) -> tuple[str, float] | None:
     return None
 
 
-def promote_evaluated(workspace: Path, name: str, version: str, evaluation: dict) -> dict:
+def promote_evaluated(workspace: Path, name: str, version: str | None, evaluation: dict,
+                      waiting: str | None = None) -> dict:
     """promote_if_better with the metric and task of an evaluation's result; when it has no score
-    to compare (NoCaps test), the champion stays and the result says why."""
+    to compare (NoCaps test), the champion stays and the result says why. For a registration that
+    waits for the tracking server (`waiting`), the evaluation waits with it."""
+    if waiting is not None:
+        return _promotion_waits(workspace, waiting, evaluation)
     chosen = promotion_metric(evaluation.get("metrics") or {})
     if chosen is None:
         reason = (f"{evaluation.get('task', 'this evaluation')} has no CIDEr to compare (no public references); "
@@ -65,6 +114,15 @@ def promote_evaluated(workspace: Path, name: str, version: str, evaluation: dict
         return {"promoted": False, "candidate": None, "champion": None, "champion_version": None, "reason": reason}
     metric, value = chosen
     return promote_if_better(name, version, metric, value, workspace, task=evaluation.get("task"))
+
+
+def _promotion_waits(workspace: Path, waiting: str, evaluation: dict) -> dict:
+    outbox = Outbox(workspace, "", "")
+    [entry] = [entry for entry in outbox.waiting_registrations() if entry["id"] == waiting]
+    outbox.save_registration({**entry, "evaluation": {key: evaluation.get(key) for key in ("task", "metrics")}})
+    reason = (f"the tracking server is unreachable; `ituning sync --workspace {workspace}` registers it and "
+              "compares it with the champion (the next pipeline run of this workspace does too)")
+    return {"promoted": False, "candidate": None, "champion": None, "champion_version": None, "reason": reason}
 
 
 def promote_if_better(name: str, version: str, metric: str = "CIDEr", value: float | None = None,

@@ -137,12 +137,24 @@ class ExperimentTracker:
                 raise
             self.outbox.went_offline(error)
 
+    def server_run_id(self, run_id: str) -> str:
+        """The server's id of a run, once what waits in the outbox is sent (a run created while the
+        server was down has a local id until then). Raises MlflowException while it is unreachable."""
+        if self.outbox is None:
+            return run_id
+        if not self.outbox.worth_trying():
+            raise tracking_outbox.StillUnreachable(f"{self.uri} was unreachable moments ago")
+        if self.outbox.pending():
+            self.outbox.send_pending()
+        return self.outbox.server_id(run_id)
+
     def pending_summary(self) -> str | None:
         """What still waits for the server, in words, after one more try to send it; None if nothing."""
-        if self.outbox is None or not self.outbox.pending():
+        if self.outbox is None or self.outbox.nothing_waits():
             return None
         try:
-            self.outbox.send_pending()
+            if self.outbox.pending():
+                self.outbox.send_pending()
         except MlflowException as error:
             if not tracking_outbox.unreachable(error):
                 raise

@@ -8,6 +8,10 @@ appended and flushed to disk, the files it names copied beside it. The server is
 every PROBE_EVERY_S seconds; once it answers, the outbox is sent before anything new. A run created
 while it is down gets a local id ("offline-..."), replaced by the server's id when it is sent.
 
+A model registration that finds the server unreachable waits there too, as one file per
+registration in registrations/ (with the evaluation its champion comparison needs); the registry
+sends it (pipeline/registry.py `register_waiting`) before the next registration and on `ituning sync`.
+
 Sending is idempotent: each call's id goes into sent.txt once the server took it, so an interrupted
 send goes on with the rest; a metric batch sent again after a crash between the two carries the same
 timestamps, which MLflow's SQL stores keep once. Every run carries the workspace and the process that
@@ -34,6 +38,7 @@ from storage.locks import FileLock, Holder, alive_elsewhere
 
 log = logging.getLogger(__name__)
 OUTBOX = "tracking-outbox"
+REGISTRATIONS = "registrations"  # OUTBOX/registrations/ID.json: a model registration that waits
 OFFLINE_PREFIX = "offline-"
 PROBE_EVERY_S = 30.0
 SERVER_SETTINGS = {  # a few seconds against a refused connection, under a minute against a silent host
@@ -49,6 +54,10 @@ ENDED_TAG = "ituning.ended_by"
 OFFLINE_ID_TAG = "ituning.offline_id"  # a run created from the outbox: the local id it had
 _last_failure: dict[str, float] = {}  # tracking URI -> when a call of this process last found it unreachable
 _server_ids: dict[str, str] = {}  # local id of a run created while the server was down -> the server's id
+
+
+class StillUnreachable(MlflowException):
+    """The server did not answer a call of this process moments ago: not asked again yet."""
 
 
 def is_remote(uri: str) -> bool:
@@ -68,6 +77,8 @@ def unreachable(error: BaseException) -> bool:
     not a refusal of what was sent."""
     import requests
 
+    if isinstance(error, StillUnreachable):
+        return True
     seen = error
     while seen is not None:
         if isinstance(seen, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
@@ -227,19 +238,48 @@ class Outbox:
                                "try again once it has finished")
         return lock
 
+    # ---- registrations that wait -------------------------------------------------------------
+
+    def keep_registration(self, registration: dict) -> str:
+        """Keep a model registration (name, workspace-relative checkpoint, run id) for later; its id."""
+        entry_id = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"  # sorts in the order they were kept
+        self.save_registration({**registration, "id": entry_id, "uri": self.uri})
+        return entry_id
+
+    def save_registration(self, registration: dict) -> None:
+        folder = self.folder / REGISTRATIONS
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(folder / f"{registration['id']}.json", json.dumps(registration, indent=1), durable=True)
+
+    def waiting_registrations(self) -> list[dict]:
+        folder = self.folder / REGISTRATIONS
+        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        return [json.loads(path.read_text()) for path in files]
+
+    def registration_sent(self, entry_id: str) -> None:
+        (self.folder / REGISTRATIONS / f"{entry_id}.json").unlink(missing_ok=True)
+
+    def nothing_waits(self) -> bool:
+        return not self.pending() and not self.waiting_registrations()
+
     # ---- telling the user --------------------------------------------------------------------
 
     def summary(self) -> str | None:
         """What waits, in words, with how to send it; None when nothing does."""
         pending = self.pending()
-        if not pending:
+        registrations = len(self.waiting_registrations())
+        if not pending and not registrations:
             return None
         counts = pending_counts(pending)
         parts = [f"{count} {name}" for name, count in counts.items() if count]
+        if pending:
+            parts[-1] += f" of {len({entry['run_id'] for entry in pending})} run(s)"
+        if registrations:
+            parts.append(f"{registrations} model registration(s)")
         workspace = self.folder.parent
-        return (f"tracking server {self.uri} unreachable: {', '.join(parts)} of {len({e['run_id'] for e in pending})} "
-                f"run(s) kept in {self.folder}; send them with `ituning sync --workspace {workspace}` once it "
-                f"answers (the next run of this workspace sends them too)")
+        return (f"tracking server {self.uri} unreachable: {', '.join(parts)} kept in {self.folder}; send them "
+                f"with `ituning sync --workspace {workspace}` once it answers (the next run of this workspace "
+                f"sends them too)")
 
     def waiting_runs(self) -> set[str]:
         return {entry["run_id"] for entry in self.pending()}
@@ -361,6 +401,9 @@ def sync(workspace: Path) -> str:
     outbox = Outbox(workspace, "", "")
     pending = outbox.pending()
     if not pending:
+        registrations = len(outbox.waiting_registrations())
+        if registrations:
+            return f"sending the {registrations} model registration(s) kept in {outbox.folder}"
         return f"nothing waits for the tracking server in {outbox.folder}"
     counts = pending_counts(pending)
     outbox.send_pending()

@@ -51,8 +51,9 @@ def register_captioner(workspace: Path, checkpoint: str, run_id: str, name: str)
 
 
 @task(name="promote-if-better", cache_policy=NO_CACHE, **TRACKING_RETRIES)
-def promote_if_better(workspace: Path, name: str, version: str, evaluation: dict) -> dict:
-    return registry.promote_evaluated(workspace, name, version, evaluation)
+def promote_if_better(workspace: Path, name: str, version: str | None, evaluation: dict,
+                      waiting: str | None = None) -> dict:
+    return registry.promote_evaluated(workspace, name, version, evaluation, waiting)
 
 
 @task(name="start-pipeline-run", cache_policy=NO_CACHE, **TRACKING_RETRIES)

@@ -1,7 +1,8 @@
 """Training against a real MLflow server that stops mid-run: `ituning train` goes on, keeps what the
 server missed in the workspace's outbox, ends saying what waits, and `ituning sync` sends it once the
 server is back, so the record equals an uninterrupted run's. A run killed with SIGKILL leaves its
-MLflow runs RUNNING; the next run of the workspace marks them FAILED.
+MLflow runs RUNNING; the next run of the workspace marks them FAILED. A model registration that meets
+the outage waits in the outbox with its evaluation, and `ituning sync` registers and promotes it.
 
 The training processes are the real command line in a subprocess; a few lines around it (PAUSED)
 hold the loop at one step until the test says go, so that the server stops at a known point, not at
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline import registry
 from pipeline.data import build_dataset
 from pipeline.tracking import PARENT_TAG, STAGE_TAG
 from pipeline.tracking_outbox import ENDED_TAG, OUTBOX, sync
@@ -244,3 +246,40 @@ def test_runs_begun_while_the_server_is_down_are_created_once_it_answers(server,
     assert (parent_run.info.status, created.info.status) == ("FINISHED", "FINISHED")
     assert parent_run.data.params["seed"] == "3" and parent_run.data.tags["mlflow.runName"] == "offline"
     assert not ExperimentTracker(workspace=tmp_path).start_pipeline("after").startswith("offline-")
+
+
+def test_a_registration_during_an_outage_waits_and_sync_registers_and_promotes_it(
+        server, standin_checkpoint, tmp_path, monkeypatch):
+    """In-process, as the pipeline's last steps meet it: the stage's run exists, then the server goes
+    down before the model is registered and compared with the champion."""
+    from pipeline.tracking import ExperimentTracker
+
+    settings, restart = server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.mlflow_url)
+    tracker = ExperimentTracker(workspace=tmp_path)
+    run = tracker.start_pipeline("registered", {"epochs": 1}, seed=3)
+    restart(False)
+    model = registry.register_captioner(tmp_path, str(standin_checkpoint), run, "outage-captioner")
+    assert model["version"] is None and model["waiting"], model
+    scored = {"task": "coco/test@synthetic", "metrics": {"CIDEr": 0.5, "BLEU-4": 0.1}}
+    promotion = registry.promote_evaluated(tmp_path, model["name"], None, scored, model["waiting"])
+    assert not promotion["promoted"] and f"ituning sync --workspace {tmp_path}" in promotion["reason"]
+    assert registry.registration_note(model, promotion).startswith("Registration of outage-captioner waits")
+    tracker.finish(run)
+    waiting = tracker.pending_summary()
+    assert "1 run endings of 1 run(s), 1 model registration(s) kept in" in waiting, waiting
+
+    code, _, stderr = ituning(tmp_path, settings.mlflow_url, "sync")
+    assert code == 1 and "1 kept call(s) and 1 model registration(s) wait" in stderr, stderr
+    restart(True)
+    code, stdout, stderr = ituning(tmp_path, settings.mlflow_url, "sync")
+    assert code == 0, stderr
+    assert "\nRegistered outage-captioner version 1 (" in stdout and "champion moved to it (no champion yet)" in stdout
+    client = MlflowClient(tracking_uri=settings.mlflow_url)
+    champion = client.get_model_version_by_alias("outage-captioner", registry.CHAMPION)
+    assert (champion.version, champion.run_id) == ("1", run)
+    assert champion.tags["metric.CIDEr"] == "0.5" and champion.tags["promotion.task"] == "coco/test@synthetic"
+    assert client.get_run(run).info.status == "FINISHED"
+    code, stdout, _ = ituning(tmp_path, settings.mlflow_url, "sync")
+    assert code == 0 and stdout.startswith("nothing waits") and "Registered" not in stdout
+    assert len(client.search_model_versions("name = 'outage-captioner'")) == 1

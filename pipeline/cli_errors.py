@@ -73,7 +73,21 @@ def refused_writes_unlogged() -> None:
 
 def _note_interrupt(signum, frame) -> None:
     CTRL_C_SEEN.set()
+    _prefect_console_quiet()
     signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without this handler
+
+
+class _NothingFromPrefect(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("prefect")
+
+
+def _prefect_console_quiet() -> None:
+    """Prefect's console lines on what Ctrl-C cut short ("Crash detected!", a task that failed when its
+    server went with the interrupt) stay off the terminal; the flow run's own log keeps them."""
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler":
+            handler.addFilter(_NothingFromPrefect())
 
 
 @contextmanager

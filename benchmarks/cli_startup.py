@@ -46,7 +46,7 @@ def small_catalog(folder: Path) -> Path:
 
 
 def slowest_imports(args: list[str], count: int = 5) -> list[tuple[str, float]]:
-    code = f"import sys; sys.argv = {['ituning', *args]!r}\nfrom pipeline.cli import main\ntry: main()\nexcept SystemExit: pass"
+    code = f"import sys; sys.argv = {['ituning', *args]!r}\nfrom cli.main import main\ntry: main()\nexcept SystemExit: pass"
     result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True)
     rows = []
     for line in result.stderr.splitlines():

@@ -9,7 +9,7 @@ under a host name of its own that resolves to 127.0.0.1 (DNS rebinding). Run as
   origin named in PREFECT_SERVER_CORS_ALLOWED_ORIGINS ("*" there is ignored); others get 403, websocket
   handshakes included (CORS does not cover websockets).
 Browsers send Origin on cross-origin requests; Prefect's client, worker and CLI send none.
-pipeline/services.py also turns on Prefect's CSRF protection, which its client and UI support.
+cli/services.py also turns on Prefect's CSRF protection, which its client and UI support.
 """
 
 import argparse
@@ -18,8 +18,7 @@ from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pipeline.page_guard import host_name
-from pipeline.services import LOOPBACK_NAMES, ui_origins
+from pipeline.page_guard import LOOPBACK_NAMES, host_name, ui_origins
 
 
 class LoopbackGuard:

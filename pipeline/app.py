@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from pipeline.cli_errors import on_one_line
+from pipeline.messages import on_one_line
 from pipeline.page_guard import PageGuard
 
 PAGE = Path(__file__).with_name("app_page.html")

@@ -13,6 +13,9 @@
     (the image's bytes); 415 for others. A cross-site form or fetch can send only text/plain,
     multipart/form-data or urlencoded bodies without asking the server first (a CORS preflight,
     which this server never grants).
+
+The loopback names and the Prefect UI's origins are the ones the Prefect server's guard
+(flows/server.py) and its launcher (cli/services.py) use too.
 """
 
 from urllib.parse import urlsplit
@@ -21,11 +24,15 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pipeline.services import LOOPBACK_NAMES
-
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 PAGE_CONTENT_TYPES = ("application/json", "application/octet-stream")
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def ui_origins(host: str, port: int) -> list[str]:
+    """The origins the Prefect UI is opened from: the server's own address under each loopback name."""
+    return [f"http://{name}:{port}" for name in dict.fromkeys((host, *LOOPBACK_NAMES))]
 
 
 def host_name(host_header: str) -> str:

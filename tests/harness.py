@@ -1,7 +1,7 @@
 """The real services the tests talk to, each started one way, waited for one way and checked one way.
 
 Every server is real and listens on 127.0.0.1 at a free port: the Prefect server and the MLflow
-tracking server as `ituning serve` starts them (pipeline/services.py), PostgreSQL, moto's S3 server,
+tracking server as `ituning serve` starts them (cli/services.py), PostgreSQL, moto's S3 server,
 the captioner's web page (`ituning app`) and `mlflow models serve`. Each is started by `running()`,
 which waits for its health URL (`wait_healthy`, the one health loop), stops it at the end and then
 fails the test on server-side errors in its log (tests/service_logs.py).
@@ -123,8 +123,8 @@ def environment_without(*prefixes: str, **extra: str) -> dict[str, str]:
 
 @contextmanager
 def services_started(settings, start, environment: dict[str, str]):
-    """pipeline/services.py's own start function under `environment`; stopped and logs checked at the end."""
-    from pipeline.services import stop_all
+    """cli/services.py's own start function under `environment`; stopped and logs checked at the end."""
+    from cli.services import stop_all
 
     with pytest.MonkeyPatch.context() as patch:
         for name in [name for name in os.environ if name.startswith(("PREFECT_", "MLFLOW_"))]:
@@ -148,7 +148,7 @@ def services_started(settings, start, environment: dict[str, str]):
 def prefect_service(tmp_path_factory):
     """The Prefect server of `ituning serve` (host and origin guard, CSRF on) with the weekly retraining
     deployed, shared by the whole session. Its scheduler looks every 5 s instead of every 60 s."""
-    from pipeline.services import ServiceSettings, start_prefect
+    from cli.services import ServiceSettings, start_prefect
 
     settings = ServiceSettings(tmp_path_factory.mktemp("prefect-service") / "ws", prefect_port=free_port())
     scheduler = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
@@ -171,7 +171,7 @@ def prefect_api(prefect_service, tmp_path_factory):
 def mlflow_started(workspace: Path, environment: dict[str, str] | None = None):
     """An MLflow tracking server as `ituning serve` starts it, on the workspace's SQLite store unless
     `environment` names another (ITUNING_MLFLOW_BACKEND_URI, ITUNING_MLFLOW_ARTIFACTS)."""
-    from pipeline.services import ServiceSettings, start_mlflow
+    from cli.services import ServiceSettings, start_mlflow
 
     settings = ServiceSettings(workspace, mlflow_port=free_port())
     with services_started(settings, start_mlflow, environment or {}):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from cli.main import app
 from tests.corpus_server import CorpusServer
 
 CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"

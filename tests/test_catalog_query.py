@@ -9,7 +9,7 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from cli.main import app
 from storage.catalog import Catalog
 
 README = Path(__file__).parents[1] / "README.md"

@@ -15,7 +15,7 @@ HEAVY = ("torch", "transformers", "open_clip", "mlflow", "prefect")
 MODULES_AFTER = """
 import json, sys
 sys.argv = ["ituning", *json.loads(sys.argv[1])]
-from pipeline.cli import main
+from cli.main import main
 try:
     main()
 except SystemExit:
@@ -27,6 +27,8 @@ print(json.dumps(sorted(sys.modules)), file=sys.stderr)
 def test_version_names_the_release():
     result = subprocess.run([ITUNING, "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith(f"ituning {version('ituning')}")
+    as_module = subprocess.run([sys.executable, "-m", "cli", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert as_module.stdout == result.stdout
 
 
 def loaded_by(*args: str) -> set[str]:

@@ -3,7 +3,7 @@ import json
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from cli.main import app
 from storage.synthetic import unpack_karpathy_coco, write_corpus
 
 runner = CliRunner()

@@ -185,7 +185,7 @@ def invoke(*args):
     after the subprocess one: each new process spends seconds importing MLflow."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from cli.main import app
 
     return CliRunner().invoke(app, [str(arg) for arg in args])
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from cli.main import app
 from ituning.standins import save_vision_standin
 from ituning.backbones import BackboneSpec
 from storage.acquire import download_dataset
@@ -51,7 +51,7 @@ def held_cli(target: str, pass_first: int = 0) -> str:
 
         {module}.{attribute} = held
         sys.argv = ["ituning", *sys.argv[2:]]
-        from pipeline.cli import main
+        from cli.main import main
         main()
     """)
 

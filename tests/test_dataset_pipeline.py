@@ -11,7 +11,7 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from cli.main import app
 from storage.acquire import download_dataset
 from storage.catalog import Catalog
 from pipeline.data import build_dataset

@@ -215,7 +215,7 @@ def test_captions_from_cached_features_match_captions_from_images(standin_checkp
 def test_score_command_reads_either_caption_format(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from cli.main import app
 
     submission = [{"image_id": int(key), "caption": text} for key, text in CANDIDATES.items()]
     (tmp_path / "captions.json").write_text(json.dumps(submission))

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from ituning.backbones import BackboneSpec
-from pipeline.cli import app
+from cli.main import app
 from ituning.standins import save_vision_standin
 from storage.acquire import download_dataset
 from storage.catalog import Catalog

@@ -194,9 +194,9 @@ def run_full_pipeline(config, **settings):  # stands in for the flow: what matte
     seen[config] = os.environ.get("HF_HUB_OFFLINE")
     raise Stop
 
-sys.modules["flows.in_process"] = types.ModuleType("flows.in_process")  # the entry point `ituning pipeline` loads
+sys.modules["flows.in_process"] = types.ModuleType("flows.in_process")  # the module `ituning pipeline` imports
 sys.modules["flows.in_process"].run_full_pipeline = run_full_pipeline
-from pipeline.cli import app
+from cli.main import app
 
 for arguments in (["pipeline", "--config", "coco-gpt2", "--source", "download"], ["demo"]):
     before = dict(os.environ)

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from cli.main import app
 from ituning.images import UnreadableImage, open_rgb
 from tests.test_backbones import PAPER_COUNTS
 

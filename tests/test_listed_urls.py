@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from cli.main import app
 from storage.acquire import download_dataset
 from storage.downloads import DownloadError, RetryPolicy
 from storage.listed_urls import ListedUrls

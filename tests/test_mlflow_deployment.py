@@ -1,4 +1,4 @@
-"""The MLflow tracking server as `make serve` starts it (pipeline/services.py), configured as
+"""The MLflow tracking server as `make serve` starts it (cli/services.py), configured as
 docs/deployment.md says: runs in PostgreSQL (ITUNING_MLFLOW_BACKEND_URI) and artifacts on
 S3-compatible storage (ITUNING_MLFLOW_ARTIFACTS, MLFLOW_S3_ENDPOINT_URL), here moto's S3 server. A run
 tracked by the pipeline's own ExperimentTracker lands in PostgreSQL's tables, its checkpoint in the

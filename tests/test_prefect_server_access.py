@@ -1,4 +1,4 @@
-"""Who the Prefect server of `ituning serve` answers (pipeline/services.py, flows/server.py).
+"""Who the Prefect server of `ituning serve` answers (cli/services.py, flows/server.py).
 
 A web page open in the user's browser must not read the API or start deployments: not from its own
 origin (CORS, CSRF), not under a host name of its own that resolves to 127.0.0.1 (DNS rebinding), not

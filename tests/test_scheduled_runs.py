@@ -1,5 +1,5 @@
 """The weekly retraining is really scheduled: the Prefect server started as `ituning serve` starts it
-(pipeline/services.py; the session's `prefect_service`) creates the runs of deployment
+(cli/services.py; the session's `prefect_service`) creates the runs of deployment
 retrain/retrain-weekly, Mondays 03:00 UTC (prefect.yaml), on its own. A schedule can show as active
 while the server's scheduler fails on every loop (SQLAlchemy 2.1 with Prefect 3.8); only the runs it
 creates show it works. Runs other tests start by hand from the deployment are not the scheduler's."""

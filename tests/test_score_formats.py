@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.cli_evaluation import read_captions
+from cli.evaluation import read_captions
+from cli.main import app
 from ituning.evaluation import score_by_domain, score_captions, tokenize
 from tests.test_evaluation import CANDIDATES, DOMAINS, REFERENCES
 

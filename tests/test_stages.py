@@ -371,7 +371,7 @@ def test_registered_captioner_is_promoted_only_when_better(pipeline):
 
 @pytest.mark.slow
 def test_train_command_runs_every_stage_from_the_catalog_tracked(pipeline):
-    from pipeline.cli import app
+    from cli.main import app
 
     workspace, tracker = pipeline["workspace"], pipeline["tracker"]
     config = write_tiny_config(workspace / "cli.yaml", epochs=1, val_split=None)

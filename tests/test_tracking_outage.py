@@ -40,7 +40,7 @@ PAUSED = """
 import os, sys, time
 from pathlib import Path
 from pipeline import tracking
-from pipeline.cli import app
+from cli.main import app
 
 marker, logged = Path(os.environ["PAUSE_MARKER"]), tracking.MLflowTrainingCallbacks.on_step
 
@@ -76,7 +76,7 @@ def no_process_left():
 def server(tmp_path):
     """A tracking server of the test's own, since the test stops it: as `make serve` starts it (SQLite
     store, proxied artifacts); `restart(up)` stops or starts it on the same port and store."""
-    from pipeline.services import start_mlflow, stop_all
+    from cli.services import start_mlflow, stop_all
 
     with mlflow_started(tmp_path / "server") as settings:
         yield settings, lambda up: start_mlflow(settings) if up else stop_all(settings)

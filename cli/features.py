@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail
+from cli.errors import fail
 
 features_app = typer.Typer(help="Frozen vision tokens of a split, cached in HDF5 shards.",
                            invoke_without_command=True, pretty_exceptions_enable=False)

@@ -6,7 +6,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from pipeline.cli_errors import INTERRUPTED, fail, interrupted_in, refused_writes_told
+from cli.errors import INTERRUPTED, fail, interrupted_in, refused_writes_told
 from pipeline.step_locks import DEFAULT_WAIT_S, set_step_wait
 
 WAIT_HELP = (f"seconds to wait for another process training the same stage (or building the stand-ins, or "

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import echo_error, fail, on_one_line
+from cli.errors import echo_error, fail, on_one_line
 
 
 def params(

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import echo_error, fail
+from cli.errors import echo_error, fail
 
 catalog_app = typer.Typer(help="Build and query the DuckDB catalog of images and captions.", no_args_is_help=True)
 WorkspaceOption = Annotated[Path | None, typer.Option(help="workspace folder (default $ITUNING_WORKSPACE or ./workspace)")]

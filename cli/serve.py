@@ -1,4 +1,4 @@
-"""`ituning serve` / `ituning stop`: the local Prefect and MLflow servers (see pipeline/services.py)."""
+"""`ituning serve` / `ituning stop`: the local Prefect and MLflow servers (see cli/services.py)."""
 
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +16,7 @@ def serve(
 ):
     """Start Prefect (server, work pool, worker, deployments), the MLflow UI and the captioner's web
     page (on the registry's champion) on 127.0.0.1."""
-    from pipeline.services import ServiceSettings, start_all
+    from cli.services import ServiceSettings, start_all
 
     settings = ServiceSettings(workspace, prefect_port=prefect_port, mlflow_port=mlflow_port, app_port=app_port)
     start_all(settings)
@@ -27,7 +27,7 @@ def serve(
 
 def stop(workspace: WorkspaceOption = Path("workspace")):
     """Stop the servers started by `ituning serve` (the worker first)."""
-    from pipeline.services import ServiceSettings, stop_all
+    from cli.services import ServiceSettings, stop_all
 
     stopped = stop_all(ServiceSettings(workspace))
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")

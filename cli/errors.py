@@ -18,6 +18,8 @@ from typing import Callable, Iterator, NoReturn
 
 import typer
 
+from pipeline.messages import on_one_line  # noqa: F401  (the commands' one-line errors)
+
 USAGE = 2
 FAILED = 1
 INTERRUPTED = 130  # as a shell reports a command ended by Ctrl-C (128 + SIGINT)
@@ -184,8 +186,3 @@ def first_line(error: BaseException) -> str:
     """The message's first line (a flow run's error can carry a whole traceback)."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
-
-
-def on_one_line(error: BaseException) -> str:
-    """The message with its line breaks and runs of spaces folded into single spaces."""
-    return " ".join(str(error).split())

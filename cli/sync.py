@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail, on_one_line
+from cli.errors import fail, on_one_line
 
 STILL_UNREACHABLE = 1
 

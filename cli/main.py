@@ -1,21 +1,21 @@
-"""The `ituning` command line: a dispatcher over the command modules pipeline/cli_*.py."""
+"""The `ituning` command line: a dispatcher over the command modules of cli/."""
 
 from typing import Annotated
 
 import typer
 
-from pipeline.cli_app import serve_app
-from pipeline.cli_compare import compare
-from pipeline.cli_data import register as register_dataset_commands
-from pipeline.cli_doctor import doctor
-from pipeline.cli_evaluation import score
-from pipeline.cli_features import features_app
-from pipeline.cli_hub import push
-from pipeline.cli_model import caption, params
-from pipeline.cli_pipeline import demo, pipeline
-from pipeline.cli_services import serve, stop
-from pipeline.cli_sync import sync
-from pipeline.cli_training import evaluate, standins, train
+from cli.app import serve_app
+from cli.compare import compare
+from cli.data import register as register_dataset_commands
+from cli.doctor import doctor
+from cli.evaluation import score
+from cli.features import features_app
+from cli.hub import push
+from cli.model import caption, params
+from cli.pipeline import demo, pipeline
+from cli.serve import serve, stop
+from cli.sync import sync
+from cli.training import evaluate, standins, train
 
 app = typer.Typer(help="I-Tuning: lightweight image captioning on frozen CLIP-ViT and GPT-2.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -57,4 +57,4 @@ app.command()(doctor)
 
 
 def main():
-    app()
+    app(prog_name="ituning")  # also when started as `python -m cli`

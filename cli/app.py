@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail
+from cli.errors import fail
 
 
 def serve_app(

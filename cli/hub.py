@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail, on_one_line
+from cli.errors import fail, on_one_line
 
 HUB_FAILED = 1  # the hub refused or could not be reached
 

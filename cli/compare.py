@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail, on_one_line
+from cli.errors import fail, on_one_line
 
 def default_report(workspace: Path, run_ids: list[str]) -> Path:
     names = "-".join(run_id[:8] for run_id in run_ids)

@@ -1,15 +1,14 @@
 """`ituning demo` / `ituning pipeline`: the full pipeline in this process (a temporary Prefect
 server starts by itself when PREFECT_API_URL is unset), then what came out and where to look."""
 
-import importlib
 import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail, filesystem_cause, first_line, interrupted_in, refused_writes_unlogged
-from pipeline.cli_training import WAIT_HELP, stop_interrupted, tracking_database
+from cli.errors import fail, filesystem_cause, first_line, interrupted_in, refused_writes_unlogged
+from cli.training import WAIT_HELP, stop_interrupted, tracking_database
 from pipeline.step_locks import set_step_wait
 from storage.locks import StepBusy
 from storage.manifests import DATASETS
@@ -23,7 +22,6 @@ QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFL
          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 DEMO = "demo"
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
-FULL_PIPELINE = "flows.in_process:run_full_pipeline"
 FLOW_LOG = "The flow run's full log: `make serve`, then the Prefect UI at http://127.0.0.1:4200"
 
 
@@ -79,8 +77,8 @@ def pipeline(
     refused_writes_unlogged()
     (workspace / "prefect").mkdir(parents=True, exist_ok=True)
     for key, value in pipeline_environment(config, workspace, set_ or []).items():
-        os.environ.setdefault(key, value)  # read when prefect is first imported, by the entrypoint below
-    run_in_process = entrypoint(FULL_PIPELINE)  # imports prefect, which reads the variables just set
+        os.environ.setdefault(key, value)  # read when prefect is first imported, by the import below
+    from flows.in_process import run_full_pipeline as run_in_process  # imports prefect, which reads them
     typer.echo(f"Running full-pipeline ({config}) in {workspace}; finished steps are reused ...")
     try:
         outcome = run_in_process(config=config, source=source, workspace=str(workspace), synthetic_images=synthetic_images,
@@ -112,13 +110,6 @@ def dataset_paths(values: list[str] | None, option: str, kind: str) -> dict[str,
             raise typer.BadParameter(f"{path}: no such {'file' if kind == 'file' else 'folder'}", param_hint=option)
         chosen[dataset] = str(found.resolve())
     return chosen
-
-
-def entrypoint(path: str):
-    """The function at "module:name", imported only when a command runs it: the application layer
-    knows the flows by name alone."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def demo(workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = Path("workspace")):

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_errors import fail, on_one_line
+from cli.errors import fail, on_one_line
 from storage.jsonfields import load_json, required
 from storage.sources import NOCAPS_DOMAINS, unknown_domains
 

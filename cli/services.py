@@ -25,16 +25,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.page_guard import ui_origins
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 STOP_ORDER = ("app", "worker", "prefect-server", "mlflow")
-LOOPBACK_NAMES = ("127.0.0.1", "localhost")
-
-
-def ui_origins(host: str, port: int) -> list[str]:
-    """The origins the Prefect UI is opened from: the server's own address under each loopback name."""
-    return [f"http://{name}:{port}" for name in dict.fromkeys((host, *LOOPBACK_NAMES))]
 
 
 @dataclass(frozen=True)

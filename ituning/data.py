@@ -8,6 +8,10 @@ DataLoader worker processes when asked for, so the accelerator does not wait on 
 When an epoch visits every caption, an image's captions follow one another, so they land in the
 same micro-batch (unless it ends between them); a micro-batch then reads each image's visual tokens
 once and the model computes each module's keys and values once per image (`share_visual`).
+
+The batching rules (padding, labels, grouping captions by image, cutting steps into micro-batches)
+live here once: `micro_batch` builds every micro-batch, whether its tensors are read on the host
+(`collate`) or gathered from data held on the device (ituning/device_data.py).
 """
 
 import multiprocessing

@@ -4,7 +4,8 @@ Streaming reads every caption's visual tokens from HDF5 and collates micro-batch
 each step of each epoch. When the split's tokens fit in the device's memory (COCO's Karpathy train,
 113,287 x 197 x 768 in float16, is 33.5 GB: an H200 holds it with room to spare), they are loaded
 once, shard by shard, with every caption's token ids; a micro-batch is then two gathers on the
-device. Its tensors equal those of `ituning.data.collate` exactly, so training is the same either way.
+device, built by the same rules (`ituning.data.micro_batch`). Its tensors equal those of
+`ituning.data.collate` exactly, so training is the same either way.
 
 `data_on_device` in a stage's config: true holds the data on the training device (the CPU's memory
 on a CPU), false streams, auto holds it on a CUDA device when it takes at most FREE_MEMORY_SHARE of

@@ -330,8 +330,7 @@ class StageTrainer:
         if stop_requested() and position.epoch < self.stage.epochs:
             self.interrupt()  # end_epoch saved this step
 
-    def interrupt(self) -> NoReturn:
-        """Stop as asked (`request_stop`), the checkpoint of this step written."""
+    def interrupt(self) -> NoReturn:  # as `request_stop` asked, the checkpoint of this step written
         barrier()  # every process stops here, after rank 0 wrote the checkpoint
         STOP.clear()
         raise TrainingInterrupted(self.position.step, self.folder.last)
@@ -485,6 +484,7 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
             results.append(StageResult(stage.name, -1, folder.final, None, None, None, read_metrics(folder.final)))
             continue
         results.append(trainer.run(resume))
+    STOP.clear()  # a stop asked for during the last step: the run has ended anyway
     return results
 
 

@@ -254,6 +254,8 @@ def test_a_requested_stop_keeps_that_step_and_a_rerun_ends_as_an_uninterrupted_r
             step: loss for step, loss in expected.items() if step > stop_after}
         final_b = load_file(folder / "finetune" / "final" / WEIGHTS_FILE)
         assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)
+    train_run(config, data, tmp_path / "at-the-end", cider_scorer, [StopFromAnotherThread(6)], progress=False)
+    assert not STOP.is_set()  # asked during the last step: the run ends as usual, and a later run is not stopped
 
 
 class PoisonedFeatures(dict):

@@ -83,7 +83,7 @@ def decoding_check(trainer: StageTrainer, images: int, rounds: int) -> dict:
 
 def jpeg_check(spec, folder: Path, images: int, rounds: int) -> dict:
     from ituning.backbones import load_vision_encoder
-    from ituning.device_decoding import pixel_difference
+    from ituning.device_jpeg import pixel_difference
     from ituning.encoding import ImageFiles, image_size, split_preprocess
 
     generator = np.random.default_rng(1)

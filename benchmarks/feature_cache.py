@@ -43,7 +43,7 @@ import ituning  # noqa: F401  (makes torchvision importable before open_clip is)
 from ituning.backbones import BackboneSpec, load_vision_encoder
 from ituning.images import open_rgb
 from common import seconds_on
-from ituning.device_decoding import DECODE_ON_DEVICE, device_resize_crop, why_not_on_device
+from ituning.device_jpeg import DECODE_ON_DEVICE, device_resize_crop, why_not_on_device
 from ituning.encoding import EncodeSettings, image_loader, image_size, split_preprocess
 from ituning.precision import autocast
 from pipeline.features import FeatureSettings, encode_features

@@ -152,7 +152,7 @@ def _split_images(workspace, dataset, split, vision, vision_pretrained):
 def _encode_settings(device: str, dtype: str, precision: str, batch_size: int = 256, workers: int | None = None,
                      decode_on_device: str = "auto"):
     from ituning.captioner import resolve_device
-    from ituning.device_decoding import DECODE_ON_DEVICE
+    from ituning.device_jpeg import DECODE_ON_DEVICE
     from ituning.encoding import OUTPUT_DTYPES, EncodeSettings
     from ituning.precision import PRECISIONS
 

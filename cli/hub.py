@@ -31,7 +31,7 @@ def push(
     is $HF_ENDPOINT (default huggingface.co), the token $HF_TOKEN or that of `hf auth login`. Load it
     back with `ituning caption --model hub:OWNER/NAME IMAGE` or Captioner.from_pretrained("OWNER/NAME").
     A hub failure exits 1; a bad repository id, an unusable checkpoint or run, 2."""
-    from ituning.model_card import BadRepoId, HubError
+    from pipeline.model_card import BadRepoId, HubError
     from pipeline.model_sources import push_checkpoint
 
     try:

@@ -8,9 +8,16 @@ tensors, arrays, files and configs handed to it.
 Import rule: ituning/ imports no other folder of the project (not storage/, pipeline/, tasks/ or
 flows/); tests/test_layers.py checks it. The names below are imported on first use, so
 `import ituning` stays cheap until one of them is needed.
+
+Importing the package is also where the environment is prepared, once per process: where a CPU-only
+torch meets a CUDA torchvision build, torchvision's first import is made to work (ituning/compat.py).
 """
 
 from importlib import import_module
+
+from ituning.compat import install_finder
+
+install_finder()  # before open_clip or transformers import torchvision
 
 _EXPORTS = {
     "BackboneSpec": "backbones", "BackboneUnavailable": "backbones", "load_language_model": "backbones",
@@ -28,8 +35,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'ituning' has no attribute {name!r}")
-    if _EXPORTS[name] in ("backbones", "captioner", "training"):
-        from ituning.compat import ensure_torchvision_importable
-
-        ensure_torchvision_importable()  # before open_clip or transformers import torchvision
     return getattr(import_module(f"ituning.{_EXPORTS[name]}"), name)

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ituning.compat import ensure_torchvision_importable, quiet_transformers
+from ituning.compat import quiet_transformers
 
 HUB_PROBE_TIMEOUT_S = 3.0
 LOCAL_DIR = "local-dir:"
@@ -157,7 +157,6 @@ def create_open_clip(name: str, pretrained: str | None, device: str, role: str, 
     """(model, evaluation preprocess) of an open_clip model: a name with a pretrained tag or weights
     file, `local-dir:FOLDER` or `hf-hub:ORG/NAME`. Raises BackboneUnavailable naming `role` and the
     `remedy` when it cannot be had."""
-    ensure_torchvision_importable()
     import open_clip
 
     if name.startswith(LOCAL_DIR) and not (Path(name[len(LOCAL_DIR) :]) / "open_clip_config.json").is_file():
@@ -192,7 +191,6 @@ def _weight_options(open_clip, name: str, pretrained: str | None) -> dict:
 
 def load_language_model(name_or_path: str, device: str = "cpu"):
     """A GPT-2-family LM head model and its tokenizer, frozen, in eval mode."""
-    ensure_torchvision_importable()
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     quiet_transformers()
@@ -235,7 +233,6 @@ def vision_width(model_name: str) -> int:
         config = json.loads((Path(model_name[len(LOCAL_DIR) :]) / "open_clip_config.json").read_text())
         config = config.get("model_cfg", config)
     else:
-        ensure_torchvision_importable()
         import open_clip
 
         try:

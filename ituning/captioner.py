@@ -14,7 +14,6 @@ from ituning.backbones import (
     vision_width,
 )
 from ituning.checkpoint import backbones_of, ituning_config_of, load_weights_into, read_config, save_checkpoint
-from ituning.compat import ensure_torchvision_importable
 from ituning.decoding import DecodingConfig, caption_prompt, caption_texts, ranked_beams
 from ituning.encoding import encode_pixels, input_side, stack_pixels
 from ituning.images import load_images
@@ -64,55 +63,6 @@ class Captioner:
 
     def save(self, directory: str | Path) -> Path:
         return save_checkpoint(directory, self.model, self.backbones, self.provenance)
-
-    def save_pretrained(self, directory: str | Path, record=None, repo_id: str | None = None) -> Path:
-        """The checkpoint (adapter_model.safetensors, adapter_config.json) plus its model card README.md:
-        a folder that from_pretrained loads, and `ituning caption --checkpoint` too. `record`
-        (ituning.model_card.RunRecord) gives the card the run's data sets and scores; `repo_id`, the
-        name it tells to load the model by."""
-        from ituning.model_card import CardFacts, RunRecord, write_model_card
-
-        directory = self.save(directory)
-        write_model_card(directory, CardFacts(read_config(directory), count_trainable(self.model), repo_id,
-                                              str(directory), record or RunRecord()))
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, source: str | Path, device="auto", revision: str | None = None,
-                        token: str | None = None, cache_dir: str | Path | None = None,
-                        local_folders: bool = True) -> "Captioner":
-        """A captioner from a folder (save_pretrained's, or any checkpoint folder) or from a hub
-        repository "OWNER/NAME" at `revision` (a branch, tag or commit; default main). Only the card,
-        config and safetensors files are downloaded, into the hub cache (HF_HOME); the backbones load
-        as for any checkpoint. A model trained on backbones in local folders loads where those exist.
-        `local_folders=False`: `source` is a hub repository even where a folder of that name exists."""
-        from ituning.backbones import BackboneUnavailable
-        from ituning.model_card import download_model_folder, missing_local_backbones
-
-        if local_folders and Path(source).is_dir():
-            return cls.from_checkpoint(source, device)
-        folder = download_model_folder(str(source), revision, token, cache_dir)
-        missing = missing_local_backbones(read_config(folder)["backbones"])
-        if missing:
-            raise BackboneUnavailable(
-                f"{source} was trained on backbones in local folders that this machine lacks: {', '.join(missing)} "
-                "(its model card names them); it loads where those paths exist")
-        return cls.from_checkpoint(folder, device)
-
-    def push_to_hub(self, repo_id: str, record=None, private: bool = False, revision: str | None = None,
-                    token: str | None = None, commit_message: str | None = None):
-        """Share the captioner on the hub (HF_ENDPOINT; token from HF_TOKEN or `hf auth login`):
-        create the repository (private if asked) and the branch `revision` unless they exist, then
-        upload save_pretrained's folder as one commit. Returns that commit: a str, its URL, with
-        `.repo_url` and `.oid`."""
-        import tempfile
-
-        from ituning.model_card import create_model_repo, upload_model_folder
-
-        repo_id = create_model_repo(repo_id, private, revision, token)
-        with tempfile.TemporaryDirectory(prefix="ituning-push-") as folder:
-            self.save_pretrained(folder, record, repo_id)
-            return upload_model_folder(folder, repo_id, revision, token, commit_message)
 
     @property
     def device(self) -> torch.device:
@@ -172,7 +122,6 @@ class Captioner:
 def trainable_count(language_model="gpt2", vision_model="ViT-B-16", drop_first=0, bottleneck=None) -> int:
     """Trainable parameters of I-Tuning on these backbones, from their configurations alone
     (built on the meta device: nothing is downloaded or allocated)."""
-    ensure_torchvision_importable()
     from transformers import GPT2Config, GPT2LMHeadModel
 
     n_embd, n_layer, n_head = language_model_dimensions(language_model)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ituning.backbones import LOCAL_DIR, BackboneUnavailable, create_open_clip
-from ituning.compat import ensure_torchvision_importable
 from ituning.images import open_rgb
+from ituning.standins import TINY_VISION, clip_text_tokens
 
 PAPER_WEIGHT = 2.5  # w
 CAPTION_PREFIX = "A photo depicts"
@@ -179,7 +179,6 @@ def load_clip_scorer(model: str = PAPER_MODEL, pretrained: str | None = PAPER_PR
     """A ClipScorer on a whole open_clip CLIP, loaded as ituning.backbones loads the vision encoder:
     from the hub cache (downloading when the hub is reachable), a local-dir: folder or a weights file.
     Raises BackboneUnavailable with the reason when it cannot be had."""
-    ensure_torchvision_importable()
     import open_clip
 
     clip, preprocess = _create_clip(model, pretrained, device)
@@ -204,8 +203,6 @@ def _text_tokenizer(open_clip, name: str) -> Callable[[list[str]], torch.Tensor]
         return open_clip.get_tokenizer(name)
     from transformers import AutoTokenizer
 
-    from ituning.standins import clip_text_tokens
-
     language = folder.parent / "language"
     if not (language / "tokenizer.json").is_file():
         raise BackboneUnavailable(f"{name}: a stand-in CLIP reads its tokenizer from {language}, which has none")
@@ -214,7 +211,5 @@ def _text_tokenizer(open_clip, name: str) -> Callable[[list[str]], torch.Tensor]
 
 
 def _is_standin(folder: Path) -> bool:
-    from ituning.standins import TINY_VISION
-
     config = json.loads((folder / "open_clip_config.json").read_text())
     return config.get("model_cfg") == json.loads(json.dumps(TINY_VISION))

@@ -7,15 +7,21 @@ because they import torchvision. Declaring the two operator schemas its Python s
 kernels for lets the pure-Python parts (transforms, models) import and work. torchvision.ops and
 torchvision.io stay unusable there; the project decodes images with PIL and needs neither.
 
-Nothing changes where torchvision imports normally: the real import is always tried first.
+This happens in one place, at the start of a process: importing the `ituning` package puts
+`TorchvisionImportFinder` in front of the import system (`install_finder`). The finder does
+nothing until torchvision is first imported; then it steps aside and, only if torchvision's
+compiled operators cannot load, declares the schemas, and the import goes on as usual. Where the
+builds match, nothing changes. An environment can also run the finder at interpreter start-up, for
+programs that import open_clip or transformers without importing ituning (pipeline/torchvision_hook.py
+writes the .pth file that does it). Setting ITUNING_NO_TORCHVISION_HOOK turns the finder off.
 """
 
+import os
 import sys
+from importlib.machinery import PathFinder
 from pathlib import Path
 
-import torch
-
-MISSING_OPERATOR = "torchvision::nms does not exist"
+OPT_OUT = "ITUNING_NO_TORCHVISION_HOOK"  # set (to anything) to run without the finder
 OPERATOR_SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor",
@@ -25,34 +31,46 @@ _schema_library = None  # kept alive: dropping the Library object would unregist
 torchvision_was_patched = False
 
 
-def ensure_torchvision_importable() -> None:
-    """Import torchvision, declaring its missing operator schemas only if the import needs them."""
-    try:
-        import torchvision  # noqa: F401
+class TorchvisionImportFinder:
+    """A meta path finder that prepares torchvision's first import, then steps aside."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torchvision":
+            return None
+        uninstall_finder()
+        spec = PathFinder.find_spec(name, path)
+        if spec is not None and spec.submodule_search_locations:
+            prepare_torchvision_import(Path(list(spec.submodule_search_locations)[0]))
+        return None  # the usual finders load it
+
+
+def install_finder() -> None:
+    """Put the finder in front of the import system, unless torchvision is already imported."""
+    if os.environ.get(OPT_OUT):
         return
-    except ModuleNotFoundError:
-        return  # not installed: nothing imports it
-    except RuntimeError as error:
-        if MISSING_OPERATOR not in str(error):
-            raise
-    _forget_partial_import()
-    declare_operator_schemas()
-    import torchvision  # noqa: F401,F811
+    if "torchvision" not in sys.modules and not any(isinstance(f, TorchvisionImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, TorchvisionImportFinder())
+
+
+def uninstall_finder() -> None:
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, TorchvisionImportFinder)]
 
 
 def prepare_torchvision_import(package_dir: Path) -> None:
-    """Before torchvision's first import (ituning/import_hook.py): declare the operator
-    schemas if its compiled operators cannot load, so that the import succeeds the first time."""
+    """Before torchvision's first import: declare the operator schemas if its compiled operators
+    cannot load, so that the import succeeds the first time."""
+    import torch  # here, not at the top: the finder is installed at start-up, before anything needs torch
+
     compiled = sorted(Path(package_dir).glob("_C*.so")) + sorted(Path(package_dir).glob("_C*.pyd"))
     if not compiled or _schema_library is not None:
         return
     try:
         torch.ops.load_library(str(compiled[0]))  # what torchvision itself does first
     except OSError:
-        declare_operator_schemas()
+        declare_operator_schemas(torch)
 
 
-def declare_operator_schemas() -> None:
+def declare_operator_schemas(torch) -> None:
     global _schema_library, torchvision_was_patched
     if _schema_library is None:
         _schema_library = torch.library.Library("torchvision", "DEF")
@@ -66,8 +84,3 @@ def quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-
-
-def _forget_partial_import() -> None:
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]

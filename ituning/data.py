@@ -8,11 +8,15 @@ DataLoader worker processes when asked for, so the accelerator does not wait on 
 When an epoch visits every caption, an image's captions follow one another, so they land in the
 same micro-batch (unless it ends between them); a micro-batch then reads each image's visual tokens
 once and the model computes each module's keys and values once per image (`share_visual`).
+
+The batching rules (padding, labels, grouping captions by image, cutting steps into micro-batches)
+live here once: `micro_batch` builds every micro-batch, whether its tensors are read on the host
+(`collate`) or gathered from data held on the device (ituning/device_data.py).
 """
 
 import multiprocessing
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,34 +98,58 @@ def caption_token_rows(texts: list[str], tokenizer, max_tokens: int) -> list[lis
     return [[*prompt, *ids[: max_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
 
 
+def padded_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded to the longest with pad_id (B, T), and their lengths (B,)."""
+    input_ids = torch.full((len(rows), max(len(row) for row in rows)), pad_id, dtype=torch.long)
+    for row_index, row in enumerate(rows):
+        input_ids[row_index, : len(row)] = torch.tensor(row)
+    return input_ids, torch.tensor([len(row) for row in rows])
+
+
+def text_tensors(input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, labels and attention_mask (each (B, T)) of padded caption rows of these lengths: every
+    token but the prompt and the padding is a target."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    attention_mask = (positions[None, :] < lengths[:, None]).long()  # (B, T)
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, 0] = IGNORE_INDEX  # the prompt token is given, not predicted
+    return input_ids, labels, attention_mask
+
+
 def pad_caption_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input_ids, labels and attention_mask (each (B, T)) of right-padded token rows."""
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for row_index, row in enumerate(rows):
-        tokens = torch.tensor(row)
-        input_ids[row_index, : len(row)] = tokens
-        labels[row_index, 1 : len(row)] = tokens[1:]
-        attention_mask[row_index, : len(row)] = 1
-    return input_ids, labels, attention_mask
+    return text_tensors(*padded_rows(rows, pad_id))
+
+
+def micro_batch(samples: list[tuple[str, int]], token_rows: Callable, visual_rows: Callable,
+                share_visual: bool = True) -> CaptionBatch:
+    """The micro-batch of (image_id, caption index) samples, by the one set of batching rules, for
+    data on the host and on the device alike. token_rows(samples) gives the captions' token rows
+    padded with EOS to the longest (B, T) and their lengths (B,); visual_rows(image_ids) the visual
+    tokens of those images, one row each, wherever the data are held. With `share_visual`, each
+    distinct image's visual tokens are taken once, in order of first appearance, and every caption
+    points at its image's row; otherwise every caption carries its own copy (the reference path)."""
+    input_ids, labels, attention_mask = text_tensors(*token_rows(samples))
+    image_ids = [image_id for image_id, _ in samples]
+    if not share_visual:
+        return CaptionBatch(input_ids, labels, attention_mask, visual_rows(image_ids))  # (B, N, d_v)
+    distinct, image_index = first_appearances(image_ids)
+    groups = ImageGroups.of(image_index, len(distinct)).to(input_ids.device)  # built on the host: no device wait
+    return CaptionBatch(input_ids, labels, attention_mask, visual_rows(distinct), groups.image_index, groups)
 
 
 def collate(samples, captions, features: Mapping, tokenizer, max_tokens: int,
             share_visual: bool = True) -> CaptionBatch:
-    """The micro-batch of (image_id, caption index) samples. With `share_visual`, each distinct
-    image's visual tokens are read once, in order of first appearance, and every caption points at
-    its image's row; otherwise every caption carries its own copy (the reference path)."""
-    rows = caption_token_rows([captions[image_id][index] for image_id, index in samples], tokenizer, max_tokens)
-    text = pad_caption_rows(rows, tokenizer.eos_token_id)
-    image_ids = [image_id for image_id, _ in samples]
-    if not share_visual:
-        visual = np.stack([np.asarray(features[image_id]) for image_id in image_ids])  # (B, N, d_v)
-        return CaptionBatch(*text, torch.from_numpy(visual))
-    distinct, image_index = first_appearances(image_ids)
-    visual = np.stack([np.asarray(features[image_id]) for image_id in distinct])  # (B_img, N, d_v)
-    return CaptionBatch(*text, torch.from_numpy(visual), image_index)
+    """The micro-batch of (image_id, caption index) samples, tokenized and read on the host."""
+
+    def token_rows(chosen: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [captions[image_id][index] for image_id, index in chosen]
+        return padded_rows(caption_token_rows(texts, tokenizer, max_tokens), tokenizer.eos_token_id)
+
+    def visual_rows(image_ids: list[str]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([np.asarray(features[image_id]) for image_id in image_ids]))  # (B, N, d_v)
+
+    return micro_batch(samples, token_rows, visual_rows, share_visual)
 
 
 def first_appearances(keys: list) -> tuple[list, torch.Tensor]:

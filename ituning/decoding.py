@@ -75,6 +75,15 @@ class CachedStep:
         return output.logits[:, -1].float().log_softmax(dim=-1)
 
 
+class BlindStep(CachedStep):
+    """Decoding with the modules switched off: the plain frozen language model (the caption-blind
+    baseline). The visual tokens are ignored."""
+
+    def __init__(self, model: ITuningCaptioner, visual: torch.Tensor):
+        super().__init__(model, visual[:, :1])
+        self.memory = None
+
+
 class RecomputingStep:
     """The reference: the whole prefix and every beam's visual keys/values, every step."""
 

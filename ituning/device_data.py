@@ -4,7 +4,8 @@ Streaming reads every caption's visual tokens from HDF5 and collates micro-batch
 each step of each epoch. When the split's tokens fit in the device's memory (COCO's Karpathy train,
 113,287 x 197 x 768 in float16, is 33.5 GB: an H200 holds it with room to spare), they are loaded
 once, shard by shard, with every caption's token ids; a micro-batch is then two gathers on the
-device. Its tensors equal those of `ituning.data.collate` exactly, so training is the same either way.
+device, built by the same rules (`ituning.data.micro_batch`). Its tensors equal those of
+`ituning.data.collate` exactly, so training is the same either way.
 
 `data_on_device` in a stage's config: true holds the data on the training device (the CPU's memory
 on a CPU), false streams, auto holds it on a CUDA device when it takes at most FREE_MEMORY_SHARE of
@@ -18,10 +19,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from ituning.data import (IGNORE_INDEX, CaptionBatch, caption_token_rows, first_appearances, images_with_captions,
-                          pad_caption_rows)
+from ituning.data import CaptionBatch, caption_token_rows, images_with_captions, micro_batch, padded_rows
 from ituning.fast_paths import DATA_ON_DEVICE
-from ituning.model import ImageGroups
 from ituning.progress import Progress
 
 FREE_MEMORY_SHARE = 0.5
@@ -90,27 +89,23 @@ class DeviceCaptionData:
         self.first_caption = dict(zip(image_ids, np.cumsum([0, *counts[:-1]]).tolist()))
         rows = caption_token_rows(texts, tokenizer, max_tokens)
         self.lengths = [len(row) for row in rows]
-        input_ids, _, _ = pad_caption_rows(rows, tokenizer.eos_token_id)
+        input_ids, _ = padded_rows(rows, tokenizer.eos_token_id)
         self.token_ids = input_ids.to(device)  # (C, L), padded with EOS as collate pads
         self.token_lengths = torch.tensor(self.lengths, device=device)  # (C,)
 
     def collate(self, samples: list[tuple[str, int]]) -> CaptionBatch:
-        """The micro-batch of (image_id, caption index) samples, as `ituning.data.collate` makes it."""
+        """The micro-batch of (image_id, caption index) samples, as `ituning.data.collate` makes it:
+        the same rules (`ituning.data.micro_batch`), the tensors gathered on the device."""
+        return micro_batch(samples, self.token_rows, self.visual_rows, self.share_visual)
+
+    def token_rows(self, samples: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.first_caption[image_id] + index for image_id, index in samples]
         length = max(self.lengths[row] for row in rows)  # known on the host: no wait for the device
         caption_rows = self.on_device(rows)
-        input_ids = self.token_ids[caption_rows, :length]  # (B, T)
-        positions = torch.arange(length, device=self.device)
-        attention_mask = (positions[None, :] < self.token_lengths[caption_rows, None]).long()  # (B, T)
-        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        labels[:, 0] = IGNORE_INDEX  # the prompt token is given, not predicted
-        image_rows = [self.image_row[image_id] for image_id, _ in samples]
-        if not self.share_visual:
-            return CaptionBatch(input_ids, labels, attention_mask, self.visual[self.on_device(image_rows)])
-        distinct, image_index = first_appearances(image_rows)  # as collate orders them
-        groups = ImageGroups.of(image_index, len(distinct)).to(self.device)
-        visual = self.visual[self.on_device(distinct)]  # (B_img, N, d_v)
-        return CaptionBatch(input_ids, labels, attention_mask, visual, groups.image_index, groups)
+        return self.token_ids[caption_rows, :length], self.token_lengths[caption_rows]  # (B, T), (B,)
+
+    def visual_rows(self, image_ids: list[str]) -> torch.Tensor:
+        return self.visual[self.on_device([self.image_row[image_id] for image_id in image_ids])]  # (B, N, d_v)
 
     def on_device(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

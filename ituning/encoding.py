@@ -10,7 +10,7 @@ exactly as stored.
 where that one may not have children, e.g. a Dask worker), which send uint8 images (scaling and
 normalisation, the same arithmetic, happen on the device). On CUDA, JPEGs are decoded, resized and
 cropped on the device instead where nvJPEG can (EncodeSettings.decode_on_device,
-ituning/device_decoding.py): the workers send those files' bytes. The encoder runs in the caller's
+ituning/device_jpeg.py): the workers send those files' bytes. The encoder runs in the caller's
 thread under the autocast of the compute precision (ituning/precision.py); its tokens, cast to the
 output dtype, travel to the host asynchronously on CUDA, so the next batch is launched while one is
 copied.
@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ituning.data import usable_workers, worker_start_method
-from ituning.device_decoding import RoutedFiles, collate_routed, device_jpegs, proven
+from ituning.device_jpeg import RoutedFiles, collate_routed, device_jpegs, proven
 from ituning.images import UnreadableImage, open_rgb
 from ituning.precision import autocast
 

@@ -245,35 +245,9 @@ def write_nocaps_submission(captions: Mapping[str, str], path: str | Path,
     return path
 
 
-def generate_captions(captioner, visual_tokens: Mapping, image_ids: Iterable[str], decoding=None,
-                      batch_size: int = 32) -> dict[str, str]:
-    """Captions for images by id, from cached visual tokens (any mapping image_id -> (N, d) array,
-    e.g. a FeatureReader), in batches."""
-    from ituning.decoding import DecodingConfig, caption_cached_tokens
-
-    decoding = decoding or DecodingConfig()
-    return caption_cached_tokens(lambda visual: captioner.caption_features(visual, decoding), visual_tokens,
-                                 image_ids, batch_size)
-
-
 def save_json(value, path: str | Path) -> Path:
     """Captions or scores as readable JSON (keys sorted)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
     return path
-
-
-def evaluate_split(captioner, visual_tokens: Mapping, references: Mapping[str, list[str]],
-                   domains: Mapping[str, str | None] | None = None, decoding=None, metrics: Iterable[str] | None = None,
-                   batch_size: int = 32) -> tuple[dict[str, str], dict]:
-    """Caption every referenced image from its cached visual tokens and score the captions:
-    (captions, scores), the scores by NoCaps domain when `domains` is given (a warning is logged
-    for images without one)."""
-    captions = generate_captions(captioner, visual_tokens, sorted(references), decoding, batch_size)
-    if domains is None:
-        return captions, score_captions(captions, references, metrics)
-    note = missing_domains_note(captions, domains)
-    if note:
-        log.warning(note)
-    return captions, score_by_domain(captions, references, domains, metrics)

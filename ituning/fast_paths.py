@@ -1,9 +1,9 @@
 """Fast paths that prove themselves on first use, and the record of those that fell back.
 
 Five settings turn on code that pays off on a GPU: the compiled training loss (`compile`), compiled
-beam decoding over a static key/value cache (`static_decoding`), nvJPEG decoding on the device
-(`device_decoding`), training data held on the device (`data_on_device`) and the memory probe
-behind `micro_batch_size: auto` (`micro_batch`). Each is a `FastPath`. In `auto`, the first time a
+beam decoding over a static key/value cache (`static_decoding`), nvJPEG on the device
+(`device_decoding`, ituning/device_jpeg.py), training data held on the device (`data_on_device`)
+and the memory probe behind `micro_batch_size: auto` (`micro_batch`). Each is a `FastPath`. In `auto`, the first time a
 process would use one, one real batch goes through it and through the plain path, and the two
 results are compared with the tolerance stated for that path; on an exception or a mismatch the
 plain path is used from then on, one warning line names the path and the reason, and the fallback
@@ -99,10 +99,11 @@ class FastPath:
 
 COMPILE = FastPath("compile", "the compiled training loss")
 STATIC_DECODING = FastPath("static_decoding", "compiled beam decoding over a static KV cache")
-DEVICE_DECODING = FastPath("device_decoding", "JPEG decoding on the device (nvJPEG)")
+# Its setting and tag keep the name they were published under (fallback.device_decoding); the code's is device_jpeg.
+DEVICE_JPEG = FastPath("device_decoding", "JPEG decoding on the device (nvJPEG)")
 DATA_ON_DEVICE = FastPath("data_on_device", "training data held on the device")
 MICRO_BATCH = FastPath("micro_batch", "the measured micro-batch (micro_batch_size: auto)")
-PATHS = (COMPILE, STATIC_DECODING, DEVICE_DECODING, DATA_ON_DEVICE, MICRO_BATCH)
+PATHS = (COMPILE, STATIC_DECODING, DEVICE_JPEG, DATA_ON_DEVICE, MICRO_BATCH)
 
 
 def outcomes() -> dict[str, str]:

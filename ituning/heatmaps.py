@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ituning.decoding import DecodingConfig, generate
+from ituning.images import open_rgb
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,6 @@ def save_heatmaps(image: Image.Image, attention: TokenAttention, path: str | Pat
 def render_heatmaps(captioner, image_paths: dict[str, Path], captions: dict[str, str], out_dir: str | Path,
                     limit: int | None = 8) -> dict[str, Path]:
     """One heatmap PNG per captioned image (the first `limit` by image_id): out_dir/<image_id>.png."""
-    from ituning.images import open_rgb
-
     out_dir = Path(out_dir)
     written = {}
     for image_id in sorted(key for key in captions if key in image_paths)[:limit]:

@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 
 from ituning.backbones import LOCAL_DIR, BackboneSpec
-from ituning.compat import ensure_torchvision_importable, quiet_transformers
+from ituning.compat import quiet_transformers
+from ituning.data import caption_token_rows, pad_caption_rows
+from ituning.encoding import load_pixels
 from ituning.progress import Progress
 from ituning.provenance import STANDIN_MARKER
+from ituning.schedule import warmup_cosine
 
 EOS_TOKEN = "<|endoftext|>"
 TINY_VISION = {
@@ -31,7 +34,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def train_tokenizer(texts, vocab_size: int = 400):
     """A byte-level BPE tokenizer with GPT-2's single special token as BOS, EOS and padding."""
-    ensure_torchvision_importable()
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -46,7 +48,6 @@ def train_tokenizer(texts, vocab_size: int = 400):
 
 def save_vision_standin(directory: Path, seed: int, model=None) -> str:
     """Write an open_clip folder; with no model, a randomly initialised one. Returns its name."""
-    ensure_torchvision_importable()
     import open_clip
     from safetensors.torch import save_file
 
@@ -70,7 +71,6 @@ def mark_standin(directory: Path, what: str) -> None:
 
 
 def new_language_standin(tokenizer, seed: int):
-    ensure_torchvision_importable()
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -134,8 +134,6 @@ def clip_text_tokens(texts: list[str], tokenizer) -> torch.Tensor:
 
 
 def _optimizer_and_schedule(parameters, settings: StandinTraining, steps: int, weight_decay: float):
-    from ituning.training import warmup_cosine
-
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, steps // 10))
 
@@ -152,7 +150,6 @@ def _optimizer_step(loss: torch.Tensor, optimizer, schedule) -> str:
 def train_vision_standin(pixels: torch.Tensor, captions: list[list[str]], tokenizer,
                          settings: StandinTraining = StandinTraining(), progress: bool = True):
     """A tiny open_clip CLIP trained with the CLIP loss on (image, one of its captions) pairs."""
-    ensure_torchvision_importable()
     import open_clip
 
     torch.manual_seed(settings.seed)
@@ -175,8 +172,6 @@ def train_vision_standin(pixels: torch.Tensor, captions: list[list[str]], tokeni
 def train_language_standin(texts: list[str], tokenizer, settings: StandinTraining = StandinTraining(),
                            progress: bool = True):
     """A tiny GPT-2 trained as a language model on captions (BOS caption EOS)."""
-    from ituning.data import caption_token_rows, pad_caption_rows
-
     model = new_language_standin(tokenizer, settings.seed).train()
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer, schedule = _optimizer_and_schedule(model.parameters(), settings, settings.language_steps, 0.01)
@@ -195,8 +190,6 @@ def build_standins_from_images(images: list[tuple[Path, list[str]]], directory: 
                                settings: StandinTraining = StandinTraining(), progress: bool = True) -> BackboneSpec:
     """Tokenizer, ViT and GPT-2 stand-ins learned from (image file, its captions) pairs, saved under
     directory/vision (open_clip folder) and directory/language (transformers folder)."""
-    from ituning.encoding import load_pixels
-
     directory = Path(directory)
     captions = [texts for _, texts in images]
     texts = [caption for image_captions in captions for caption in image_captions]

@@ -16,15 +16,22 @@ starting from the modules the previous stage ended with. Progress goes to plain 
 objects with some of `on_step(step, metrics)`, `on_epoch(epoch, metrics)`, `on_checkpoint(path)`
 between stages, `on_stage(name, config)`, and once a stage knows how it runs, `on_plan(name,
 settings)` (the micro-batch `auto` chose, whether the data are on the device and the step compiled).
+
+Read top to bottom: `train_run` runs each stage's `StageTrainer.run` (resume, epochs, `final/`),
+`run_epoch` (steps, checkpoints), `train_step` (micro-batches, one optimizer step) and `end_epoch`
+(validation, `best/`). A checkpoint is `TrainingState.save(dir)` / `.restore(dir)`
+(ituning/training_state.py); `request_stop()` ends a run early, resumably.
 """
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -33,38 +40,51 @@ from torch import nn
 
 from ituning.backbones import BackboneSpec, load_language_model, vision_width
 from ituning.captioner import resolve_device
-from ituning.checkpoint import load_weights_into
+from ituning.checkpoint import load_weights_into, read_provenance
 from ituning.config import RunConfig, StageConfig, config_to_dict
 from ituning.data import (CaptionBatch, MicroBatches, epoch_samples, images_with_captions, micro_batch_chunks,
                           micro_batch_count, micro_batch_loader, samples_per_epoch)
-from ituning.decoding import CachedStep, DecodingConfig, caption_texts, caption_cached_tokens
+from ituning.decoding import DecodingConfig
 from ituning.device_data import DeviceCaptionData, batch_difference, holds_on_device, visual_bytes
 from ituning.distributed import (barrier, data_parallel, gradient_sync, is_main_process, join_from_environment,
                                  process_device, shard, summed, unwrapped, world)
+from ituning.evaluation import score_captions
 from ituning.fast_paths import COMPILE, DATA_ON_DEVICE, ON
 from ituning.micro_batch import resolve_micro_batch, worst_micro_batch
 from ituning.model import ITuningCaptioner, trainable_parameters
-from ituning.progress import Progress
 from ituning.precision import autocast
+from ituning.progress import Progress
 from ituning.provenance import Provenance, TrainingSplit, is_standin_backbone
-from ituning.training_state import (
-    BEST,
-    FINAL,
-    METRICS_FILE,
-    TrainerState,
-    is_finished,
-    last_checkpoint,
-    restore_training_checkpoint,
-    save_modules,
-    save_training_checkpoint,
-    settle_checkpoints,
-)
+from ituning.schedule import warmup_cosine
+from ituning.training_state import Position, StageFolder, TrainingState, read_metrics
+from ituning.validation import Scorer, evaluate_captions
 
-Scorer = Callable[[dict[str, str], dict[str, list[str]]], dict[str, float]]
+STOP = threading.Event()  # set from any thread (a Ctrl-C handler); holds until a run honours it
+
+
+def request_stop() -> None:
+    """Stop the training in progress after its current optimizer step: it writes the resumable
+    checkpoint of that step, then raises TrainingInterrupted."""
+    STOP.set()
+
+
+def stop_requested() -> bool:
+    """Whether a stop was requested, in any process of a torchrun launch: they all stop at the same step."""
+    return summed(float(STOP.is_set())) > 0
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; training stopped."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on request (`request_stop`) between two optimizer steps, after writing the
+    resumable checkpoint of `step`: a rerun continues from there. A KeyboardInterrupt, so that what
+    handles Ctrl-C handles it the same way."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"training stopped at step {step}; {checkpoint} resumes from there")
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -87,24 +107,6 @@ class StageResult:
     best_cider: float | None
     last_loss: float | None
     history: list[dict]
-
-
-def default_scorer(candidates: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
-    from ituning.evaluation import score_captions
-
-    return score_captions(candidates, references)
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Learning-rate multiplier: linear warm-up to 1, then a cosine down to 0 at total_steps."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return multiplier
 
 
 def caption_loss_sum(model: ITuningCaptioner, batch: CaptionBatch) -> torch.Tensor:
@@ -148,31 +150,6 @@ def gradients_difference(tolerance: float) -> Callable:
     return difference
 
 
-class BlindStep(CachedStep):
-    """Decoding with the modules switched off: the plain frozen language model (the caption-blind
-    baseline). The visual tokens are ignored."""
-
-    def __init__(self, model: ITuningCaptioner, visual: torch.Tensor):
-        super().__init__(model, visual[:, :1])
-        self.memory = None
-
-
-def caption_feature_set(model, tokenizer, features: Mapping, image_ids: list[str], decoding: DecodingConfig,
-                        batch_size: int = 64, blind: bool = False) -> dict[str, str]:
-    """Captions generated from cached visual tokens, by image id."""
-    step = BlindStep if blind else None  # None: as `decoding.compile` says (compiled on CUDA)
-    return caption_cached_tokens(lambda visual: caption_texts(model, tokenizer, visual, decoding, step),
-                                 features, image_ids, batch_size, "validation captions")
-
-
-def evaluate_captions(model, tokenizer, features: Mapping, captions: dict[str, list[str]], score: Scorer,
-                      decoding: DecodingConfig = DecodingConfig(), blind: bool = False) -> dict[str, float]:
-    """Scores of captions generated for every image of `captions` (blind: without the image)."""
-    image_ids = images_with_captions(captions)
-    candidates = caption_feature_set(model, tokenizer, features, image_ids, decoding, blind=blind)
-    return score(candidates, {image_id: captions[image_id] for image_id in image_ids})
-
-
 class StageTrainer:
     """One stage: epochs of accumulated steps, checkpoints, validation, resume.
 
@@ -183,11 +160,9 @@ class StageTrainer:
                  data: StageData, stage_dir: Path, score: Scorer | None = None, callbacks=(), progress=True,
                  provenance: Provenance | None = None, workspace: Path | None = None):
         self.replica, self.model = model, unwrapped(model)
-        self.provenance = provenance
-        self.workspace = workspace  # checkpoints name the backbones inside it relative to it
         self.tokenizer, self.backbones = tokenizer, backbones
-        self.stage, self.data, self.stage_dir = stage, data, Path(stage_dir)
-        self.score = score or default_scorer
+        self.stage, self.data, self.folder = stage, data, StageFolder(Path(stage_dir))
+        self.score = score or score_captions
         self.callbacks, self.progress = list(callbacks), progress
         self.device = next(self.model.parameters()).device
         self.optimizer = torch.optim.AdamW(
@@ -198,7 +173,8 @@ class StageTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(total, round(stage.warmup_fraction * total))
         )
-        self.state = TrainerState()
+        # what a checkpoint saves and restores; checkpoints name the backbones inside `workspace` relative to it
+        self.state = TrainingState(self.model, backbones, self.optimizer, self.scheduler, provenance, workspace)
         self.loss_sum = training_loss(stage.compile, self.device)
 
     @cached_property
@@ -295,16 +271,18 @@ class StageTrainer:
             if handler is not None:
                 handler(*args)
 
+    @property
+    def position(self) -> Position:
+        return self.state.position
+
     def start(self, resume: bool = True) -> None:
         """Continue from the last checkpoint if there is one, else from `init_from` if given."""
-        checkpoint = last_checkpoint(self.stage_dir) if resume else None
+        checkpoint = self.folder.resumable() if resume else None
         if checkpoint is not None:
-            self.state = restore_training_checkpoint(
-                checkpoint, self.model, self.backbones, self.optimizer, self.scheduler
-            )
+            self.state.restore(checkpoint)
             return
         if self.stage.init_from:
-            load_weights_into(self.model, self.stage.init_from, self.backbones)
+            self.state.load_modules(self.stage.init_from)
         torch.manual_seed(self.stage.seed)
 
     def run(self, resume: bool = True) -> StageResult:
@@ -316,35 +294,46 @@ class StageTrainer:
         self.notify("on_plan", self.stage.name, self.plan())
         total = self.steps_per_epoch * self.stage.epochs
         show = self.progress and is_main_process()
-        with Progress(total, self.stage.name, "steps", initial=self.state.step, enabled=show) as bar:
-            while self.state.epoch < self.stage.epochs:
+        with Progress(total, self.stage.name, "steps", initial=self.position.step, enabled=show) as bar:
+            while self.position.epoch < self.stage.epochs:
                 self.run_epoch(bar)
-        final = self.stage_dir / FINAL
         if is_main_process():
-            save_modules(final, self.model, self.backbones, self.state.history, self.provenance, self.workspace)
+            self.state.save_modules(self.folder.final, self.position.history)
         barrier()  # a next stage in another train_run may load `final` at once
-        best = self.stage_dir / BEST
-        return StageResult(self.stage.name, self.state.step, final, best if best.exists() else None,
-                           self.state.best_cider, self.state.last_loss, self.state.history)
+        best = self.folder.best if self.folder.best.exists() else None
+        return StageResult(self.stage.name, self.position.step, self.folder.final, best, self.position.best_cider,
+                           self.position.last_loss, self.position.history)
 
     def run_epoch(self, bar) -> None:
-        samples = epoch_samples(self.data.captions, self.stage.captions, self.stage.seed, self.state.epoch)
+        position = self.position
+        samples = epoch_samples(self.data.captions, self.stage.captions, self.stage.seed, position.epoch)
         size, every = self.stage.batch_size, self.stage.checkpoint_every_steps
-        steps = [samples[k * size : (k + 1) * size] for k in range(self.state.step_in_epoch, self.steps_per_epoch)]
+        steps = [samples[k * size : (k + 1) * size] for k in range(position.step_in_epoch, self.steps_per_epoch)]
         shares = [shard(step) for step in steps]  # under torchrun: this process's share of each step
         loaded = iter(self.loader(shares))
         for step, share in zip(steps, shares):
             batches = [next(loaded) for _ in range(micro_batch_count(share, self.micro_batch_size))]
             metrics = self.train_step(step, batches)
-            self.state.step += 1
-            self.state.step_in_epoch += 1
-            self.state.epoch_loss_sum += metrics["loss"]
-            self.state.last_loss = metrics["loss"]
+            position.step += 1
+            position.step_in_epoch += 1
+            position.epoch_loss_sum += metrics["loss"]
+            position.last_loss = metrics["loss"]
             bar.update(1, loss=f"{metrics['loss']:.3f}")
-            self.notify("on_step", self.state.step, metrics)
-            if every and self.state.step % every == 0 and self.state.step_in_epoch < self.steps_per_epoch:
-                self.save()
+            self.notify("on_step", position.step, metrics)
+            if position.step_in_epoch < self.steps_per_epoch:  # the epoch's last step: end_epoch saves
+                if stop_requested():
+                    self.save()
+                    self.interrupt()
+                if every and position.step % every == 0:
+                    self.save()
         self.end_epoch()
+        if stop_requested() and position.epoch < self.stage.epochs:
+            self.interrupt()  # end_epoch saved this step
+
+    def interrupt(self) -> NoReturn:  # as `request_stop` asked, the checkpoint of this step written
+        barrier()  # every process stops here, after rank 0 wrote the checkpoint
+        STOP.clear()
+        raise TrainingInterrupted(self.position.step, self.folder.last)
 
     def loader(self, shares: list[list[tuple[str, int]]]):
         if self.device_data is not None:
@@ -384,7 +373,7 @@ class StageTrainer:
         self.scheduler.step()
         seconds = time.perf_counter() - started
         return {"loss": loss_total, "lr": learning_rate, "grad_norm": float(norm),
-                "captions_per_s": len(samples) / seconds, "epoch": float(self.state.epoch)}
+                "captions_per_s": len(samples) / seconds, "epoch": float(self.position.epoch)}
 
     def micro_batches(self, samples: list[tuple[str, int]]) -> list[CaptionBatch]:
         """One step's micro-batches, collated here and now."""
@@ -409,21 +398,22 @@ class StageTrainer:
 
     def check_finite(self, value: torch.Tensor, what: str) -> None:
         if not torch.isfinite(value).all():
-            kept = last_checkpoint(self.stage_dir)
+            kept = self.folder.resumable()
             raise NonFiniteLoss(
-                f"stage {self.stage.name}: the {what} became {value.item()} at step {self.state.step + 1} "
-                f"(epoch {self.state.epoch}); stopped. Last good checkpoint: "
+                f"stage {self.stage.name}: the {what} became {value.item()} at step {self.position.step + 1} "
+                f"(epoch {self.position.epoch}); stopped. Last good checkpoint: "
                 f"{kept if kept else 'none written yet'}"
             )
 
     def end_epoch(self) -> None:
-        epoch = self.state.epoch
-        metrics = {"train_loss": self.state.epoch_loss_sum / max(1, self.state.step_in_epoch)}
+        position = self.position
+        epoch = position.epoch
+        metrics = {"train_loss": position.epoch_loss_sum / max(1, position.step_in_epoch)}
         if self.stage.val_split and self.data.val_captions and (epoch + 1) % self.stage.validate_every_epochs == 0:
             metrics.update(self.validate())
             self.keep_if_best(metrics)
-        self.state.history.append({"epoch": epoch, **metrics})
-        self.state.epoch, self.state.step_in_epoch, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
+        position.history.append({"epoch": epoch, **metrics})
+        position.epoch, position.step_in_epoch, position.epoch_loss_sum = epoch + 1, 0, 0.0
         self.save()
         self.notify("on_epoch", epoch, metrics)
 
@@ -436,19 +426,15 @@ class StageTrainer:
         return {f"val_{name}": value for name, value in scores.items()}
 
     def keep_if_best(self, metrics: dict[str, float]) -> None:
-        cider = metrics["val_CIDEr"]
-        if (self.state.best_cider is None or cider > self.state.best_cider) and is_main_process():
-            self.state.best_cider = cider
-            best = save_modules(self.stage_dir / BEST, self.model, self.backbones,
-                                {"epoch": self.state.epoch, **metrics}, self.provenance, self.workspace)
-            self.notify("on_checkpoint", best)
+        cider, position = metrics["val_CIDEr"], self.position
+        if (position.best_cider is None or cider > position.best_cider) and is_main_process():
+            position.best_cider = cider
+            self.notify("on_checkpoint", self.state.save_modules(self.folder.best, {"epoch": position.epoch, **metrics}))
 
     def save(self) -> None:
         if not is_main_process():  # every process holds the same weights; one writes them
             return
-        path = save_training_checkpoint(self.stage_dir, self.model, self.backbones, self.optimizer,
-                                        self.scheduler, self.state, self.provenance, self.workspace)
-        self.notify("on_checkpoint", path)
+        self.notify("on_checkpoint", self.state.save(self.folder.last))
 
 
 def build_model(config: RunConfig, device: str = "auto"):
@@ -475,8 +461,6 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
     missing = [stage.name for stage in config.stages if stage.name not in data]
     if missing:
         raise ValueError(f"no data given for stage(s) {missing}")
-    if score is None and any(stage.val_split and data[stage.name].val_captions for stage in config.stages):
-        import ituning.evaluation  # noqa: F401  (fail now rather than after the first epoch)
     device = process_device(resolve_device(config.device if device == "auto" else device))
     join_from_environment(torch.device(device))
     model, tokenizer, backbones = build_model(config, device)
@@ -486,21 +470,21 @@ def train_run(config: RunConfig, data: dict[str, StageData], out_dir: str | Path
     (out_dir / "config.json").write_text(json.dumps(config_to_dict(whole_config or config), indent=1))
     if is_main_process():
         for stage in config.stages:
-            settle_checkpoints(out_dir / stage.name)
+            StageFolder(out_dir / stage.name).settle()
     barrier()  # no process reads a stage folder rank 0 is still settling
     results, provenance = [], None
     for stage in config.stages:
-        stage_dir = out_dir / stage.name
+        folder = StageFolder(out_dir / stage.name)
         provenance = stage_provenance(config, stage, data[stage.name], provenance)
-        trainer = StageTrainer(replica, tokenizer, backbones, stage, data[stage.name], stage_dir, score,
+        trainer = StageTrainer(replica, tokenizer, backbones, stage, data[stage.name], folder.path, score,
                                callbacks, progress, provenance, workspace)
         trainer.notify("on_stage", stage.name, config_to_dict(stage))
-        if resume and is_finished(stage_dir):
-            load_weights_into(model, stage_dir / FINAL, backbones)
-            history = json.loads((stage_dir / FINAL / METRICS_FILE).read_text())
-            results.append(StageResult(stage.name, -1, stage_dir / FINAL, None, None, None, history))
+        if resume and folder.finished():
+            load_weights_into(model, folder.final, backbones)
+            results.append(StageResult(stage.name, -1, folder.final, None, None, None, read_metrics(folder.final)))
             continue
         results.append(trainer.run(resume))
+    STOP.clear()  # a stop asked for during the last step: the run has ended anyway
     return results
 
 
@@ -509,8 +493,6 @@ def stage_provenance(config: RunConfig, stage: StageConfig, data: StageData,
     """What a stage's checkpoints record of where they come from: its splits on top of those of the
     checkpoint it starts from (`init_from`'s record, else `before`, the previous stage's), stand-in
     backbones (the config says so, or their folders do) and the config's licence."""
-    from ituning.checkpoint import read_provenance
-
     backbones = config.model.backbones()
     standins = config.model.standins or any(is_standin_backbone(name) for name in
                                             (backbones.vision_model, backbones.language_model))

@@ -144,7 +144,7 @@ def fast_path_rows(device: str) -> list[Row]:
     import torch
 
     from ituning.captioner import resolve_device
-    from ituning.fast_path_checks import availability, self_check
+    from pipeline.fast_path_checks import availability, self_check
 
     resolved = torch.device(resolve_device(device))
     reasons = availability(resolved)

@@ -99,7 +99,8 @@ def evaluation_task(workspace: Path, dataset: str, split: str) -> str:
 
 def _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references, dataset, split, decoding,
                       gallery_size, blind_baseline, scoring) -> dict:
-    from ituning.evaluation import evaluate_split, generate_captions, missing_domains_note, write_nocaps_submission
+    from ituning.evaluation import missing_domains_note, write_nocaps_submission
+    from ituning.validation import evaluate_split, generate_captions
     from pipeline.report import write_report
 
     images = dict(split_images(workspace, dataset, split))
@@ -164,7 +165,7 @@ def _domains(workspace: Path, dataset: str, split: str) -> dict[str, str | None]
 
 def _blind_scores(captioner, reader, references, decoding) -> dict[str, float]:
     """The caption-blind baseline: the same frozen language model, modules switched off."""
-    from ituning.training import default_scorer, evaluate_captions
+    from ituning.validation import evaluate_captions
 
-    return evaluate_captions(captioner.model, captioner.tokenizer, reader, references, default_scorer, decoding,
+    return evaluate_captions(captioner.model, captioner.tokenizer, reader, references, decoding=decoding,
                              blind=True)

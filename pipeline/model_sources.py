@@ -9,14 +9,14 @@
     hub:OWNER/NAME[@REVISION]             a model shared on the Hugging Face hub (a branch, tag or commit)
 
 `push_checkpoint` shares a checkpoint on the hub with a model card that lists the data sets and the
-scores of the MLflow run that produced it (ituning/model_card.py writes the card).
+scores of the MLflow run that produced it (pipeline/model_card.py writes the card).
 """
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ituning.model_card import CLIP_METRICS, DatasetUse, RunRecord, Score
+from pipeline.model_card import CLIP_METRICS, DatasetUse, RunRecord, Score
 from storage.sources import NOCAPS_DOMAINS
 
 HUB = "hub:"
@@ -74,7 +74,7 @@ def load_captioner_from(spec: str, workspace: Path | None = None, device: str = 
 
 def load_captioner(source: ModelSource, workspace: Path | None = None, device: str = "auto"):
     """The Captioner of a model source; a hub source is always fetched from the hub, never a local folder."""
-    from ituning.captioner import Captioner
+    from pipeline.sharing import Captioner
 
     if source.kind == "registry":
         from pipeline.registry import load_registered_captioner
@@ -90,8 +90,8 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, run_id: str | None = N
     """Share a checkpoint on the hub with its model card, as one commit to `branch` (default main); the
     commit (a str, its URL; `.repo_url`, `.oid`). The card lists the data sets and scores of `run_id`.
     The checkpoint is loaded first, on the CPU: one that does not load is not shared."""
-    from ituning.captioner import Captioner
-    from ituning.model_card import check_can_push
+    from pipeline.model_card import check_can_push
+    from pipeline.sharing import Captioner
 
     check_can_push(repo_id)  # before the checkpoint is loaded: a typo or a missing token fails at once
     record = run_record(run_id, workspace) if run_id else RunRecord()

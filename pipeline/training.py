@@ -135,10 +135,11 @@ def starting_point(run_config, stage: str, out_dir: Path, init_from: str | None 
 
 def stage_checkpoint(out_dir: Path, config_name: str, stage: str) -> Path:
     """The checkpoint a finished stage hands on: its best by validation CIDEr, else its final one."""
-    stage_dir = Path(out_dir) / stage
     from ituning.checkpoint import WEIGHTS_FILE
+    from ituning.training_state import StageFolder
 
-    chosen = _existing_best(stage_dir) or stage_dir / "final"
+    folder = StageFolder(Path(out_dir) / stage)
+    chosen = folder.kept_best() or folder.final
     if not (chosen / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{config_name}: stage {stage!r} has not been trained in {out_dir} (no {chosen}); "
                                 f"train it first (the full-pipeline flow, or `ituning train`), or pass init_from")
@@ -171,6 +172,7 @@ def _train(workspace: Path, run_config, data, out_dir: Path, device: str, resume
            callbacks=(), whole=None) -> dict:
     from ituning.distributed import is_main_process
     from ituning.training import train_run
+    from ituning.training_state import StageFolder
 
     [stage_config] = run_config.stages
     if is_main_process():  # the other processes of a torchrun launch wait for it when they join
@@ -179,7 +181,7 @@ def _train(workspace: Path, run_config, data, out_dir: Path, device: str, resume
     [result] = train_run(run_config, {stage_config.name: data}, out_dir, callbacks=callbacks, device=device,
                          resume=resume, progress=progress, whole_config=recorded_config(whole or run_config, workspace),
                          workspace=workspace)
-    best = result.best_dir or _existing_best(out_dir / stage_config.name)
+    best = result.best_dir or StageFolder(out_dir / stage_config.name).kept_best()
     best_cider = result.best_cider if result.best_cider is not None else _recorded_cider(best)
     return {"checkpoint": str(best or result.final_dir), "best_cider": best_cider, "steps": _steps(result),
             "trained_now": result.steps >= 0}  # False: an earlier run had finished the stage with these inputs
@@ -239,12 +241,10 @@ def _empty_unless_trained_from(stage_dir: Path, trained_from: dict, resume: bool
     write_atomically(record, json.dumps(expected, indent=1, sort_keys=True))
 
 
-def _existing_best(stage_dir: Path) -> Path | None:
-    return stage_dir / "best" if (stage_dir / "best" / "metrics.json").is_file() else None
-
-
 def _recorded_cider(best: Path | None) -> float | None:
-    return json.loads((best / "metrics.json").read_text()).get("val_CIDEr") if best else None
+    from ituning.training_state import read_metrics
+
+    return read_metrics(best).get("val_CIDEr") if best else None
 
 
 def _steps(result) -> int:
@@ -254,18 +254,17 @@ def _steps(result) -> int:
 
 def checkpoint_step(stage_dir: Path) -> int:
     """The step of a stage folder's last training checkpoint (0 when it has none yet)."""
-    from ituning.training_state import STATE_FILE, last_checkpoint
+    from ituning.training_state import StageFolder
 
-    last = last_checkpoint(Path(stage_dir))
-    return json.loads((last / STATE_FILE).read_text())["trainer"]["step"] if last else 0
+    return StageFolder(Path(stage_dir)).resumable_step()
 
 
 def interrupted_line(run_folder: Path, stages: list[str]) -> str:
     """What Ctrl-C during training says: the step a rerun resumes from, in the first stage of the
     run folder that has not finished."""
-    from ituning.checkpoint import WEIGHTS_FILE
+    from ituning.training_state import StageFolder
 
-    unfinished = [stage for stage in stages if not (Path(run_folder) / stage / "final" / WEIGHTS_FILE).is_file()]
+    unfinished = [stage for stage in stages if not StageFolder(Path(run_folder) / stage).final_weights_written()]
     if not unfinished:
         return "interrupted; every stage had finished: a rerun reuses them"
     where = f" of {unfinished[0]}" if len(stages) > 1 else ""

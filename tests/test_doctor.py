@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ituning.fast_path_checks import self_check
+from pipeline.fast_path_checks import self_check
 from ituning.fault_injection import FAULTS_VARIABLE
 from ituning.fast_paths import PATHS
 from tests.ports import free_port

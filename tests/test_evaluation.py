@@ -8,13 +8,13 @@ from ituning.evaluation import (
     CORENLP_JARS,
     METRICS,
     domain_table,
-    evaluate_split,
     missing_domains_note,
     score_by_domain,
     score_captions,
     spice_available,
     write_nocaps_submission,
 )
+from ituning.validation import evaluate_split, generate_captions
 from pipeline.evaluation import score_nocaps
 
 # Candidates of mixed quality, several references each, ids as text like the catalog's.
@@ -123,13 +123,13 @@ def test_evaluating_nocaps_without_domains_logs_why_scores_are_overall_only(capl
     import numpy as np
 
     tokens = {key: np.full((1, 1), int(key), dtype=np.float32) for key in CANDIDATES}
-    with caplog.at_level("WARNING", logger="ituning.evaluation"):
+    with caplog.at_level("WARNING", logger="ituning.validation"):
         captions, scores = evaluate_split(ListedCaptioner(), tokens, REFERENCES, {}, metrics=["CIDEr"])
     assert captions == CANDIDATES and list(scores) == ["overall"]
     assert [record.getMessage() for record in caplog.records] == [missing_domains_note(CANDIDATES, {})]
     caplog.clear()
     _, scores = evaluate_split(ListedCaptioner(), tokens, REFERENCES, DOMAINS, metrics=["CIDEr"])
-    assert len(scores) == 4 and not [record for record in caplog.records if record.name == "ituning.evaluation"]
+    assert len(scores) == 4 and not [record for record in caplog.records if record.name == "ituning.validation"]
 
 
 def test_domain_table_reports_percentages():
@@ -206,8 +206,8 @@ def test_captions_from_cached_features_match_captions_from_images(standin_checkp
         cache = {key: captioner.vision(captioner.vision.preprocess(image)[None])[0].numpy().astype(np.float16)
                  for key, image in images.items()}  # (N, d) per image, as the feature cache stores them
     decoding = DecodingConfig(num_beams=2, max_length=6)
-    one_by_one = evaluation.generate_captions(captioner, cache, ["7", "5", "6"], decoding, batch_size=1)
-    batched = evaluation.generate_captions(captioner, cache, ["5", "6", "7"], decoding, batch_size=3)
+    one_by_one = generate_captions(captioner, cache, ["7", "5", "6"], decoding, batch_size=1)
+    batched = generate_captions(captioner, cache, ["5", "6", "7"], decoding, batch_size=3)
     assert one_by_one == batched and list(batched) == ["5", "6", "7"]
     assert all(isinstance(caption, str) for caption in batched.values())
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ituning.checkpoint import WEIGHTS_FILE
-from ituning.device_decoding import END_TO_END_TOLERANCE, pixel_difference
+from ituning.device_jpeg import END_TO_END_TOLERANCE, pixel_difference
 from ituning.fast_paths import COMPILE, MICRO_BATCH, ON, FastPath, FastPathFailed, fallbacks, outcomes
 from ituning.micro_batch import largest_that_runs, resolve_micro_batch
 from ituning import training

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 
 from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ituning.decoding import DecodingConfig
-from ituning.model_card import (CARD_FILE, CardFacts, DatasetUse, HubError, RunRecord, Score, hub_repo_id,
+from pipeline.model_card import (CARD_FILE, CardFacts, DatasetUse, HubError, RunRecord, Score, hub_repo_id,
                                 model_card)
 from pipeline.model_sources import ModelSource, model_source
 from tests.hub_server import HubServer, hub_environment
@@ -61,8 +61,8 @@ def hub_files(hub: HubServer, repo_id: str, revision: str = "main") -> dict[str,
 
 def test_save_pretrained_then_from_pretrained_gives_the_same_weights_and_captions(standin_checkpoint, image_file,
                                                                                   tmp_path):
-    from ituning.captioner import Captioner
     from ituning.model import count_trainable
+    from pipeline.sharing import Captioner
 
     captioner = Captioner.from_checkpoint(standin_checkpoint, device="cpu")
     folder = captioner.save_pretrained(tmp_path / "shared")
@@ -177,9 +177,9 @@ def test_a_bad_repository_id_is_refused_before_anything_is_sent():
 
 PYTHON_USER = """
 import json, sys
-from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
-from ituning.model_card import RunRecord, Score
+from pipeline.model_card import RunRecord, Score
+from pipeline.sharing import Captioner
 
 checkpoint, image = sys.argv[1:3]
 decoding = DecodingConfig(num_beams=2, max_length=6)

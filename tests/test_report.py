@@ -11,7 +11,8 @@ from PIL import Image
 
 from ituning.captioner import Captioner
 from ituning.decoding import DecodingConfig
-from ituning.evaluation import evaluate_split, score_captions
+from ituning.evaluation import score_captions
+from ituning.validation import evaluate_split
 from pipeline.report import write_report
 from pipeline.tracking import ExperimentTracker
 from tests.scene_images import shape_image

@@ -9,7 +9,8 @@ from ituning.karpathy import captions_by_id, encode_images
 from pipeline.small_corpus import read_karpathy_split
 from ituning.standins import StandinTraining, clip_text_tokens, train_tokenizer
 from pipeline.small_corpus import build_trained_standins
-from ituning.training import StageData, build_model, evaluate_captions, train_run
+from ituning.training import StageData, build_model, train_run
+from ituning.validation import evaluate_captions
 from storage.synthetic import unpack_karpathy_coco, write_corpus
 from tests.training_fixtures import cider_scorer
 

@@ -168,7 +168,7 @@ def test_the_compile_setting_picks_the_step():
 
 
 def test_an_explicit_step_wins_over_the_compile_setting():
-    from ituning.training import BlindStep
+    from ituning.decoding import BlindStep
 
     model = early_finishing_captioner(0)
     visual = random_visual(3).double()

@@ -1,5 +1,6 @@
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,18 @@ from ituning.config import RunConfig, config_from_dict
 from ituning.data import IGNORE_INDEX, collate, epoch_samples
 from ituning.model import trainable_parameters
 from ituning.training import (
+    STOP,
     NonFiniteLoss,
     StageData,
     StageTrainer,
+    TrainingInterrupted,
     build_model,
     caption_loss_sum,
+    request_stop,
     train_run,
-    warmup_cosine,
 )
+from ituning.schedule import warmup_cosine
+from ituning.training_state import StageFolder
 from tests.training_fixtures import caption_set, cider_scorer, random_feature_set
 
 WIDTH = 128  # the stand-in vision width
@@ -212,6 +217,45 @@ def test_a_killed_run_resumes_to_the_same_losses(standin_backbones, tmp_path):
     final_b = load_file(tmp_path / "b" / "finetune" / "final" / WEIGHTS_FILE)
     for key in final_a:
         assert torch.equal(final_a[key], final_b[key]), key
+
+
+class StopFromAnotherThread(Recorder):
+    """Asks for a stop from another thread (as a Ctrl-C handler would) once `step` is done."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.stop_after = step
+
+    def on_step(self, step, metrics):
+        super().on_step(step, metrics)
+        if step == self.stop_after:
+            asker = threading.Thread(target=request_stop)
+            asker.start()
+            asker.join()
+
+
+def test_a_requested_stop_keeps_that_step_and_a_rerun_ends_as_an_uninterrupted_run(standin_backbones, tmp_path):
+    config = run_config(standin_backbones, [stage_dict(epochs=2, captions="random")])
+    data = {"finetune": stage_data(images=18)}  # 3 steps per epoch
+    uninterrupted = Recorder()
+    train_run(config, data, tmp_path / "a", cider_scorer, [uninterrupted], progress=False)
+    expected = {step: metrics["loss"] for step, metrics in uninterrupted.steps}
+    final_a = load_file(tmp_path / "a" / "finetune" / "final" / WEIGHTS_FILE)
+    for stop_after in (2, 3):  # within an epoch, and at its end (after validation)
+        stopped, folder = StopFromAnotherThread(stop_after), tmp_path / f"stopped-{stop_after}"
+        with pytest.raises(TrainingInterrupted) as interruption:
+            train_run(config, data, folder, cider_scorer, [stopped], progress=False)
+        assert interruption.value.step == stop_after and isinstance(interruption.value, KeyboardInterrupt)
+        assert [step for step, _ in stopped.steps] == list(range(1, stop_after + 1)) and not STOP.is_set()
+        assert StageFolder(folder / "finetune").resumable_step() == stop_after
+        resumed = Recorder()
+        train_run(config, data, folder, cider_scorer, [resumed], progress=False)
+        assert {step: metrics["loss"] for step, metrics in resumed.steps} == {
+            step: loss for step, loss in expected.items() if step > stop_after}
+        final_b = load_file(folder / "finetune" / "final" / WEIGHTS_FILE)
+        assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)
+    train_run(config, data, tmp_path / "at-the-end", cider_scorer, [StopFromAnotherThread(6)], progress=False)
+    assert not STOP.is_set()  # asked during the last step: the run ends as usual, and a later run is not stopped
 
 
 class PoisonedFeatures(dict):

@@ -168,9 +168,6 @@ def _vision_repo(name: str, pretrained: str | None, local: set[str]) -> str | No
         return name[len(HF_HUB):]
     if not pretrained:
         return None
-    from ituning.compat import ensure_torchvision_importable
-
-    ensure_torchvision_importable()
     import open_clip
 
     return open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub", "").strip("/") or None
@@ -300,7 +297,7 @@ def _usage(facts: CardFacts) -> str:
     command = f"--model hub:{facts.repo_id}" if facts.repo_id else f"--checkpoint {facts.folder}"
     return "\n".join([
         "## How to use", "", "With the `ituning` package installed:", "", "```python",
-        "from ituning import Captioner", "", f'captioner = Captioner.from_pretrained("{source}")',
+        "from pipeline.sharing import Captioner", "", f'captioner = Captioner.from_pretrained("{source}")',
         'for path, caption, error in captioner.caption_files(["image.jpg"]):', "    print(path, caption or error)",
         "```", "", "```bash", f"ituning caption {command} image.jpg", "```", "",
         f"Captions come from beam search with {DEFAULT_BEAMS} beams by default (`--beams 1` is greedy; "

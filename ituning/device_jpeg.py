@@ -27,7 +27,7 @@ rendered scenes with sensor-like noise saved as JPEGs (quality 90; 12 each of 64
 160x120 (upscaled) and 1024x768), each decoded by PIL and taken to 224x224 both ways: bicubic,
 a mean absolute difference of 0.0002 levels, 0.02 % of the values off by one level and none by
 more; bilinear (16 of them), a mean of 0.010 levels, 1 % of the values off by one, 0.0002 % by two.
-The bound, RESIZE_TOLERANCE, is checked by tests/test_device_decoding.py.
+The bound, RESIZE_TOLERANCE, is checked by tests/test_device_jpeg.py.
 
 nvJPEG's own decoding differs from libjpeg's (its IDCT and chroma upsampling): torchvision holds its
 CUDA decoder to a mean absolute difference under 2 levels from its CPU decoder at full size, before
@@ -53,8 +53,7 @@ import torch
 from PIL import ExifTags, Image
 from torch.utils.data import Dataset
 
-from ituning.compat import ensure_torchvision_importable
-from ituning.fast_paths import DEVICE_DECODING, ON
+from ituning.fast_paths import DEVICE_JPEG, ON
 from ituning.images import decode_scale, within_pixel_limit
 
 DECODE_ON_DEVICE = ("auto", "never", "always")
@@ -87,7 +86,6 @@ class DeviceResizeCrop:
     interpolation: object  # torchvision InterpolationMode: BICUBIC or BILINEAR
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        ensure_torchvision_importable()
         from torchvision.transforms.v2.functional import center_crop
 
         height, width = images.shape[-2:]
@@ -116,7 +114,6 @@ def device_resize_crop(transform) -> DeviceResizeCrop | None:
     """The device steps of a worker transform (encoding.BytePixels) whose PIL steps are exactly a
     Resize of the shorter side (one int, bicubic or bilinear, no max_size) and a CenterCrop, as
     open_clip builds them; None for any other transform, which then runs on the CPU."""
-    ensure_torchvision_importable()
     from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
     steps = [step for step in getattr(getattr(transform, "pil_steps", None), "transforms", ())
@@ -214,7 +211,6 @@ def collate_routed(items: list[RoutedItem]) -> RoutedBatch:
 
 def nvjpeg_decode(data: list[torch.Tensor], device) -> list[torch.Tensor]:
     """uint8 (3, H, W) images on `device` from JPEG bytes on the host, in one batched nvJPEG call."""
-    ensure_torchvision_importable()
     from torchvision.io import ImageReadMode, decode_jpeg
 
     return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
@@ -234,7 +230,7 @@ class DeviceJpegs:
             try:
                 return self.on_device(batch)
             except Exception as error:  # noqa: BLE001 (any failure: the CPU path decodes this batch and the rest)
-                DEVICE_DECODING.failed_later(self.setting, error)
+                DEVICE_JPEG.failed_later(self.setting, error)
                 self.failed = True
         return self.on_host(batch)
 
@@ -316,7 +312,7 @@ def device_jpegs(files, device, decode_on_device: str = "auto") -> DeviceJpegs |
     problem = why_not_on_device(torch.device(device), resize_crop)
     if problem and decode_on_device == "always":
         raise RuntimeError(f"decode_on_device='always' cannot be done: {problem}")
-    if not DEVICE_DECODING.available(not problem):
+    if not DEVICE_JPEG.available(not problem):
         return None
     return DeviceJpegs(files, resize_crop, device, setting=decode_on_device)
 
@@ -324,12 +320,12 @@ def device_jpegs(files, device, decode_on_device: str = "auto") -> DeviceJpegs |
 def proven(jpegs: DeviceJpegs | None, first_batch: list[int]) -> DeviceJpegs | None:
     """`jpegs` once the files of `first_batch` (dataset indices) decoded on the device agree with the
     CPU path within END_TO_END_TOLERANCE, in this process (ituning/fast_paths.py); None otherwise."""
-    if jpegs is None or DEVICE_DECODING.outcome == ON or not first_batch:
+    if jpegs is None or DEVICE_JPEG.outcome == ON or not first_batch:
         return jpegs
     routed = RoutedFiles(jpegs.files)
     fast = lambda: jpegs.on_device(collate_routed([routed[index] for index in first_batch]))[0].cpu()  # noqa: E731
     plain = lambda: torch.stack([jpegs.files[index][0] for index in first_batch])  # noqa: E731
-    used, _ = DEVICE_DECODING.first_use(jpegs.setting, fast, plain, pixel_difference)
+    used, _ = DEVICE_JPEG.first_use(jpegs.setting, fast, plain, pixel_difference)
     return jpegs if used else None
 
 

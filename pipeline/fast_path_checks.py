@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ituning.fast_paths import (COMPILE, DATA_ON_DEVICE, DEVICE_DECODING, MICRO_BATCH, PATHS, STATIC_DECODING,
+from ituning.fast_paths import (COMPILE, DATA_ON_DEVICE, DEVICE_JPEG, MICRO_BATCH, PATHS, STATIC_DECODING,
                                 forget_outcomes, outcomes)
 
 CAPTIONS = ["a red square on a blue field", "two green circles side by side", "a yellow line across the sky",
@@ -22,16 +22,16 @@ CAPTIONS = ["a red square on a blue field", "two green circles side by side", "a
 
 def availability(device: torch.device) -> dict[str, str]:
     """Each path's name: "" where `auto` turns it on on `device`, else why not."""
-    from ituning.device_decoding import nvjpeg_problem
+    from ituning.device_jpeg import nvjpeg_problem
     from ituning.static_decoding import static_cache_supported
 
     cuda = device.type == "cuda"
     off = "" if cuda else f"auto turns it on on CUDA only (the device is {device})"
-    reasons = {COMPILE: off, DATA_ON_DEVICE: off, MICRO_BATCH: off, STATIC_DECODING: off, DEVICE_DECODING: off}
+    reasons = {COMPILE: off, DATA_ON_DEVICE: off, MICRO_BATCH: off, STATIC_DECODING: off, DEVICE_JPEG: off}
     if cuda and not static_cache_supported():
         reasons[STATIC_DECODING] = "this transformers' StaticCache does not keep its position as a tensor"
     if cuda and (problem := nvjpeg_problem(str(device))):
-        reasons[DEVICE_DECODING] = problem
+        reasons[DEVICE_JPEG] = problem
     return {path.name: "" if path.available(not reasons[path]) else reasons[path] for path in PATHS}
 
 
@@ -46,7 +46,7 @@ def self_check(device: torch.device, folder: Path) -> dict[str, str]:
     spec = build_random_standins(folder / "backbones", CAPTIONS * 4)
     if available & {COMPILE.name, DATA_ON_DEVICE.name, MICRO_BATCH.name, STATIC_DECODING.name}:
         _train_tiny_stage(spec, device, folder / "run")
-    if DEVICE_DECODING.name in available:
+    if DEVICE_JPEG.name in available:
         _encode_rendered_jpegs(spec, device, folder / "images")
     return {name: outcome for name, outcome in outcomes().items() if name in available}
 

@@ -1,4 +1,4 @@
-"""JPEGs decoded on the device (ituning/device_decoding.py): the resize and crop on tensors against
+"""JPEGs decoded on the device (ituning/device_jpeg.py): the resize and crop on tensors against
 PIL's, which files travel as bytes, the fallbacks to the CPU path, and the setting that turns it on.
 
 nvJPEG needs CUDA, so on the CPU the routing tests decode the JPEG bytes with a stand-in that uses
@@ -15,8 +15,7 @@ from torch.utils.data import DataLoader
 
 import ituning.encoding
 from ituning.backbones import BackboneSpec, load_vision_encoder
-from ituning.compat import ensure_torchvision_importable
-from ituning.device_decoding import (
+from ituning.device_jpeg import (
     END_TO_END_TOLERANCE, RESIZE_TOLERANCE, DeviceJpegs, DeviceResizeCrop, RoutedFiles, Tolerance, collate_routed,
     device_jpegs, device_resize_crop, jpeg_for_device,
 )
@@ -27,7 +26,6 @@ from ituning.images import open_rgb
 from ituning.standins import save_vision_standin
 from storage.scenes import random_scene, render_scene
 
-ensure_torchvision_importable()
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, RandomResizedCrop, Resize  # noqa: E402
 
 SIDE = 224  # ViT-B-16's input side

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, NoReturn
@@ -76,6 +77,9 @@ def refused_writes_unlogged() -> None:
 def _note_interrupt(signum, frame) -> None:
     CTRL_C_SEEN.set()
     _prefect_console_quiet()
+    training = sys.modules.get("ituning.training")
+    if training is not None:  # a run in a worker thread, which the interrupt does not reach, stops at its next step
+        training.request_stop()
     signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without this handler
 
 
@@ -86,7 +90,9 @@ class _NothingFromPrefect(logging.Filter):
 
 def _prefect_console_quiet() -> None:
     """Prefect's console lines on what Ctrl-C cut short ("Crash detected!", a task that failed when its
-    server went with the interrupt) stay off the terminal; the flow run's own log keeps them."""
+    server went with the interrupt) stay off the terminal; the flow run's own log keeps what its server
+    still takes. Handlers that cannot reach the stopped server stay quiet too ("Error logging to API")."""
+    logging.raiseExceptions = False
     for handler in logging.getLogger().handlers:
         if type(handler).__name__ == "PrefectConsoleHandler":
             handler.addFilter(_NothingFromPrefect())
@@ -138,6 +144,19 @@ def _refusal(database: str | None, said: int) -> int:
         return said
     writable = os.access(folder, os.W_OK) and (not os.path.exists(database) or os.access(database, os.W_OK))
     return said if writable else errno.EACCES
+
+
+def training_stopped(timeout_s: float = 600) -> None:
+    """After Ctrl-C: wait (up to `timeout_s`) for the training runs of worker threads to stop at their
+    next step, so that the checkpoint a rerun resumes from is on disk before the command says which."""
+    training = sys.modules.get("ituning.training")
+    if training is None:
+        return
+    training.request_stop()
+    try:
+        training.wait_for_stop(timeout_s)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+        pass
 
 
 def interrupted_in(error: BaseException) -> bool:

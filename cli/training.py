@@ -6,7 +6,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from cli.errors import INTERRUPTED, fail, interrupted_in, refused_writes_told
+from cli.errors import INTERRUPTED, fail, interrupted_in, refused_writes_told, training_stopped
 from pipeline.step_locks import DEFAULT_WAIT_S, set_step_wait
 
 WAIT_HELP = (f"seconds to wait for another process training the same stage (or building the stand-ins, or "
@@ -68,6 +68,7 @@ def stop_interrupted(config: str, workspace: Path, out: Path | None) -> NoReturn
     """Ctrl-C: one line saying where a rerun resumes, exit 130 (no traceback)."""
     from pipeline import presets, training
 
+    training_stopped()
     run_config = presets.resolve_config(config, workspace)
     folder = out or workspace / "runs" / run_config.name
     typer.echo(training.interrupted_line(folder, [stage.name for stage in run_config.stages]), err=True)

@@ -28,6 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -60,12 +61,34 @@ from ituning.training_state import Position, StageFolder, TrainingState, read_me
 from ituning.validation import Scorer, evaluate_captions
 
 STOP = threading.Event()  # set from any thread (a Ctrl-C handler); holds until a run honours it
+_RUNNING = threading.Condition()  # guards _running_count: the stage runs in progress in this process
+_running_count = 0
 
 
 def request_stop() -> None:
     """Stop the training in progress after its current optimizer step: it writes the resumable
     checkpoint of that step, then raises TrainingInterrupted."""
     STOP.set()
+
+
+def wait_for_stop(timeout_s: float) -> bool:
+    """After `request_stop`: wait until no training run of this process is in progress, each having
+    written the checkpoint it stopped at; False when `timeout_s` ran out first."""
+    with _RUNNING:
+        return _RUNNING.wait_for(lambda: _running_count == 0, timeout_s)
+
+
+@contextmanager
+def _counted_as_running():
+    global _running_count
+    with _RUNNING:
+        _running_count += 1
+    try:
+        yield
+    finally:
+        with _RUNNING:
+            _running_count -= 1
+            _RUNNING.notify_all()
 
 
 def stop_requested() -> bool:
@@ -286,6 +309,10 @@ class StageTrainer:
         torch.manual_seed(self.stage.seed)
 
     def run(self, resume: bool = True) -> StageResult:
+        with _counted_as_running():
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> StageResult:
         if self.steps_per_epoch == 0:
             raise ValueError(f"stage {self.stage.name}: no training captions")
         self.start(resume)

@@ -2,11 +2,8 @@
 
 from dataclasses import asdict, dataclass
 
-from ituning.config import load_config
-from pipeline.presets import config_file
-
-# The Visual Genome split leaves out COCO's val and test images, so it is built after COCO.
-NEEDS = {"vg": ("coco",)}
+from pipeline.presets import config_file, load_run_config
+from storage.datasets import get_dataset
 
 
 @dataclass(frozen=True)
@@ -26,7 +23,7 @@ class PipelinePlan:
 
 
 def plan_for_config(config: str, evaluate_on: list[str]) -> PipelinePlan:
-    run = load_config(config_file(config))
+    run = load_run_config(config_file(config))
     stages, splits = [], []
     for stage in run.stages:
         dataset = stage.dataset
@@ -48,9 +45,14 @@ def _evaluation(item: str, final_dataset: str) -> list[str]:
 
 
 def _with_needs(datasets: list[str]) -> list[str]:
-    needed = set(datasets)
-    for dataset in datasets:
-        needed.update(NEEDS.get(dataset, ()))
+    """The datasets and those they need catalogued first (the Visual Genome split leaves out COCO's
+    val and test images), as the registry says."""
+    needed, waiting = set(), list(datasets)
+    while waiting:
+        dataset = waiting.pop()
+        if dataset not in needed:
+            needed.add(dataset)
+            waiting += get_dataset(dataset).needs
     return sorted(needed)
 
 

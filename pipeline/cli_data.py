@@ -46,9 +46,18 @@ def download(
         raise typer.Exit(1)
 
 
+def known_datasets(names: list[str] | None) -> list[str] | None:
+    """The names given, when the registry holds each (a usage error naming the choices otherwise)."""
+    for name in names or ():
+        if name not in dataset_names():
+            raise typer.BadParameter(f"{name!r} is not one of {', '.join(map(repr, dataset_names()))}.")
+    return names
+
+
 @catalog_app.command("build")
 def catalog_build(
-    datasets: Annotated[list[str] | None, typer.Argument(help=f"datasets to (re)build, of {', '.join(dataset_names())}; default all")] = None,
+    datasets: Annotated[list[str] | None, typer.Argument(
+        help=f"datasets to (re)build, of {', '.join(dataset_names())}; default all", callback=known_datasets)] = None,
     workspace: WorkspaceOption = None,
     check_images: Annotated[bool, typer.Option(help="open every image file to record its status")] = True,
     workers: Annotated[int, typer.Option(min=1, help="processes checking image files")] = 2,
@@ -63,9 +72,6 @@ def catalog_build(
     from storage.workspace import workspace_root
 
     root = workspace_root(workspace)
-    unknown = set(datasets or ()) - set(BUILD_ORDER)
-    if unknown:
-        fail(ValueError(f"unknown dataset(s) {', '.join(sorted(unknown))}; choose from {', '.join(BUILD_ORDER)}"))
     chosen = [name for name in BUILD_ORDER if name in (datasets or BUILD_ORDER)]
     try:
         with open_for_build(root, wait) as catalog:

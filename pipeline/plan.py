@@ -2,6 +2,7 @@
 
 from dataclasses import asdict, dataclass
 
+from pipeline.data import STANDIN_SPLIT
 from pipeline.presets import config_file, load_run_config
 from storage.datasets import get_dataset
 
@@ -33,7 +34,8 @@ def plan_for_config(config: str, evaluate_on: list[str]) -> PipelinePlan:
     final = stages[-1]["dataset"]
     evaluations = [_evaluation(item, final) for item in evaluate_on]
     splits += evaluations
-    datasets = _with_needs(sorted({dataset for dataset, _ in splits}))
+    standins = [STANDIN_SPLIT[0]] if run.model.standins else []  # the demo's stand-ins learn from its captions
+    datasets = _with_needs(sorted({dataset for dataset, _ in splits} | set(standins)))
     return PipelinePlan(str(config), stages, _unique(splits), evaluations, datasets, run.model.standins,
                         f"ituning-{run.name}")
 

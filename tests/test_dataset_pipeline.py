@@ -61,7 +61,7 @@ def test_counts_per_split_match_the_karpathy_files(pipeline):
     corpus, root, _, _, summaries = pipeline
     unusable = {image_id for image_id, defect in corpus.defects.items() if defect in UNUSABLE}
     with Catalog(root / "catalog.duckdb", read_only=True) as catalog:
-        for dataset in ("coco", "flickr30k", "nocaps"):
+        for dataset in ("coco", "flickr30k", "flickr8k", "nocaps"):
             for split, ids in corpus.splits[dataset].items():
                 usable = [image.image_id for image in catalog.usable_images(dataset, split)]
                 assert usable == sorted(set(ids) - unusable), (dataset, split)

@@ -1,6 +1,6 @@
 """Flickr8k through `ituning pipeline`, as a user runs it: the demo with its fine-tuning stage on
-Flickr8k, in a subprocess, on a copy of the session's demo workspace (tests/flow_fixtures.py) so the
-stand-in backbones and COCO are reused. The synthetic corpus holds Flickr8k in its published format
+Flickr8k, in a subprocess, on a copy of the session's demo workspace (tests/flow_fixtures.py) so
+COCO's download (the stand-in backbones learn from it) is reused. The synthetic corpus holds Flickr8k in its published format
 (storage/datasets/flickr8k.py), so the run downloads, catalogues, caches, trains and evaluates it."""
 
 import json
@@ -45,7 +45,6 @@ def test_flickr8k_downloads_catalogues_caches_trains_and_evaluates(demo_workspac
     assert {name: states.get(name) for name in ("download flickr8k", "features flickr8k/train", "finetune",
                                                  "evaluate flickr8k/test")} == dict.fromkeys(
         ("download flickr8k", "features flickr8k/train", "finetune", "evaluate flickr8k/test"), "ran"), run.stdout
-    assert states["stand-in backbones"] == "reused", run.stdout
     usable = check_the_catalog(workspace)
     check_the_feature_cache(workspace, usable)
     config = json.loads((workspace / "runs/demo-flickr8k/config.json").read_text())

@@ -12,7 +12,7 @@ a module (see docs/architecture.md).
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -45,7 +45,7 @@ class AnnotationFiles:
 class Dataset:
     name: str  # catalog, command-line and config name
     title: str  # what a model card calls it, e.g. "COCO (Karpathy splits)"
-    format_name: str  # what its format is called: "synthetic (COCO format)"
+    format_name: str  # what its format is called, e.g. "COCO" (a model card: "synthetic (COCO format)")
     splits: tuple[str, ...]  # its catalog splits
     train_split: str | None  # the split a stage trains on; None: only evaluated
     val_split: str | None  # the split a stage validates on; None: none
@@ -58,7 +58,6 @@ class Dataset:
     domains: tuple[str, ...] = ()  # groups its evaluation scores apart (NoCaps domains)
     server_only_split: str | None = None  # references private to an evaluation server: submit, do not score
     images_on_request: str | None = None  # a note when its images must come from the user (`--images`)
-    notes: tuple[str, ...] = field(default=())  # what a reader of the registry should know
 
     def problems(self, known: set[str]) -> list[str]:
         """What is missing or inconsistent in this description, one line each."""

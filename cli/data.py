@@ -1,22 +1,26 @@
 """Dataset commands: `ituning download`, `ituning catalog build|query`, `ituning synthetic`."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from cli.errors import echo_error, fail
+from storage.datasets import all_datasets, dataset_names, get_dataset
 
 catalog_app = typer.Typer(help="Build and query the DuckDB catalog of images and captions.", no_args_is_help=True)
 WorkspaceOption = Annotated[Path | None, typer.Option(help="workspace folder (default $ITUNING_WORKSPACE or ./workspace)")]
+IMAGES_HELP = ("URL or local path of the dataset's image archive, added to its downloads (in place of a file of the "
+               "same name); "
+               + ", ".join(f"{dataset.name} needs one" for dataset in all_datasets() if dataset.images_on_request))
 
 
 def download(
-    dataset: Annotated[str, typer.Argument(help="coco, flickr30k, vg or nocaps")],
+    dataset: Annotated[Literal[dataset_names()], typer.Argument(help="the dataset to fetch")],
     manifest: Annotated[Path | None, typer.Option(help="manifest JSON replacing the built-in one")] = None,
-    images: Annotated[str | None, typer.Option(help="flickr30k: URL or local path of the image archive")] = None,
+    images: Annotated[str | None, typer.Option(help=IMAGES_HELP)] = None,
     workspace: WorkspaceOption = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="parallel per-image downloads (NoCaps)")] = 8,
+    concurrency: Annotated[int, typer.Option(min=1, help="parallel per-image downloads (a dataset listed image by image: NoCaps)")] = 8,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ):
     """Download, verify and unpack a dataset into the workspace (resumes; skips verified files)."""
@@ -28,8 +32,9 @@ def download(
 
     try:
         chosen = choose_manifest(workspace_root(workspace), dataset, manifest, images)
-        if dataset == "flickr30k" and not images and manifest is None:
-            typer.echo("note: Flickr30k images are access-gated; pass --images URL_OR_ARCHIVE to fetch them", err=True)
+        on_request = get_dataset(dataset).images_on_request
+        if on_request and not images and manifest is None:
+            typer.echo(f"note: {on_request}", err=True)
         report = download_dataset(chosen, workspace_root(workspace), concurrency=concurrency, progress=progress)
     except (DownloadError, MalformedInput, UnsafeArchive, OSError) as error:
         fail(error)
@@ -41,9 +46,18 @@ def download(
         raise typer.Exit(1)
 
 
+def known_datasets(names: list[str] | None) -> list[str] | None:
+    """The names given, when the registry holds each (a usage error naming the choices otherwise)."""
+    for name in names or ():
+        if name not in dataset_names():
+            raise typer.BadParameter(f"{name!r} is not one of {', '.join(map(repr, dataset_names()))}.")
+    return names
+
+
 @catalog_app.command("build")
 def catalog_build(
-    datasets: Annotated[list[str] | None, typer.Argument(help="datasets to (re)build; default all four")] = None,
+    datasets: Annotated[list[str] | None, typer.Argument(
+        help=f"datasets to (re)build, of {', '.join(dataset_names())}; default all", callback=known_datasets)] = None,
     workspace: WorkspaceOption = None,
     check_images: Annotated[bool, typer.Option(help="open every image file to record its status")] = True,
     workers: Annotated[int, typer.Option(min=1, help="processes checking image files")] = 2,
@@ -58,9 +72,6 @@ def catalog_build(
     from storage.workspace import workspace_root
 
     root = workspace_root(workspace)
-    unknown = set(datasets or ()) - set(BUILD_ORDER)
-    if unknown:
-        fail(ValueError(f"unknown dataset(s) {', '.join(sorted(unknown))}; choose from {', '.join(BUILD_ORDER)}"))
     chosen = [name for name in BUILD_ORDER if name in (datasets or BUILD_ORDER)]
     try:
         with open_for_build(root, wait) as catalog:
@@ -120,7 +131,7 @@ def synthetic(
     seed: Annotated[int, typer.Option()] = 0,
     size: Annotated[int, typer.Option(min=16, help="image side in pixels")] = 64,
 ):
-    """Write the synthetic corpus (COCO/Karpathy, Flickr30k, VG, NoCaps formats) and its manifests."""
+    """Write the synthetic corpus (every dataset in its published format) and its manifests."""
     from storage.synthetic import write_corpus
 
     corpus = write_corpus(out, images, base_url, seed, size)

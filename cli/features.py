@@ -9,16 +9,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from cli.errors import fail
+from storage.datasets import dataset_names
 
 features_app = typer.Typer(help="Frozen vision tokens of a split, cached in HDF5 shards.",
                            invoke_without_command=True, pretty_exceptions_enable=False)
 
-DatasetOption = Annotated[str | None, typer.Option(help="coco, flickr30k, vg or nocaps")]
+DatasetOption = Annotated[Literal[dataset_names()] | None, typer.Option(help="the dataset the split is of")]
 SplitOption = Annotated[str | None, typer.Option(help="train, val, test or pretrain")]
 WorkspaceOption = Annotated[Path | None, typer.Option(help="default ./workspace or $ITUNING_WORKSPACE")]
 VisionOption = Annotated[str, typer.Option(help="open_clip model name or local-dir:PATH")]

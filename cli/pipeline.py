@@ -11,7 +11,7 @@ from cli.errors import fail, filesystem_cause, first_line, interrupted_in, refus
 from cli.training import WAIT_HELP, stop_interrupted, tracking_database
 from pipeline.step_locks import set_step_wait
 from storage.locks import StepBusy
-from storage.manifests import DATASETS
+from storage.datasets import dataset_names
 
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
          # Prefect's INFO lines go to the flow run's log (the UI) but not to the terminal, which shows
@@ -39,11 +39,11 @@ def pipeline_environment(config: str, workspace: Path, overrides: list[str] = ()
 
 def uses_standins(config: str, overrides: list[str] = ()) -> bool:
     """Whether the config (with its overrides, checked here first) runs on stand-in backbones."""
-    from ituning.config import ConfigError, load_config
-    from pipeline.presets import config_file
+    from ituning.config import ConfigError
+    from pipeline.presets import config_file, load_run_config
 
     try:
-        return load_config(config_file(config), list(overrides)).model.standins
+        return load_run_config(config_file(config), list(overrides)).model.standins
     except (ConfigError, OSError) as error:
         raise typer.BadParameter(str(error), param_hint="--config / --set") from error
 
@@ -102,9 +102,9 @@ def dataset_paths(values: list[str] | None, option: str, kind: str) -> dict[str,
     chosen = {}
     for value in values or ():
         dataset, separator, path = value.partition("=")
-        if not separator or dataset not in DATASETS:
-            raise typer.BadParameter(f"{value!r}: expected DATASET=PATH with DATASET one of {', '.join(DATASETS)}",
-                                     param_hint=option)
+        if not separator or dataset not in dataset_names():
+            raise typer.BadParameter(f"{value!r}: expected DATASET=PATH with DATASET one of "
+                                     f"{', '.join(dataset_names())}", param_hint=option)
         found = Path(path).expanduser()
         if not (found.is_file() if kind == "file" else found.is_dir()):
             raise typer.BadParameter(f"{path}: no such {'file' if kind == 'file' else 'folder'}", param_hint=option)

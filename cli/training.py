@@ -2,12 +2,13 @@
 
 import json
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 import typer
 
 from cli.errors import INTERRUPTED, fail, interrupted_in, refused_writes_told, training_stopped
 from pipeline.step_locks import DEFAULT_WAIT_S, set_step_wait
+from storage.datasets import evaluated
 
 WAIT_HELP = (f"seconds to wait for another process training the same stage (or building the stand-ins, or "
              f"registering) before stopping; default ITUNING_WAIT, else {DEFAULT_WAIT_S:g}")
@@ -144,10 +145,10 @@ def require_features(workspace: Path, run_stages, backbones: dict) -> None:
 def train_from_corpus(config: Path, karpathy_json: Path, images: Path | None, workspace: Path, out: Path | None,
                       device: str, fresh: bool) -> list[str]:
     """Untracked training on a Karpathy-format corpus, its visual tokens computed in memory."""
-    from ituning.config import load_config
     from ituning.training import train_run
+    from pipeline.presets import load_run_config
 
-    run_config = load_config(config)
+    run_config = load_run_config(config)
     data = stage_inputs(run_config, karpathy_json, images, device)
     results = train_run(run_config, data, out or workspace / "runs" / run_config.name, device=device,
                         resume=not fresh)
@@ -188,7 +189,8 @@ def stage_inputs(run_config, karpathy_json: Path, images: Path | None, device: s
 
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="a module checkpoint folder (e.g. RUN/finetune/best)")],
-    dataset: Annotated[str, typer.Option(help="coco, flickr30k or nocaps")] = "coco",
+    dataset: Annotated[Literal[tuple(dataset.name for dataset in evaluated())], typer.Option(
+        help="the dataset the split is of")] = "coco",
     split: Annotated[str, typer.Option(help="test, val ...")] = "test",
     workspace: Annotated[Path, typer.Option(envvar="ITUNING_WORKSPACE")] = Path("workspace"),
     beams: Annotated[int, typer.Option(min=1)] = 5,

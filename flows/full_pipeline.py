@@ -8,8 +8,9 @@ in the log and in the run's summary artifact.
 
 from prefect import flow
 
-from flows.parameters import (BackboneSteps, Corpora, Device, Evaluation, GallerySize, Manifests, ModelName,
-                              Overrides, Preset, ShardSize, Source, SyntheticImages, Workspace, resolve_workspace)
+from flows.parameters import (BackboneSteps, Corpora, Device, Evaluation, GallerySize, ImageArchives, Manifests,
+                              ModelName, Overrides, Preset, ShardSize, Source, SyntheticImages, Workspace,
+                              resolve_workspace)
 from flows.steps import (DataSources, backbones_for, data_records, encode_splits, evaluate_all, fetch_datasets,
                          prepare, step_record, train_in_order)
 from pipeline.registry import registration_note
@@ -22,12 +23,12 @@ from tasks.training import finish_pipeline_run, promote_if_better, register_capt
 def full_pipeline(config: Preset = "demo", source: Source = "synthetic", workspace: Workspace = None,
                   synthetic_images: SyntheticImages = 600, shard_size: ShardSize = 1024,
                   evaluate_on: list[Evaluation] = ["test"], device: Device = "auto", gallery_size: GallerySize = 50,
-                  register_as: ModelName = None, flickr30k_images: str | None = None,
+                  register_as: ModelName = None, image_archives: ImageArchives = None,
                   backbone_steps: BackboneSteps = 100, manifests: Manifests = None, corpora: Corpora = None,
                   overrides: Overrides = None) -> dict:
     root = resolve_workspace(workspace)
     plan = plan_pipeline(apply_config_overrides(config, overrides or [], root), evaluate_on)
-    data = DataSources(source, synthetic_images, flickr30k_images, manifests or {}, corpora or {})
+    data = DataSources(source, synthetic_images, image_archives or {}, manifests or {}, corpora or {})
     run_id = start_pipeline_run(root, f"full-pipeline-{config}", {"config": config, **data.parameters()})
     try:
         outcome = _run_plan(root, plan, run_id, data, shard_size, device, gallery_size,

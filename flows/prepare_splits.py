@@ -3,11 +3,11 @@
 from prefect import flow
 
 from flows.parameters import Dataset, Workspace, resolve_workspace
-from storage.manifests import DATASETS
+from storage.datasets import dataset_names
 from tasks.data import build_catalog
 
 
 @flow(name="prepare-splits", log_prints=True)
-def prepare_splits(datasets: list[Dataset] = list(DATASETS),
+def prepare_splits(datasets: list[Dataset] = list(dataset_names()),
                    workspace: Workspace = None) -> dict[str, dict]:
     return build_catalog(resolve_workspace(workspace), list(datasets))

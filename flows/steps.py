@@ -26,7 +26,7 @@ class DataSources:
 
     source: str = "synthetic"
     synthetic_images: int = 600
-    flickr30k_images: str | None = None
+    image_archives: dict[str, str] = field(default_factory=dict)  # dataset -> its image archive's URL or path
     manifests: dict[str, str] = field(default_factory=dict)
     corpora: dict[str, str] = field(default_factory=dict)
 
@@ -42,7 +42,7 @@ def fetch_datasets(workspace: Path, datasets: list[str], data: DataSources) -> l
     manifests = {**manifests, **data.manifests}
     return [use_local_corpus.submit(workspace, dataset, data.corpora[dataset]) if dataset in data.corpora else
             download_dataset.submit(workspace, dataset, manifest=manifests.get(dataset),
-                                    images=data.flickr30k_images if dataset == "flickr30k" else None)
+                                    images=data.image_archives.get(dataset))
             for dataset in datasets]
 
 

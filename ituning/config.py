@@ -1,8 +1,10 @@
 """Training configurations: small dataclasses read from YAML, every key and value checked.
 
 A run is a model (backbones and module settings) and one or two stages: optional pre-training on
-Visual Genome region descriptions, then fine-tuning on COCO or Flickr30k. An unknown key, a
-missing one or a bad value is a `ConfigError` that names the key, e.g. `stages[1].epochs`.
+Visual Genome region descriptions, then fine-tuning on a captioning dataset (COCO, Flickr30k ...).
+An unknown key, a missing one or a bad value is a `ConfigError` that names the key, e.g.
+`stages[1].epochs`; the application checks the datasets and splits against its dataset registry
+(check_datasets).
 """
 
 import copy
@@ -21,11 +23,6 @@ from ituning.model import ITuningConfig
 from ituning.precision import FORMER_SPELLINGS
 from ituning.provenance import DEFAULT_LICENSE, is_license_id
 
-# What a stage trains and validates on: catalog splits with captions (storage/sources.py). There
-# is no "synthetic" dataset: the synthetic corpus is written in these datasets' formats and
-# catalogued under their names. NoCaps has no training split; it is only evaluated.
-TRAIN_SPLITS = {"coco": "train", "flickr30k": "train", "vg": "pretrain"}
-VAL_SPLITS = {"coco": "val", "flickr30k": "val"}  # VG pre-training has no validation split
 # Run and stage names are folder names (runs/<run>/<stage>/): one path component, never "." or "..",
 # nothing a shell or another file system reads differently.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -70,7 +67,7 @@ class ModelSettings:
 @dataclass(frozen=True)
 class StageConfig:
     name: str
-    dataset: str  # a key of TRAIN_SPLITS
+    dataset: str  # a dataset that has a training split (checked by check_datasets)
     epochs: int
     train_split: str = "train"
     val_split: str | None = "val"  # None: no validation (VG pre-training)
@@ -101,14 +98,6 @@ class StageConfig:
 
     def checks(self):
         yield "name", is_folder_name(self.name), FOLDER_NAME_RULE
-        trains_on, validates_on = TRAIN_SPLITS.get(self.dataset), VAL_SPLITS.get(self.dataset)
-        yield "dataset", trains_on is not None, (f"must be one of {', '.join(TRAIN_SPLITS)} (a synthetic corpus "
-                                                 f"is catalogued under these names; nocaps is only evaluated)")
-        if trains_on is not None:
-            yield "train_split", self.train_split == trains_on, f"{self.dataset} trains on {trains_on!r}"
-            yield "val_split", self.val_split in (None, validates_on), (
-                f"{self.dataset} validates on {validates_on!r} or null" if validates_on
-                else f"{self.dataset} has no validation split, so it must be null")
         for key in ("epochs", "batch_size", "max_caption_tokens", "validate_every_epochs", "val_beams",
                     "val_max_length"):
             yield key, getattr(self, key) > 0, "must be positive"
@@ -211,6 +200,29 @@ def _assign(data, path: str, value, assignment: str) -> None:
             items[int(index)] = value
         else:
             target = items[int(index)]
+
+
+def check_datasets(config: RunConfig, trained_on: dict[str, tuple[str, str | None]],
+                   evaluated_only: tuple[str, ...] = ()) -> RunConfig:
+    """`config` when every stage names a dataset of `trained_on` (name -> (training split,
+    validation split or None), as the application's dataset registry gives them) and its splits;
+    otherwise a ConfigError naming the stage's key. There is no "synthetic" dataset: the synthetic
+    corpus is written in these datasets' formats and catalogued under their names."""
+    for index, stage in enumerate(config.stages):
+        where, splits = f"stages[{index}]", trained_on.get(stage.dataset)
+        only_scored = f"; {' and '.join(evaluated_only)} {'is' if len(evaluated_only) == 1 else 'are'} only evaluated"
+        checks = [("dataset", splits is not None, f"must be one of {', '.join(trained_on)} (a synthetic corpus is "
+                   f"catalogued under these names{only_scored if evaluated_only else ''})")]
+        if splits is not None:
+            trains_on, validates_on = splits
+            checks += [("train_split", stage.train_split == trains_on, f"{stage.dataset} trains on {trains_on!r}"),
+                       ("val_split", stage.val_split in (None, validates_on),
+                        f"{stage.dataset} validates on {validates_on!r} or null" if validates_on
+                        else f"{stage.dataset} has no validation split, so it must be null")]
+        for key, ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{_join(where, key)}: {message}, got {getattr(stage, key)!r}")
+    return config
 
 
 def config_from_dict(data) -> RunConfig:

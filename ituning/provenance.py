@@ -26,7 +26,7 @@ STANDIN_MARKER = "ituning-standin.json"  # in a stand-in backbone's folder (itun
 
 @dataclass(frozen=True)
 class TrainingSplit:
-    dataset: str  # coco, flickr30k, vg
+    dataset: str  # a dataset name: coco, vg ...
     split: str
     synthetic: bool = False
 

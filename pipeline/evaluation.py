@@ -13,6 +13,7 @@ from pipeline.data import catalog_fingerprint, open_catalog, split_images
 from pipeline.presets import workspace_clip_score_model
 from pipeline.tracking import ExperimentTracker
 from pipeline.training import child_run, log_split_inputs, split_data
+from storage.datasets import get_dataset
 from storage.sources import NOCAPS_DOMAINS, unknown_domains
 
 SAMPLE_SIZE = 5
@@ -106,17 +107,19 @@ def _evaluate_tracked(tracker, run_id, workspace, captioner, reader, references,
     images = dict(split_images(workspace, dataset, split))
     out_dir = workspace / "evaluations" / run_id / f"{dataset}-{split}"
     notes = []
+    scored_by = get_dataset(dataset)
     if references:
-        domains = _domains(workspace, dataset, split) if dataset == "nocaps" else None
+        domains = _domains(workspace, dataset, split) if scored_by.domains else None
         captions, scores = evaluate_split(captioner, reader, references, domains, decoding)
         notes.append(domains is not None and missing_domains_note(sorted(reader.image_ids), domains))
     else:
         captions, scores = generate_captions(captioner, reader, sorted(reader.image_ids), decoding), {}
         notes.append(f"{dataset}/{split} has no public references: captions only, no scores")
-    if dataset == "nocaps" and split == "test":
-        submission = write_nocaps_submission(captions, out_dir / "nocaps_test_submission.json", reader.image_ids)
+    if split == scored_by.server_only_split:
+        submission = write_nocaps_submission(captions, out_dir / f"{dataset}_{split}_submission.json",
+                                             reader.image_ids)
         tracker.log_artifact(run_id, submission, "submission")
-        notes.append("submission/nocaps_test_submission.json is in the evaluation server's format")
+        notes.append(f"submission/{submission.name} is in the evaluation server's format")
     scores, image_scores, clip_note = _with_clip_scores(scores, scoring, captions, images, references,
                                                         str(captioner.device))
     notes.append(clip_note)

@@ -41,9 +41,6 @@ DEFAULT_BEAMS = 5  # the caption command's and DecodingConfig's default
 HUB_LANGUAGE_MODELS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
                        "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
                        "distilgpt2": "distilbert/distilgpt2"}
-DATASET_NAMES = {"coco": "COCO (Karpathy splits)", "flickr30k": "Flickr30k (Karpathy splits)",
-                 "vg": "Visual Genome region descriptions", "nocaps": "NoCaps"}
-FORMAT_NAMES = {"coco": "COCO", "flickr30k": "Flickr30k", "vg": "Visual Genome", "nocaps": "NoCaps"}
 SYNTHETIC = "synthetic"  # the dataset name and type of scores on the synthetic corpus
 SYNTHETIC_TAG, STANDIN_TAG = "synthetic-data", "standin-backbones"
 CLIP_METRICS = ("CLIP-S", "RefCLIP-S")
@@ -65,7 +62,7 @@ class BadRepoId(HubError):
 class DatasetUse:
     """A split that a run read, and what for."""
 
-    dataset: str  # coco, flickr30k, vg, nocaps
+    dataset: str  # a dataset name: coco, vg, nocaps ...
     split: str
     purpose: str  # training, validation or evaluation
     synthetic: bool = False  # the synthetic corpus catalogued under the dataset's name
@@ -89,6 +86,9 @@ class RunRecord:
     run_id: str | None = None
     datasets: tuple[DatasetUse, ...] = ()
     scores: tuple[Score, ...] = ()
+    # What the card calls each dataset, from the application's dataset registry: name -> (title,
+    # e.g. "COCO (Karpathy splits)", and the name of its format, e.g. "COCO"); others go by their name
+    dataset_names: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,11 @@ class CardFacts:
 
     def dataset_label(self, dataset: str) -> str:
         if dataset in self.synthetic_datasets:
-            return f"{SYNTHETIC} ({FORMAT_NAMES.get(dataset, dataset)} format)"
-        return DATASET_NAMES.get(dataset, dataset)
+            return f"{SYNTHETIC} ({self.format_name(dataset)} format)"
+        return self.record.dataset_names.get(dataset, (dataset, dataset))[0]
+
+    def format_name(self, dataset: str) -> str:
+        return self.record.dataset_names.get(dataset, (dataset, dataset))[1]
 
     def used_datasets(self) -> list[str]:
         """Every dataset name the training data and the run's record name, in order."""
@@ -244,7 +247,7 @@ def _caveats(facts: CardFacts) -> str:
     """What the model is not, said before anything else about it."""
     lines = []
     if facts.synthetic_datasets:
-        names = " and ".join(sorted(FORMAT_NAMES.get(name, name) for name in facts.synthetic_datasets))
+        names = " and ".join(sorted(facts.format_name(name) for name in facts.synthetic_datasets))
         lines.append(f"**Synthetic data.** The data marked synthetic below are the synthetic corpus of the `ituning` "
                      f"package (rendered shapes with generated captions) written in the format of {names}, not "
                      f"{names} itself: what the modules learnt from it, and scores on it, say nothing about real "

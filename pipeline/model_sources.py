@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.model_card import CLIP_METRICS, DatasetUse, RunRecord, Score
+from storage.datasets import all_datasets
 from storage.sources import NOCAPS_DOMAINS
 
 HUB = "hub:"
@@ -94,7 +95,7 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, run_id: str | None = N
     from pipeline.sharing import Captioner
 
     check_can_push(repo_id)  # before the checkpoint is loaded: a typo or a missing token fails at once
-    record = run_record(run_id, workspace) if run_id else RunRecord()
+    record = run_record(run_id, workspace) if run_id else RunRecord(dataset_names=card_names())
     captioner = Captioner.from_checkpoint(checkpoint, device="cpu")
     return captioner.push_to_hub(repo_id, record, private=private, revision=branch)
 
@@ -120,7 +121,12 @@ def run_record(run_id: str, workspace: Path | None = None) -> RunRecord:
     runs = [run, *children]
     datasets = tuple(dict.fromkeys(use for item in runs for use in _datasets_of(item)))
     scores = tuple(score for item in runs for score in _scores_of(item.data.metrics, item.data.params))
-    return RunRecord(run_id, datasets, scores)
+    return RunRecord(run_id, datasets, scores, card_names())
+
+
+def card_names() -> dict[str, tuple[str, str]]:
+    """What a model card calls each dataset of the registry: name -> (title, format name)."""
+    return {dataset.name: (dataset.title, dataset.format_name) for dataset in all_datasets()}
 
 
 def _datasets_of(run) -> list[DatasetUse]:

@@ -2,11 +2,9 @@
 
 from dataclasses import asdict, dataclass
 
-from ituning.config import load_config
-from pipeline.presets import config_file
-
-# The Visual Genome split leaves out COCO's val and test images, so it is built after COCO.
-NEEDS = {"vg": ("coco",)}
+from pipeline.data import STANDIN_SPLIT
+from pipeline.presets import config_file, load_run_config
+from storage.datasets import get_dataset
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,7 @@ class PipelinePlan:
 
 
 def plan_for_config(config: str, evaluate_on: list[str]) -> PipelinePlan:
-    run = load_config(config_file(config))
+    run = load_run_config(config_file(config))
     stages, splits = [], []
     for stage in run.stages:
         dataset = stage.dataset
@@ -36,7 +34,8 @@ def plan_for_config(config: str, evaluate_on: list[str]) -> PipelinePlan:
     final = stages[-1]["dataset"]
     evaluations = [_evaluation(item, final) for item in evaluate_on]
     splits += evaluations
-    datasets = _with_needs(sorted({dataset for dataset, _ in splits}))
+    standins = [STANDIN_SPLIT[0]] if run.model.standins else []  # the demo's stand-ins learn from its captions
+    datasets = _with_needs(sorted({dataset for dataset, _ in splits} | set(standins)))
     return PipelinePlan(str(config), stages, _unique(splits), evaluations, datasets, run.model.standins,
                         f"ituning-{run.name}")
 
@@ -48,9 +47,14 @@ def _evaluation(item: str, final_dataset: str) -> list[str]:
 
 
 def _with_needs(datasets: list[str]) -> list[str]:
-    needed = set(datasets)
-    for dataset in datasets:
-        needed.update(NEEDS.get(dataset, ()))
+    """The datasets and those they need catalogued first (the Visual Genome split leaves out COCO's
+    val and test images), as the registry says."""
+    needed, waiting = set(), list(datasets)
+    while waiting:
+        dataset = waiting.pop()
+        if dataset not in needed:
+            needed.add(dataset)
+            waiting += get_dataset(dataset).needs
     return sorted(needed)
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import yaml
 
 from ituning.backbones import LOCAL_DIR
-from ituning.config import ConfigError, apply_overrides, config_from_dict, load_config
+from ituning.config import ConfigError, RunConfig, apply_overrides, check_datasets, config_from_dict, load_config
 from storage.atomic import write_atomically
+from storage.datasets import evaluated_only, trained_on
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 
@@ -17,9 +18,24 @@ CONFIG_DIR = Path(__file__).parents[1] / "configs"
 def resolve_config(config: str, workspace: Path):
     """configs/<config>.yaml (or a YAML path) with local backbone paths made absolute: a relative
     one is taken from the workspace when it exists there (e.g. backbones/vision)."""
-    run_config = load_config(config_file(config))
+    run_config = load_run_config(config_file(config))
     return replace(run_config, model=replace(run_config.model, **_workspace_backbones(run_config.model, workspace)),
                    evaluation=workspace_clip_score_model(run_config.evaluation, workspace))
+
+
+def with_known_datasets(run_config: RunConfig) -> RunConfig:
+    """`run_config` when its stages train on datasets of the registry (storage/datasets/) with
+    their splits; a ConfigError naming the stage's key otherwise."""
+    return check_datasets(run_config, trained_on(), evaluated_only())
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """The YAML file's config (ituning.config.load_config), its datasets checked as well."""
+    run_config = load_config(path, overrides)
+    try:
+        return with_known_datasets(run_config)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
 
 
 def config_file(config: str) -> Path:
@@ -38,7 +54,7 @@ def with_overrides(config: str, overrides: list[str], workspace: Path) -> str:
     source = config_file(config)
     try:
         data = apply_overrides(yaml.safe_load(source.read_text()), list(overrides))
-        config_from_dict(data)
+        with_known_datasets(config_from_dict(data))
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from error
     text = yaml.safe_dump(data, sort_keys=False)

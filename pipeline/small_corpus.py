@@ -1,4 +1,4 @@
-"""Caption corpora in the Karpathy split format (dataset_coco.json, dataset_flickr30k.json), read
+"""Caption corpora in the Karpathy split format (dataset_coco.json, dataset_flickr8k.json ...), read
 directly rather than through the catalog: the small-corpus path of `ituning train --karpathy-json`
 and `ituning standins`."""
 
@@ -12,9 +12,9 @@ from storage.sources import read_karpathy, resolve_image_paths
 
 def read_karpathy_split(json_path: str | Path, image_root: str | Path, split: str) -> list[KarpathyImage]:
     """The images of one split (train includes restval), sorted by image id: COCO-style entries
-    (with cocoid) by str(cocoid) at root/filepath/filename, others (Flickr30k) by file-name stem at
-    root/flickr30k-images/filename. A file not there is looked for by name anywhere under root
-    (e.g. Flickr30k images unpacked without their folder). The file is read by the catalog's own
+    (with cocoid) by str(cocoid) at root/filepath/filename, others (Flickr30k, Flickr8k) by file-name
+    stem at root/filename. A file not there is looked for by name anywhere under root (e.g. in
+    the folder its image archive unpacks to). The file is read by the catalog's own
     reader and paths resolved alike, so both agree on ids, paths and splits; a file that is not in
     that format raises storage.jsonfields.MalformedInput (a ValueError) naming the file and field."""
     records = read_karpathy(Path(json_path))

@@ -12,11 +12,12 @@ import httpx
 from tqdm import tqdm
 
 from storage.atomic import write_atomically
+from storage.datasets import built_in_manifest
 from storage.downloads import DownloadError, Ledger, RetryPolicy, check_free_space, fetch_verified
 from storage.extract import check_entry_name, unpack
 from storage.jsonfields import load_json, required
 from storage.listed_urls import ListedUrls
-from storage.manifests import (ImageList, Manifest, ManifestError, RemoteFile, built_in_manifest, load_manifest,
+from storage.manifests import (ImageList, Manifest, ManifestError, RemoteFile, load_manifest,
                                manifest_to_json, user_file)
 from storage.workspace import data_dir, downloads_dir
 
@@ -64,7 +65,8 @@ def choose_manifest(root: Path, dataset: str, manifest: Path | None = None, imag
     """What to download: the manifest file given; else the manifest the workspace's verified download
     of this dataset came from, while every one of its files is still verified (a mirror or a
     synthetic corpus fetched earlier is reused, not fetched again from the built-in URLs); else the
-    built-in one. `images` adds a file (the access-gated Flickr30k archive)."""
+    built-in one. `images` adds a file (an image archive given on request), in place of a file of
+    the same name."""
     chosen = load_manifest(manifest) if manifest else recorded_manifest(root, dataset) or built_in_manifest(dataset)
     if chosen.dataset != dataset:
         raise ManifestError(f"{manifest}: describes {chosen.dataset!r}, not {dataset!r}")

@@ -138,8 +138,8 @@ class Catalog:
         row = self.connection.execute("SELECT synthetic FROM builds WHERE dataset = ?", [dataset]).fetchone()
         return bool(row and row[0])
 
-    def query(self, sql: str) -> tuple[list[str], list[tuple]]:
-        result = self.connection.execute(sql)
+    def query(self, sql: str, parameters: list | None = None) -> tuple[list[str], list[tuple]]:
+        result = self.connection.execute(sql, parameters) if parameters else self.connection.execute(sql)
         columns = [column[0] for column in result.description or []]
         return columns, result.fetchall()
 

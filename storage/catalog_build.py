@@ -8,20 +8,16 @@ from pathlib import Path
 
 from storage.catalog import Catalog
 from storage.catalog_lock import BUSY_WAIT_S, build_lock_held
+from storage.datasets import AnnotationFiles, MissingInput, dataset_names, get_dataset
 from storage.downloads import LEDGER, Ledger
-from storage.manifests import DATASETS
-from storage.sources import SourceRecords, read_karpathy, read_nocaps, read_visual_genome, resolve_image_paths
+from storage.sources import SourceRecords, resolve_image_paths
 from storage.workspace import catalog_path, data_dir, downloads_dir
 
-BUILD_ORDER = DATASETS  # listed in build order (vg needs coco's val/test ids)
+BUILD_ORDER = dataset_names()  # each dataset after those it needs (vg after coco)
 
 
 ImageCheck = tuple[str, str | None, int | None, int | None]  # status, reason, width, height
 ImageInspector = Callable[[list[Path], int], list[ImageCheck]]  # (files, worker processes) -> one check each
-
-
-class MissingInput(FileNotFoundError):
-    """A dataset whose annotation files are not in the workspace yet."""
 
 
 @dataclass(frozen=True)
@@ -56,21 +52,14 @@ def find_input(root: Path, dataset: str, pattern: str) -> Path:
 
 
 def read_sources(root: Path, dataset: str, catalog: Catalog) -> SourceRecords:
-    if dataset in ("coco", "flickr30k"):
-        return read_karpathy(find_input(root, dataset, f"dataset_{dataset}.json"), dataset)
-    if dataset == "vg":
-        _, rows = catalog.query("SELECT image_id, split FROM images WHERE dataset = 'coco' AND split IN ('val', 'test')")
-        if not rows:
-            raise MissingInput("vg: build the coco catalog first (VG pre-training excludes COCO Karpathy val and test)")
-        return read_visual_genome(find_input(root, "vg", "image_data.json"),
-                                  find_input(root, "vg", "region_descriptions.json"), dict(rows))
-    if dataset == "nocaps":
-        records = read_nocaps(find_input(root, dataset, "nocaps_val_image_info.json"), "val",
-                              find_input(root, dataset, "nocaps_val_*captions.json"))
-        test = read_nocaps(find_input(root, dataset, "nocaps_test_image_info.json"), "test")
-        records.images += test.images
-        return records
-    raise ValueError(f"unknown dataset {dataset!r}")
+    """The dataset's published annotation files, read by its registry module."""
+    def catalogued(other: str, splits: tuple[str, ...]) -> dict[str, str]:
+        marks = ", ".join("?" * len(splits))
+        _, rows = catalog.query(f"SELECT image_id, split FROM images WHERE dataset = ? AND split IN ({marks})",
+                                [other, *splits])
+        return dict(rows)
+
+    return get_dataset(dataset).read(AnnotationFiles(lambda pattern: find_input(root, dataset, pattern), catalogued))
 
 
 def in_catalog_terms(root: Path, paths: list[str]) -> list[str]:

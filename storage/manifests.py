@@ -1,4 +1,5 @@
-"""What to download for each dataset: the real files, or a manifest file that replaces them.
+"""What to download for a dataset: a manifest (its module's built-in one, storage/datasets/, or a
+manifest file that replaces it).
 
 A manifest file is JSON:
     {"dataset": "coco",
@@ -21,7 +22,6 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from storage.jsonfields import MalformedInput, required
 
-DATASETS = ("coco", "flickr30k", "vg", "nocaps")  # every dataset, in build order: vg needs coco's val/test ids
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 KARPATHY_URL = "http://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
 
@@ -74,57 +74,12 @@ class Manifest:
         return replace(self, files=kept + (extra,))
 
 
-def _coco() -> Manifest:
-    return Manifest("coco", (
-        RemoteFile("train2014.zip", "http://images.cocodataset.org/zips/train2014.zip",
-                   13_510_573_713, "0da8c0bd3d6becc4dcb32757491aca88"),
-        RemoteFile("val2014.zip", "http://images.cocodataset.org/zips/val2014.zip",
-                   6_645_013_297, "a3d79f5ed8d289b7a7554ce06a5782b3"),
-        RemoteFile("annotations_trainval2014.zip",
-                   "http://images.cocodataset.org/annotations/annotations_trainval2014.zip",
-                   252_872_794, "0a379cfc70b0e71301e0f377548639bd"),
-        RemoteFile("caption_datasets.zip", KARPATHY_URL),
-    ))
-
-
-def _flickr30k() -> Manifest:
-    # The images are access-gated: `ituning download flickr30k --images URL_OR_PATH` adds them.
-    return Manifest("flickr30k", (RemoteFile("caption_datasets.zip", KARPATHY_URL),))
-
-
-def _visual_genome() -> Manifest:
-    base = "https://homes.cs.washington.edu/~ranjay/visualgenome/data/dataset/"
-    return Manifest("vg", (
-        RemoteFile("images.zip", "https://cs.stanford.edu/people/rak248/VG_100K_2/images.zip", 9_731_705_982),
-        RemoteFile("images2.zip", "https://cs.stanford.edu/people/rak248/VG_100K_2/images2.zip", 5_471_658_058),
-        RemoteFile("image_data.json.zip", base + "image_data.json.zip", 1_780_854),
-        RemoteFile("region_descriptions.json.zip", base + "region_descriptions.json.zip", 127_377_968),
-    ))
-
-
-def _nocaps() -> Manifest:
-    return Manifest("nocaps", (
-        RemoteFile("nocaps_val_image_info.json", "https://s3.amazonaws.com/nocaps/nocaps_val_image_info.json"),
-        RemoteFile("nocaps_test_image_info.json", "https://s3.amazonaws.com/nocaps/nocaps_test_image_info.json"),
-        RemoteFile("nocaps_val_4500_captions.json", "https://nocaps.s3.amazonaws.com/nocaps_val_4500_captions.json"),
-    ), (ImageList("nocaps_val_image_info.json", "val"), ImageList("nocaps_test_image_info.json", "test")))
-
-
-BUILT_IN = {"coco": _coco, "flickr30k": _flickr30k, "vg": _visual_genome, "nocaps": _nocaps}
-
-
 def user_file(url_or_path: str) -> RemoteFile:
-    """A file named by a URL or a local path (e.g. the access-gated Flickr30k archive), under the
+    """A file named by a URL or a local path (e.g. an image archive given on request), under the
     last segment of its path."""
     from urllib.parse import unquote, urlparse
 
     return RemoteFile(Path(unquote(urlparse(url_or_path).path).rstrip("/")).name, url_or_path)
-
-
-def built_in_manifest(dataset: str) -> Manifest:
-    if dataset not in BUILT_IN:
-        raise ManifestError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return BUILT_IN[dataset]()
 
 
 def load_manifest(path: Path) -> Manifest:

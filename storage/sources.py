@@ -15,7 +15,6 @@ from storage.jsonfields import INT32, INT64, MalformedInput, inside_path, intege
 
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
-FLICKR30K_FOLDER = "flickr30k-images"  # the Flickr30k image archive's top folder
 SYNTHETIC_MARK = "synthetic"  # top-level key of an annotation file made in a dataset's format, not the dataset
 
 
@@ -56,26 +55,42 @@ class SourceRecords:
         self.images.append(row)
 
 
-def read_karpathy(path: Path, dataset: str | None = None) -> SourceRecords:
-    """dataset_coco.json or dataset_flickr30k.json: train (+ restval), val and test. COCO images
-    lie at <filepath>/<filename>; Flickr30k's, which have no filepath, at flickr30k-images/<filename>,
-    where its archive unpacks them (resolve_image_paths also finds them without that folder).
-    Without `dataset`, a file whose first image has a cocoid is read as COCO, others as Flickr30k."""
+@dataclass(frozen=True)
+class KarpathyLayout:
+    """Where the images of a Karpathy split file lie and what identifies them. COCO's entries name
+    their folder (`filepath`) and carry a `cocoid`; other datasets' (Flickr30k, Flickr8k) give only
+    a `filename`, whose stem is the id, in the folder their image archive unpacks to."""
+
+    image_folder: str | None  # None: COCO's <filepath>/<filename>, by cocoid
+
+    def locate(self, entry: dict, filename: str, path: Path, where: str) -> tuple[str, str]:
+        """(image id, path relative to the dataset's data folder) of one entry."""
+        if self.image_folder is None:
+            image_id = str(required(entry, "cocoid", int, path, where))
+            filepath = inside_path(required(entry, "filepath", str, path, where), path, f"{where}.filepath")
+            return image_id, f"{filepath}/{filename}"
+        return PurePosixPath(filename).stem, str(PurePosixPath(self.image_folder, filename))
+
+
+COCO_LAYOUT = KarpathyLayout(None)
+
+
+def read_karpathy(path: Path, layout: KarpathyLayout | None = None) -> SourceRecords:
+    """A Karpathy split file (dataset_coco.json, dataset_flickr8k.json ...): train (+ restval), val
+    and test, images where `layout` puts them (resolve_image_paths also finds them elsewhere under
+    the data folder). Without a layout, a file whose first image has a cocoid is read as COCO's,
+    others with their images directly in the data folder."""
     raw = _as_object(load_json(path), path)
     records = SourceRecords(synthetic=marked_synthetic(raw))
     entries = required(raw, "images", list, path)
-    if dataset is None:
-        dataset = "coco" if entries and isinstance(entries[0], dict) and "cocoid" in entries[0] else "flickr30k"
+    if layout is None:
+        coco = entries and isinstance(entries[0], dict) and "cocoid" in entries[0]
+        layout = COCO_LAYOUT if coco else KarpathyLayout("")
     for index, entry in enumerate(entries):
         where = f"images[{index}]"
         split = one_of(entry, "split", KARPATHY_SPLITS, path, where)
         filename = inside_path(required(entry, "filename", str, path, where), path, f"{where}.filename")
-        if dataset == "coco":
-            image_id = str(required(entry, "cocoid", int, path, where))
-            filepath = inside_path(required(entry, "filepath", str, path, where), path, f"{where}.filepath")
-            relative = f"{filepath}/{filename}"
-        else:
-            image_id, relative = PurePosixPath(filename).stem, f"{FLICKR30K_FOLDER}/{filename}"
+        image_id, relative = layout.locate(entry, filename, path, where)
         split = KARPATHY_SPLITS[split]
         records.add_image(ImageRow(image_id, split, relative), path, where)
         for number, sentence in enumerate(required(entry, "sentences", list, path, where)):

@@ -1,4 +1,7 @@
-"""A small offline corpus in exactly the raw formats of COCO/Karpathy, Flickr30k, Visual Genome and NoCaps.
+"""A small offline corpus in exactly the raw formats of the registry's datasets (storage/datasets/).
+
+Each dataset's module writes its own part with the helpers here (its `write_synthetic`); this
+module runs them in build order and writes the manifests.
 
 Images are rendered scenes (storage/scenes.py) with five true captions each, so a model trained on
 the corpus can be scored meaningfully. The corpus also carries the defects real data has: in the
@@ -18,9 +21,10 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.datasets import all_datasets
 from storage.manifests import ImageList, Manifest, RemoteFile, manifest_to_json
 from storage.scenes import describe, random_scene, render_scene
-from storage.sources import NOCAPS_DOMAINS, SYNTHETIC_MARK
+from storage.sources import SYNTHETIC_MARK
 
 # Usable defects keep status "ok" with a reason; the others make the image unusable.
 COCO_DEFECTS = ("truncated", "not-an-image", "missing", "grayscale", "cmyk", "png-named-jpg")
@@ -36,9 +40,22 @@ class SyntheticCorpus:
     vg_held_out: list[str] = field(default_factory=list)  # VG ids whose coco_id is in COCO val/test
 
 
-class _Writer:
-    def __init__(self, out: Path, base_url: str | None, seed: int, size: int):
-        self.out, self.base_url, self.size = out, base_url, size
+@dataclass(frozen=True)
+class SyntheticPart:
+    """What a dataset's synthetic writer made: its files, its images by split and, for a dataset
+    published in the Karpathy format, the entries of its split file."""
+
+    files: tuple[RemoteFile, ...]
+    splits: dict[str, list[str]]  # split -> image ids
+    karpathy: list[dict] | None = None  # the `images` of dataset_<name>.json
+    image_lists: tuple[ImageList, ...] = ()
+
+
+class SyntheticWriter:
+    """Writes the corpus's files under one folder, rendering its scenes from one seeded generator."""
+
+    def __init__(self, out: Path, base_url: str | None, seed: int, size: int, with_defects: bool = True):
+        self.out, self.base_url, self.size, self.with_defects = out, base_url, size, with_defects
         self.rng = random.Random(seed)
 
     def url(self, relative: str) -> str:
@@ -55,13 +72,13 @@ class _Writer:
         return RemoteFile(path.name, self.url(relative), len(payload), hashlib.md5(payload).hexdigest())
 
 
-def _encode(image, image_format: str) -> bytes:
+def encode_image(image, image_format: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, image_format, quality=90) if image_format == "JPEG" else image.save(buffer, image_format)
     return buffer.getvalue()
 
 
-def _zip(entries: dict[str, bytes]) -> bytes:
+def zip_files(entries: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         for name, payload in entries.items():
@@ -69,7 +86,7 @@ def _zip(entries: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def _karpathy_entry(image_number: int, filename: str, split: str, captions: list[str], first_sentence: int,
+def karpathy_entry(image_number: int, filename: str, split: str, captions: list[str], first_sentence: int,
                     **extra) -> dict:
     sentences = [{"raw": text, "tokens": text.split(), "imgid": image_number, "sentid": first_sentence + k}
                  for k, text in enumerate(captions)]
@@ -77,7 +94,7 @@ def _karpathy_entry(image_number: int, filename: str, split: str, captions: list
             "sentids": [s["sentid"] for s in sentences], "sentences": sentences}
 
 
-def _split_of(position: int, count: int, shares: tuple[tuple[str, float], ...]) -> str:
+def split_of(position: int, count: int, shares: tuple[tuple[str, float], ...]) -> str:
     edge = 0.0
     for split, share in shares:
         edge += share
@@ -86,148 +103,57 @@ def _split_of(position: int, count: int, shares: tuple[tuple[str, float], ...]) 
     return shares[-1][0]
 
 
-def _payload(image, defect: str | None) -> bytes | None:
+def image_payload(image, defect: str | None) -> bytes | None:
     """The file bytes for an image with the given defect (None: a plain JPEG; "missing": no file)."""
     if defect == "missing":
         return None
     if defect == "truncated":
-        payload = _encode(image, "JPEG")
+        payload = encode_image(image, "JPEG")
         return payload[: len(payload) // 2]
     if defect == "not-an-image":
         return b"this is not an image\n" * 20
     if defect == "png-named-jpg":
-        return _encode(image, "PNG")
+        return encode_image(image, "PNG")
     converted = {"grayscale": "L", "cmyk": "CMYK"}.get(defect, "RGB")
-    return _encode(image.convert(converted), "JPEG")
+    return encode_image(image.convert(converted), "JPEG")
 
 
-def _write_coco(writer: _Writer, count: int, with_defects: bool, corpus: SyntheticCorpus):
-    """COCO image zips and caption annotations; returns (files, Karpathy JSON, cocoid -> split)."""
-    shares = (("train", 0.4), ("restval", 0.2), ("val", 0.2), ("test", 0.2))
-    members = {"train2014": {}, "val2014": {}}
-    annotations = {folder: {"images": [], "annotations": []} for folder in members}
-    entries, splits = [], {}
-    for position in range(count):
-        cocoid, split = 100_000 + 37 * position, _split_of(position, count, shares)
-        folder = "train2014" if split == "train" else "val2014"
-        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
-        image, captions = writer.scene()
-        defect = COCO_DEFECTS[position] if with_defects and position < len(COCO_DEFECTS) else None
-        if defect:
-            corpus.defects[str(cocoid)] = defect
-        payload = _payload(image, defect)
-        if payload is not None:
-            members[folder][f"{folder}/{filename}"] = payload
-        entries.append(_karpathy_entry(position, filename, split, captions, 5 * position,
-                                       filepath=folder, cocoid=cocoid))
-        annotations[folder]["images"].append({"id": cocoid, "file_name": filename, "width": writer.size,
-                                              "height": writer.size})
-        annotations[folder]["annotations"] += [{"id": 5 * position + k, "image_id": cocoid, "caption": text}
-                                               for k, text in enumerate(captions)]
-        splits[str(cocoid)] = "train" if split == "restval" else split
-    annotation_zip = _zip({f"annotations/captions_{folder}.json": json.dumps(content).encode()
-                           for folder, content in annotations.items()})
-    files = [writer.write(f"coco/{folder}.zip", _zip(content)) for folder, content in members.items()]
-    files.append(writer.write("coco/annotations_trainval2014.zip", annotation_zip))
-    return files, {"dataset": "coco", "images": entries, SYNTHETIC_MARK: True}, splits
-
-
-def _write_flickr30k(writer: _Writer, count: int):
-    """The user-supplied image archive; returns (archive file, Karpathy JSON, image id -> split)."""
-    shares = (("train", 0.7), ("val", 0.15), ("test", 0.15))
+def write_flat_archive_part(writer: SyntheticWriter, count: int, archive: str, folder: str,
+                            filenames: list[str], shares: tuple[tuple[str, float], ...]) -> SyntheticPart:
+    """A dataset published as a Karpathy split file (entries without filepath or cocoid, ids the
+    file-name stems) and one image archive holding a flat `folder` (Flickr30k, Flickr8k)."""
     members, entries, splits = {}, [], {}
-    for position in range(count):
-        filename, split = f"{1_000_000 + position}.jpg", _split_of(position, count, shares)
+    for position, filename in enumerate(filenames[:count]):
+        split = split_of(position, count, shares)
         image, captions = writer.scene()
-        members[f"flickr30k-images/{filename}"] = _payload(image, None)
-        entries.append(_karpathy_entry(position, filename, split, captions, 5 * position))
-        splits[filename[:-4]] = split
-    archive = writer.write("flickr30k/flickr30k-images.zip", _zip(members))
-    return archive, {"dataset": "flickr30k", "images": entries, SYNTHETIC_MARK: True}, splits
-
-
-def _write_visual_genome(writer: _Writer, count: int, coco_splits: dict[str, str], corpus: SyntheticCorpus):
-    """VG images (half in images.zip, half in images2.zip), image_data and region_descriptions."""
-    by_split = {split: [c for c, s in coco_splits.items() if s == split] for split in ("train", "val", "test")}
-    linked = by_split["test"][:3] + by_split["val"][:1] + by_split["train"][:2]  # coco_ids carried by VG images
-    members, image_data, regions = {"VG_100K": {}, "VG_100K_2": {}}, [], []
-    for position in range(count):
-        image_id, folder = position + 1, "VG_100K" if position < count // 2 else "VG_100K_2"
-        coco_id = int(linked[position]) if position < len(linked) else None
-        if coco_id is not None and coco_splits[str(coco_id)] in ("val", "test"):
-            corpus.vg_held_out.append(str(image_id))
-        image, phrases = writer.scene(count=3)
-        members[folder][f"{folder}/{image_id}.jpg"] = _payload(image, None)
-        image_data.append({"image_id": image_id, "url": f"https://cs.stanford.edu/people/rak248/{folder}/{image_id}.jpg",
-                           "width": writer.size, "height": writer.size, "coco_id": coco_id, "flickr_id": None})
-        regions.append({"id": image_id, "regions": [
-            {"region_id": 10 * image_id + k, "image_id": image_id, "phrase": phrase, "x": 0, "y": 0,
-             "width": writer.size, "height": writer.size} for k, phrase in enumerate(phrases)]})
-    files = [writer.write("vg/images.zip", _zip(members["VG_100K"])),
-             writer.write("vg/images2.zip", _zip(members["VG_100K_2"])),
-             writer.write("vg/image_data.json.zip", _zip({"image_data.json": json.dumps(image_data).encode()})),
-             writer.write("vg/region_descriptions.json.zip",
-                          _zip({"region_descriptions.json": json.dumps(regions).encode()}))]
-    return files, {str(entry["image_id"]): "pretrain" for entry in image_data}
-
-
-def _write_nocaps(writer: _Writer, count: int):
-    """Image info for val and test as NoCaps ships it (one URL per image, no domain) and the val
-    captions in COCO layout (10 per image, some with a trailing space) whose images name their
-    domain, the only place a NoCaps file does."""
-    files, splits = [], {}
-    header = {SYNTHETIC_MARK: True, "licenses": [{"url": "https://creativecommons.org/licenses/by/2.0/", "id": 0,
-                                                  "name": "Attribution 2.0 Generic (CC BY 2.0)"}]}
-    for split, first_id in (("val", 0), ("test", count)):  # test ids follow val's, as NoCaps numbers them
-        images, annotations = [], []
-        for image_id in range(first_id, first_id + count):
-            image, captions = writer.scene(count=10)
-            file_name = f"{writer.rng.getrandbits(64):016x}.jpg"
-            writer.write(f"nocaps/{split}/{file_name}", _payload(image, None))
-            images.append({"id": image_id, "open_images_id": file_name[:-4], "file_name": file_name,
-                           "coco_url": writer.url(f"nocaps/{split}/{file_name}"), "height": writer.size,
-                           "width": writer.size, "license": 0, "date_captured": "2018-11-06 11:04:33"})
-            annotations += [{"image_id": image_id, "id": 10 * image_id + k, "caption": text + " " * (k == 0)}
-                            for k, text in enumerate(captions)]
-            splits.setdefault(split, []).append(str(image_id))
-        info = {**header, "info": {"description": f"nocaps {split} dataset", "version": "0.2"}, "images": images}
-        files.append(writer.write(f"nocaps/nocaps_{split}_image_info.json", json.dumps(info).encode()))
-        if split == "val":
-            with_domains = [{**entry, "domain": NOCAPS_DOMAINS[entry["id"] % 3]} for entry in images]
-            captions_file = {**info, "images": with_domains, "annotations": annotations}
-            files.append(writer.write("nocaps/nocaps_val_4500_captions.json", json.dumps(captions_file).encode()))
-    return files, splits
+        members[f"{folder}/{filename}"] = image_payload(image, None)
+        entries.append(karpathy_entry(position, filename, split, captions, 5 * position))
+        splits.setdefault(split, []).append(Path(filename).stem)
+    return SyntheticPart((writer.write(archive, zip_files(members)),), splits, entries)
 
 
 def write_corpus(out: Path, images: int = 40, base_url: str | None = None, seed: int = 0, size: int = 64,
                  with_defects: bool = True) -> SyntheticCorpus:
-    """Write the four datasets (`images` images each; COCO needs at least 15) and their manifests."""
+    """Write every registry dataset (`images` images each; COCO needs at least 15), each by its own
+    module's writer in build order, and their manifests. The Karpathy split files of all datasets
+    that have one go into one caption_datasets.zip, as in the published archive."""
     if images < 15:
         raise ValueError("the synthetic corpus needs at least 15 images per dataset")
     out = Path(out)
-    writer, corpus = _Writer(out, base_url, seed, size), SyntheticCorpus(out)
-    coco_files, coco_json, coco_splits = _write_coco(writer, images, with_defects, corpus)
-    flickr_archive, flickr_json, flickr_splits = _write_flickr30k(writer, images)
-    vg_files, vg_splits = _write_visual_genome(writer, images, coco_splits, corpus)
-    nocaps_files, nocaps_splits = _write_nocaps(writer, images)
-    karpathy = writer.write("karpathy/caption_datasets.zip", _zip({
-        "dataset_coco.json": json.dumps(coco_json).encode(), "dataset_flickr30k.json": json.dumps(flickr_json).encode()}))
-    manifests = {
-        "coco": Manifest("coco", tuple(coco_files) + (karpathy,), synthetic=True),
-        "flickr30k": Manifest("flickr30k", (karpathy, flickr_archive), synthetic=True),
-        "vg": Manifest("vg", tuple(vg_files), synthetic=True),
-        "nocaps": Manifest("nocaps", tuple(nocaps_files), (ImageList("nocaps_val_image_info.json", "val"),
-                                                           ImageList("nocaps_test_image_info.json", "test")), True),
-    }
-    for name, manifest in manifests.items():
+    writer, corpus = SyntheticWriter(out, base_url, seed, size, with_defects), SyntheticCorpus(out)
+    parts = {}
+    for dataset in all_datasets():
+        parts[dataset.name] = dataset.write_synthetic(writer, images, corpus)
+        corpus.splits[dataset.name] = parts[dataset.name].splits
+    karpathy = writer.write("karpathy/caption_datasets.zip", zip_files({
+        f"dataset_{name}.json": json.dumps({"dataset": name, "images": part.karpathy, SYNTHETIC_MARK: True}).encode()
+        for name, part in parts.items() if part.karpathy is not None}))
+    for name, part in parts.items():
+        files = part.files + ((karpathy,) if part.karpathy is not None else ())
         corpus.manifests[name] = out / "manifests" / f"{name}.json"
         corpus.manifests[name].parent.mkdir(parents=True, exist_ok=True)
-        corpus.manifests[name].write_text(json.dumps(manifest_to_json(manifest), indent=1))
-    for name, splits in (("coco", coco_splits), ("flickr30k", flickr_splits), ("vg", vg_splits)):
-        corpus.splits[name] = {}
-        for image_id, split in splits.items():
-            corpus.splits[name].setdefault(split, []).append(image_id)
-    corpus.splits["nocaps"] = nocaps_splits
+        corpus.manifests[name].write_text(json.dumps(manifest_to_json(
+            Manifest(name, files, part.image_lists, synthetic=True)), indent=1))
     return corpus
 
 

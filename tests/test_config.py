@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from ituning.config import ConfigError, config_from_dict, config_to_dict, load_config
+from pipeline.presets import load_run_config, with_known_datasets
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 PAPER_ROWS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-large-drop18")
@@ -15,7 +16,7 @@ def minimal(**stage) -> dict:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
 def test_every_config_loads_and_opens_with_its_command(path):
-    config = load_config(path)
+    config = load_run_config(path)
     lines = path.read_text().splitlines()
     opening = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
     assert any(line.startswith(f"# ituning train --config configs/{path.name}") for line in opening)
@@ -57,7 +58,7 @@ def test_presets_cover_the_paper_rows():
 ])
 def test_bad_keys_and_values_are_errors_naming_the_key(data, key):
     with pytest.raises(ConfigError) as error:
-        config_from_dict(data)
+        with_known_datasets(config_from_dict(data))
     assert str(error.value).startswith(f"{key}:")
 
 
@@ -76,7 +77,8 @@ def test_speed_settings_take_auto_or_a_value():
 
 
 @pytest.mark.parametrize("stage, key, message", [
-    ({"dataset": "synthetic"}, "dataset", "must be one of coco, flickr30k, vg (a synthetic corpus is catalogued under"),
+    ({"dataset": "synthetic"}, "dataset", "must be one of coco, flickr30k, flickr8k, vg (a synthetic corpus is "
+                                          "catalogued under"),
     ({"dataset": "nocaps"}, "dataset", "nocaps is only evaluated"),
     ({"train_split": "test"}, "train_split", "coco trains on 'train', got 'test'"),
     ({"val_split": "test"}, "val_split", "coco validates on 'val' or null, got 'test'"),
@@ -86,7 +88,7 @@ def test_speed_settings_take_auto_or_a_value():
 ])
 def test_a_stage_names_a_dataset_and_splits_the_pipeline_trains_on(stage, key, message):
     with pytest.raises(ConfigError) as error:
-        config_from_dict(minimal(**stage))
+        with_known_datasets(config_from_dict(minimal(**stage)))
     assert str(error.value).startswith(f"stages[0].{key}: ") and message in str(error.value)
 
 

@@ -9,7 +9,7 @@ import pytest
 from pipeline import data
 from storage.acquire import RECORDED_MANIFEST, choose_manifest
 from storage.catalog import Catalog
-from storage.manifests import built_in_manifest
+from storage.datasets import built_in_manifest
 from storage.synthetic import write_corpus
 
 

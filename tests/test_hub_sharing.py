@@ -18,7 +18,7 @@ from ituning.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ituning.decoding import DecodingConfig
 from pipeline.model_card import (CARD_FILE, CardFacts, DatasetUse, HubError, RunRecord, Score, hub_repo_id,
                                 model_card)
-from pipeline.model_sources import ModelSource, model_source
+from pipeline.model_sources import ModelSource, card_names, model_source
 from tests.hub_server import HubServer, hub_environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ PAPER_CONFIG = {  # adapter_config.json of I-Tuning on GPT-2 and ViT-B-16 (OpenA
 RECORD = RunRecord("a1b2c3", (DatasetUse("coco", "train", "training"), DatasetUse("coco", "val", "validation"),
                               DatasetUse("coco", "test", "evaluation"), DatasetUse("nocaps", "val", "evaluation")),
                    (Score("coco", "test", "BLEU-4", 0.3512), Score("coco", "test", "CIDEr", 1.1731),
-                    Score("nocaps", "val", "CIDEr", 0.7712, "overall")))
+                    Score("nocaps", "val", "CIDEr", 0.7712, "overall")), card_names())
 
 
 def test_the_card_names_base_models_parameters_data_sets_and_scores_in_yaml_the_hub_reads():
@@ -136,7 +136,7 @@ def test_a_card_of_real_data_and_backbones_names_them_their_licences_and_the_cli
                            {"dataset": "coco", "split": "train", "synthetic": False}],
                   "standin_backbones": False, "license": "mit"}
     clip_s = Score("coco", "test", "CLIP-S", 0.7712, scored_by="ViT-B-32 (openai)")
-    record = RunRecord("a1b2c3", scores=RECORD.scores + (clip_s,))
+    record = RunRecord("a1b2c3", scores=RECORD.scores + (clip_s,), dataset_names=card_names())
     card = model_card(CardFacts({**PAPER_CONFIG, "provenance": provenance}, 14_178_816, "user/ituning-coco",
                                 record=record))
     data = ModelCard(card).data

@@ -28,6 +28,17 @@ def test_vlp_plan_pretrains_on_vg_then_finetunes_and_needs_coco_for_vg():
     assert plan.datasets == ["coco", "flickr30k", "nocaps", "vg"] and not plan.demo_backbones
 
 
+def test_a_two_stage_preset_and_the_demo_on_flickr8k_plan_every_dataset_they_read(tmp_path):
+    plan = plan_for_config("coco-gpt2-flickr8k", ["test"])
+    assert [(s["name"], s["dataset"]) for s in plan.stages] == [("coco", "coco"), ("flickr8k", "flickr8k")]
+    assert plan.evaluations == [["flickr8k", "test"]] and plan.datasets == ["coco", "flickr8k"]
+    demo = tmp_path / "demo.yaml"
+    demo.write_text(config_path("demo").read_text().replace("dataset: coco", "dataset: flickr8k"))
+    plan = plan_for_config(str(demo), ["test"])
+    assert plan.feature_splits == [["flickr8k", "train"], ["flickr8k", "val"], ["flickr8k", "test"]]
+    assert plan.datasets == ["coco", "flickr8k"]  # the stand-in backbones learn from coco's captions
+
+
 def test_workspace_state_key_changes_with_a_new_workspace_or_an_edited_config(tmp_path):
     policy, config = WorkspaceState(), tmp_path / "run.yaml"
     config.write_text("name: a\n")

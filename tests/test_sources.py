@@ -9,7 +9,8 @@ from pipeline.small_corpus import read_karpathy_split
 from pipeline.image_check import inspect_image, inspect_images
 from storage.jsonfields import MalformedInput
 from storage.scenes import random_scene, render_scene
-from storage.sources import read_karpathy, read_nocaps, read_visual_genome
+from storage.datasets import AnnotationFiles, get_dataset
+from storage.sources import COCO_LAYOUT, read_karpathy, read_nocaps, read_visual_genome
 
 
 def write(path, content):
@@ -24,7 +25,7 @@ def karpathy_image(**changes):
 
 
 def test_karpathy_restval_joins_train_and_ids_are_text(tmp_path):
-    records = read_karpathy(write(tmp_path / "dataset_coco.json", {"images": [karpathy_image()]}), "coco")
+    records = read_karpathy(write(tmp_path / "dataset_coco.json", {"images": [karpathy_image()]}), COCO_LAYOUT)
     row = records.images[0]
     assert (row.image_id, row.split, row.path) == ("42", "train", "val2014/COCO_val2014_000000000042.jpg")
     assert records.captions == [("42", "train", 7, "A cat.")]
@@ -40,7 +41,7 @@ def test_karpathy_restval_joins_train_and_ids_are_text(tmp_path):
 def test_malformed_karpathy_json_names_file_and_field(tmp_path, image, message):
     path = write(tmp_path / "dataset_coco.json", {"images": [karpathy_image(), image]})
     with pytest.raises(MalformedInput, match=f"dataset_coco.json: .*{message}"):
-        read_karpathy(path, "coco")
+        read_karpathy(path, COCO_LAYOUT)
 
 
 def test_invalid_json_names_the_file(tmp_path):
@@ -93,7 +94,8 @@ def test_flickr30k_images_are_found_with_or_without_the_archive_folder(tmp_path,
     images = read_karpathy_split(karpathy_json, root, "train")
     assert [(image.image_id, image.path) for image in images] == [
         (str(1000 + n), root / folder / f"{1000 + n}.jpg") for n in range(2)]
-    assert read_karpathy(karpathy_json, "flickr30k").images[0].path == "flickr30k-images/1000.jpg"
+    found = get_dataset("flickr30k").read(AnnotationFiles(lambda pattern: karpathy_json, None))
+    assert found.images[0].path == "flickr30k-images/1000.jpg"
 
 
 def test_cmyk_and_grayscale_jpegs_convert_to_the_right_colours(tmp_path):
@@ -132,7 +134,7 @@ def test_parallel_image_check_equals_the_serial_one(tmp_path):
 def test_karpathy_paths_stay_in_the_data_folder_and_ids_are_integers(tmp_path, changes, message):
     path = write(tmp_path / "dataset_coco.json", {"images": [karpathy_image(**changes)]})
     with pytest.raises(MalformedInput, match=f"dataset_coco.json: field {message}"):
-        read_karpathy(path, "coco")
+        read_karpathy(path, COCO_LAYOUT)
     with pytest.raises(MalformedInput, match=f"dataset_coco.json: field {message}"):
         read_karpathy_split(path, tmp_path, "train")
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from flows.download_datasets import download_datasets
 from flows.full_pipeline import full_pipeline
-from pipeline.cli import app
+from cli.main import app
 from storage.catalog import Catalog
 from storage.datasets import (Dataset, RegistryError, UnknownDataset, all_datasets, check_registry, dataset_names,
                               describe_module, get_dataset)

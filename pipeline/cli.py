@@ -5,6 +5,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cli_app import serve_app
+from pipeline.cli_collection import caption_collection
 from pipeline.cli_compare import compare
 from pipeline.cli_data import register as register_dataset_commands
 from pipeline.cli_doctor import doctor
@@ -41,6 +42,7 @@ app.add_typer(features_app, name="features")
 register_dataset_commands(app)
 app.command()(params)
 app.command()(caption)
+app.command(name="caption-collection")(caption_collection)
 app.command()(push)
 app.command()(score)
 app.command()(train)

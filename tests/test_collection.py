@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -209,3 +210,84 @@ def test_cli_captions_a_folder_and_a_url_list_into_parquet_duckdb_reads(tmp_path
     shown = subprocess.run([str(BIN / "duckdb"), "-csv", "-noheader", "-c", query.format(out=tmp_path / "from-urls")],
                            capture_output=True, text=True, check=True).stdout.split()
     assert shown == ["fetch-failed,1", "ok,4", "too-large,2"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_and_rerun_gives_the_files_of_an_uninterrupted_run(tmp_path, standin_checkpoint):
+    expected = photo_folder(tmp_path / "photos", 14)
+    options = ["--model", standin_checkpoint, "--workspace", tmp_path / "ws", "--shard-size", 3, *FAST_DECODING]
+    run_cli(tmp_path / "photos", "--out", tmp_path / "whole", *options)
+    killed = subprocess.Popen([str(BIN / "ituning"), "caption-collection", str(tmp_path / "photos"), "--out",
+                               str(tmp_path / "resumed"), *map(str, options)], cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not list((tmp_path / "resumed").glob("shard-*.parquet")) and killed.poll() is None:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)  # the command and its decoding processes, at once
+    killed.wait()
+    interrupted = sorted(path.name for path in (tmp_path / "resumed").glob("shard-*.parquet"))
+    assert 1 <= len(interrupted) < 6, interrupted
+    rerun = run_cli(tmp_path / "photos", "--out", tmp_path / "resumed", *options)
+    assert f"{len(interrupted)} shards reused" in rerun.stdout
+    assert not list((tmp_path / "resumed").glob("*.tmp-*"))
+    whole = {path.name: path.read_bytes() for path in (tmp_path / "whole").glob("shard-*.parquet")}
+    assert {path.name: path.read_bytes() for path in (tmp_path / "resumed").glob("shard-*.parquet")} == whole
+    check_every_image_once(tmp_path / "resumed", expected)
+
+
+# ---- the flow, on threads and on Dask ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_flow_captions_tars_over_http_and_refuses_private_urls(prefect_api, tmp_path, served, standin_checkpoint):
+    from flows.caption_collection import caption_collection
+
+    common = {"model": str(standin_checkpoint), "workspace": str(tmp_path / "ws"), "beams": 3, "max_length": 5,
+              "device": "cpu", "decode_workers": 0}
+    server = served["server"]
+    summary = caption_collection(source=f"{server.url}/00000.tar", out=str(tmp_path / "tar"), **common)
+    check_every_image_once(tmp_path / "tar", served["tar_expected"])
+    assert summary["statuses"]["ok"] == 5 and summary["shards"] == 1
+    sources = dict(rows_of(tmp_path / "tar", "SELECT key, source FROM '{out}/*.parquet'"))
+    assert sources["000000001"] == f"{server.url}/00000.tar#000000001.jpg"
+    assert rows_of(tmp_path / "tar", "SELECT given_caption FROM '{out}/*.parquet' WHERE key = '000000002'") == [
+        ("photo 2",)]
+    fetched_before = len(server.requests)
+    caption_collection(source=str(served["folder"] / "urls.parquet"), out=str(tmp_path / "urls"), **common)
+    refused = rows_of(tmp_path / "urls", "SELECT DISTINCT status, reason FROM '{out}/*.parquet'")
+    assert [(status, "not a public address" in reason) for status, reason in refused] == [("fetch-failed", True)]
+    assert len(server.requests) == fetched_before  # nothing was sent to the loopback host
+
+
+@pytest.mark.slow
+def test_shards_on_dask_finish_every_image_exactly_once_when_a_worker_is_killed(prefect_api, tmp_path, monkeypatch,
+                                                                                standin_checkpoint):
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from flows.caption_collection import caption_collection
+    from flows.cache_features import shard_task_runner
+
+    expected = photo_folder(tmp_path / "photos", 20)
+    arguments = {"source": str(tmp_path / "photos"), "model": str(standin_checkpoint), "out": str(tmp_path / "out"),
+                 "workspace": str(tmp_path / "ws"), "beams": 3, "max_length": 5, "device": "cpu",
+                 "decode_workers": 0, "shard_size": 2}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster, Client(cluster) as client:
+        victim = next(iter(client.run(os.getpid).values()))
+        monkeypatch.setenv("ITUNING_DASK_ADDRESS", cluster.scheduler_address)
+
+        def kill_after_the_first_shard():
+            while not list((tmp_path / "out").glob("shard-*.parquet")):
+                time.sleep(0.05)
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_after_the_first_shard, daemon=True)
+        killer.start()
+        runner = caption_collection.with_options(task_runner=shard_task_runner())
+        state = runner(**arguments, return_state=True)
+        killer.join(timeout=600)
+        if not state.is_completed():  # the run may fail with the worker: a rerun finishes it
+            state = runner(**arguments, return_state=True)
+    assert state.is_completed() and not psutil.pid_exists(victim)  # the worker died mid-run
+    check_every_image_once(tmp_path / "out", expected)
+    assert len(list((tmp_path / "out").glob("shard-*.parquet"))) == 12

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ituning.decoding import DecodingConfig, greedy_search, ranked_beams
-from ituning.encoding import EncodeSettings, encode_batches
+from ituning.encoding import EncodeSettings, encode_batches, encoder_weights_digest
 from ituning.images import within_pixel_limit
 from pipeline.collection_fetch import FetchSettings, fetch_all, fetch_tar
 from pipeline.collection_output import (
@@ -104,13 +104,13 @@ def plan_collection(source: str, out: str | Path, settings: CollectionSettings) 
 
 
 def weights_digest(captioner) -> str:
-    """sha256 over the trainable modules' weights and the backbones they sit on: the model's identity
-    whichever name (folder, registry alias, hub) it was loaded by."""
-    digest = hashlib.sha256(json.dumps(asdict(captioner.backbones), sort_keys=True, default=str).encode())
+    """sha256 over every weight the captions depend on (the modules, the language model and the vision
+    encoder): the model's identity whichever name (folder, registry alias, hub) it was loaded by, and
+    another one when a backbone folder was saved again with other weights."""
+    digest = hashlib.sha256(encoder_weights_digest(captioner.vision).encode())
     for name, parameter in sorted(captioner.model.named_parameters()):
-        if parameter.requires_grad or "ituning" in name:
-            digest.update(name.encode())
-            digest.update(parameter.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(name.encode())
+        digest.update(parameter.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

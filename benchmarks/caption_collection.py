@@ -65,7 +65,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ituning-bench-") as folder:
         (Path(folder) / "images").mkdir()
         paths = write_images(Path(folder) / "images", arguments.images, arguments.side)
-        common = ["--beams", str(arguments.beams), "--device", arguments.device, "--batch-size", str(arguments.batch_size)]
+        common = ["--beams", str(arguments.beams), "--device", arguments.device,
+                  "--batch-size", str(arguments.batch_size)]
         collection = timed([str(BIN / "ituning"), "caption-collection", str(Path(folder) / "images"), "--model",
                             arguments.checkpoint, "--out", str(Path(folder) / "out"), "--workspace",
                             str(Path(folder) / "ws"), "--workers", str(arguments.workers), "--shard-size",

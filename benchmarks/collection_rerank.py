@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--dataset", default="coco")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--clip", default=None, help="default: the workspace's stand-in CLIP, local-dir:WS/backbones/vision")
+    parser.add_argument("--clip", default=None,
+                        help="default: the workspace's stand-in CLIP, local-dir:WS/backbones/vision")
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     arguments = parser.parse_args()

@@ -18,7 +18,8 @@ def caption_collection(
     source: Annotated[str, typer.Argument(help="a folder of images, a .txt/.csv/.parquet list of paths or URLs "
                                                "(img2dataset's), or WebDataset .tar shards, local or http(s), "
                                                "several as 'shards/{00000..00009}.tar'")],
-    model: Annotated[str, typer.Option(help="a checkpoint folder, NAME@ALIAS, models:/..., runs:/... or hub:OWNER/NAME")],
+    model: Annotated[str, typer.Option(help="a checkpoint folder, NAME@ALIAS, models:/..., runs:/... "
+                                            "or hub:OWNER/NAME")],
     out: Annotated[Path, typer.Option(help="the folder of Parquet shards (one collection and one setting each)")],
     workspace: Annotated[Path | None, typer.Option(help="whose tracking store --model and the run are in "
                                                         "(default $MLFLOW_TRACKING_URI, else ./workspace)")] = None,

@@ -309,8 +309,8 @@ def finish_collection(plan: dict, results: list[dict], seconds: float, settings:
     summary and manifest as artifacts. The summary, with "mlflow_run_id"."""
     written = [result for result in results if not result["reused"]]
     images = sum(result["images"] for result in written)
-    run = {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 2) if seconds else None,
-           "shards_written": len(written), "shards_reused": len(results) - len(written)}
+    run = {"images": images, "seconds": round(seconds, 3),
+           "images_per_s": round(images / seconds, 2) if seconds else None, "shards_written": len(written), "shards_reused": len(results) - len(written)}
     summary = summarize(Path(plan["out"]), run)
     return {**summary, "mlflow_run_id": record_run(plan, summary, settings)}
 

@@ -133,7 +133,7 @@ def folder_items(folder: Path) -> list[Item]:
     """The image files below `folder` (see the module docstring), keyed by their relative path."""
     items = []
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.is_symlink() and (looks_like_image(path) or path.suffix.lower() in IMAGE_SUFFIXES):
+        if path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or looks_like_image(path)):
             items.append(Item(path.relative_to(folder).as_posix(), str(path)))
     return items
 

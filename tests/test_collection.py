@@ -87,7 +87,8 @@ def served(tmp_path_factory):
     tar_expected = webdataset_tar(folder / "00000.tar", 0, 5)
     with CorpusServer(folder) as server:
         urls = {"a": ("0.jpg", "ok"), "b": ("1.jpg", "ok"), "c": ("2.jpg", "ok"), "flaky": ("3.jpg", "ok"),
-                "dead": ("gone.jpg", "fetch-failed"), "bomb": ("bomb.png", "too-large"), "big": ("big.jpg", "too-large")}
+                "dead": ("gone.jpg", "fetch-failed"), "bomb": ("bomb.png", "too-large"),
+                "big": ("big.jpg", "too-large")}
         table = pa.table({"url": [f"{server.url}/{name}" for name, _ in urls.values()], "key": list(urls),
                           "caption": [f"alt text {key}" for key in urls]})
         pq.write_table(table, folder / "urls.parquet")
@@ -187,7 +188,8 @@ def test_cli_captions_a_folder_and_a_url_list_into_parquet_duckdb_reads(tmp_path
     assert summary["clip_s"]["images"] == 13 and sum(b["images"] for b in summary["clip_s"]["histogram"]) == 13
     run = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(first.stdout.split("MLflow run ")[1].strip())
     assert run.data.metrics["images_ok"] == 13 and run.data.metrics["images_too-large"] == 1
-    assert run.data.params["settings_digest"] == rows_of(out, "SELECT any_value(settings_digest) FROM '{out}/*.parquet'")[0][0]
+    [(digest,)] = rows_of(out, "SELECT any_value(settings_digest) FROM '{out}/*.parquet'")
+    assert run.data.params["settings_digest"] == digest
     written = {path.name: path.read_bytes() for path in out.glob("*.parquet")}
 
     again = run_cli(tmp_path / "photos", "--out", out, "--shard-size", 5, "--clip", standin_backbones.vision_model,

@@ -35,7 +35,7 @@ from pipeline.collection_fetch import FetchSettings, fetch_all, fetch_tar
 from pipeline.collection_output import (
     MANIFEST, SUMMARY, Row, claim_output, finished_shard, remove_temporary_files, summarize, write_shard,
 )
-from storage.collection_sources import Item, Shard, is_url, list_collection, tar_samples
+from storage.collection_sources import Shard, is_url, list_collection, tar_samples
 
 RERANKS = ("none", "clip")
 ORIENTATION_TAG = 0x0112

@@ -134,16 +134,19 @@ def loaded_clip(model: str, pretrained: str | None, device: str):
 # ---- one shard -----------------------------------------------------------------------------------
 
 
-def caption_shard(shard: Shard, plan: dict, settings: CollectionSettings) -> dict:
+def caption_shard(shard: Shard, plan: dict, settings: CollectionSettings, progress=None) -> dict:
     """The shard's Parquet file, written unless one with these settings is there already:
-    {"shard", "images", "reused", "statuses": {status: count}}."""
+    {"shard", "images", "reused", "statuses": {status: count}}. `progress` (ituning.progress.Progress)
+    hears of every batch captioned."""
     out = Path(plan["out"])
     rows = finished_shard(out, shard.name, plan["digest"])
     if rows is not None:
         return {"shard": shard.name, "images": rows, "reused": True, "statuses": {}}
     with tempfile.TemporaryDirectory(prefix=f"ituning-{shard.name}-") as folder:
         rows, files = staged_rows(shard, Path(folder), settings.fetch())
-        caption_rows(rows, files, settings)
+        caption_rows(rows, files, settings, progress)
+        if progress is not None:
+            progress.update(len(rows) - len(files))  # those refused before decoding
     write_shard(out, shard.name, rows, plan["model"], plan["digest"])
     statuses = {}
     for row in rows:
@@ -223,7 +226,7 @@ def _with_headers(rows: list[Row], files: dict[int, Path]) -> dict[int, Path]:
 # ---- captions ------------------------------------------------------------------------------------
 
 
-def caption_rows(rows: list[Row], files: dict[int, Path], settings: CollectionSettings) -> None:
+def caption_rows(rows: list[Row], files: dict[int, Path], settings: CollectionSettings, progress=None) -> None:
     """Captions (and beams, CLIP-S) into the rows of `files`, decoded and encoded a batch at a time."""
     if not files:
         return
@@ -244,6 +247,8 @@ def caption_rows(rows: list[Row], files: dict[int, Path], settings: CollectionSe
             beams = decoded_beams(captioner, tokens[[position for position, _ in decoded]], settings.decoding())
             indices = [index for _, index in decoded]
             _fill(rows, indices, beams, clip and _clip_scores(clip, [files[i] for i in indices], beams), settings)
+        if progress is not None:
+            progress.update(len(batch.image_ids))
 
 
 def decoded_beams(captioner, visual: torch.Tensor, decoding: DecodingConfig) -> list[list[tuple[str, float | None]]]:
@@ -297,10 +302,13 @@ def caption_collection(source: str, out: str | Path, settings: CollectionSetting
     with folder_writer(Path(out), "captioning a collection"):
         plan = plan_collection(source, out, settings)
         results = []
-        with Progress(len(plan["shards"]), f"captioning {source}", "shards") as progress:
+        images = sum(len(shard.items) for shard in plan["shards"]) if plan["shards"][:1] and \
+            plan["shards"][0].tar is None else None  # a tar's images are known once it is read
+        with Progress(images, f"captioning {source}", "images") as progress:
             for shard in plan["shards"]:
-                results.append(caption_shard(shard, plan, settings))
-                progress.update()
+                results.append(caption_shard(shard, plan, settings, progress))
+                if results[-1]["reused"]:
+                    progress.update(results[-1]["images"])
         return finish_collection(plan, results, time.monotonic() - started, settings)
 
 

@@ -5,6 +5,7 @@ from typing import Annotated
 import typer
 
 from cli.app import serve_app
+from cli.collection import caption_collection
 from cli.compare import compare
 from cli.data import register as register_dataset_commands
 from cli.doctor import doctor
@@ -41,6 +42,7 @@ app.add_typer(features_app, name="features")
 register_dataset_commands(app)
 app.command()(params)
 app.command()(caption)
+app.command(name="caption-collection")(caption_collection)
 app.command()(push)
 app.command()(score)
 app.command()(train)

@@ -37,7 +37,7 @@ browser:
 
 # Two workers (pytest-xdist): the suite waits on servers and subprocesses much of the time. The tests that
 # share the session's servers run on one of them (tests/conftest.py). The slowest 25 are listed at the end.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: $(INSTALLED) browser
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
 

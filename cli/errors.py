@@ -77,9 +77,9 @@ def refused_writes_unlogged() -> None:
 def _note_interrupt(signum, frame) -> None:
     CTRL_C_SEEN.set()
     _prefect_console_quiet()
-    training = sys.modules.get("ituning.training")
-    if training is not None:  # a run in a worker thread, which the interrupt does not reach, stops at its next step
-        training.request_stop()
+    stopping = sys.modules.get("ituning.stopping")
+    if stopping is not None:  # a run in a worker thread, which the interrupt does not reach, stops at its next step
+        stopping.request_stop()
     signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without this handler
 
 
@@ -149,12 +149,12 @@ def _refusal(database: str | None, said: int) -> int:
 def training_stopped(timeout_s: float = 600) -> None:
     """After Ctrl-C: wait (up to `timeout_s`) for the training runs of worker threads to stop at their
     next step, so that the checkpoint a rerun resumes from is on disk before the command says which."""
-    training = sys.modules.get("ituning.training")
-    if training is None:
+    stopping = sys.modules.get("ituning.stopping")
+    if stopping is None:
         return
-    training.request_stop()
+    stopping.request_stop()
     try:
-        training.wait_for_stop(timeout_s)
+        stopping.wait_for_stop(timeout_s)
     except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
         pass
 

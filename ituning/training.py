@@ -25,10 +25,8 @@ Read top to bottom: `train_run` runs each stage's `StageTrainer.run` (resume, ep
 
 import json
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -57,57 +55,12 @@ from ituning.precision import autocast
 from ituning.progress import Progress
 from ituning.provenance import Provenance, TrainingSplit, is_standin_backbone
 from ituning.schedule import warmup_cosine
+from ituning.stopping import STOP, TrainingInterrupted, counted_as_running, stop_requested
 from ituning.training_state import Position, StageFolder, TrainingState, read_metrics
 from ituning.validation import Scorer, evaluate_captions
 
-STOP = threading.Event()  # set from any thread (a Ctrl-C handler); holds until a run honours it
-_RUNNING = threading.Condition()  # guards _running_count: the stage runs in progress in this process
-_running_count = 0
-
-
-def request_stop() -> None:
-    """Stop the training in progress after its current optimizer step: it writes the resumable
-    checkpoint of that step, then raises TrainingInterrupted."""
-    STOP.set()
-
-
-def wait_for_stop(timeout_s: float) -> bool:
-    """After `request_stop`: wait until no training run of this process is in progress, each having
-    written the checkpoint it stopped at; False when `timeout_s` ran out first."""
-    with _RUNNING:
-        return _RUNNING.wait_for(lambda: _running_count == 0, timeout_s)
-
-
-@contextmanager
-def _counted_as_running():
-    global _running_count
-    with _RUNNING:
-        _running_count += 1
-    try:
-        yield
-    finally:
-        with _RUNNING:
-            _running_count -= 1
-            _RUNNING.notify_all()
-
-
-def stop_requested() -> bool:
-    """Whether a stop was requested, in any process of a torchrun launch: they all stop at the same step."""
-    return summed(float(STOP.is_set())) > 0
-
-
 class NonFiniteLoss(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; training stopped."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on request (`request_stop`) between two optimizer steps, after writing the
-    resumable checkpoint of `step`: a rerun continues from there. A KeyboardInterrupt, so that what
-    handles Ctrl-C handles it the same way."""
-
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"training stopped at step {step}; {checkpoint} resumes from there")
-        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -309,7 +262,7 @@ class StageTrainer:
         torch.manual_seed(self.stage.seed)
 
     def run(self, resume: bool = True) -> StageResult:
-        with _counted_as_running():
+        with counted_as_running():
             return self._run(resume)
 
     def _run(self, resume: bool) -> StageResult:

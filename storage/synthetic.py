@@ -18,6 +18,7 @@ import io
 import json
 import random
 import zipfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,16 +134,22 @@ def write_flat_archive_part(writer: SyntheticWriter, count: int, archive: str, f
 
 
 def write_corpus(out: Path, images: int = 40, base_url: str | None = None, seed: int = 0, size: int = 64,
-                 with_defects: bool = True) -> SyntheticCorpus:
-    """Write every registry dataset (`images` images each; COCO needs at least 15), each by its own
-    module's writer in build order, and their manifests. The Karpathy split files of all datasets
-    that have one go into one caption_datasets.zip, as in the published archive."""
+                 with_defects: bool = True, datasets: Collection[str] | None = None) -> SyntheticCorpus:
+    """Write every registry dataset, or those named in `datasets` (`images` images each; COCO needs
+    at least 15), each by its own module's writer in build order, and their manifests. The Karpathy
+    split files of all datasets that have one go into one caption_datasets.zip, as in the published
+    archive."""
     if images < 15:
         raise ValueError("the synthetic corpus needs at least 15 images per dataset")
+    unknown = set(datasets or ()) - {dataset.name for dataset in all_datasets()}
+    if unknown:
+        raise ValueError(f"no dataset named {', '.join(sorted(unknown))} in the registry")
     out = Path(out)
     writer, corpus = SyntheticWriter(out, base_url, seed, size, with_defects), SyntheticCorpus(out)
     parts = {}
     for dataset in all_datasets():
+        if datasets is not None and dataset.name not in datasets:
+            continue
         parts[dataset.name] = dataset.write_synthetic(writer, images, corpus)
         corpus.splits[dataset.name] = parts[dataset.name].splits
     karpathy = writer.write("karpathy/caption_datasets.zip", zip_files({

@@ -116,21 +116,16 @@ def prefect_test_server_log(tmp_path_factory):
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-# Under `pytest -n` (pytest-xdist, --dist loadgroup) the modules whose tests use the session's servers run on
-# one worker, which starts each server once; the tests of any other module stay together on a worker, since
-# they may share a module's fixture (a pipeline run, a web page).
-# The modules that read the session's demo run (tests/flow_fixtures.py) likewise share one worker.
+# Under `pytest -n` (pytest-xdist, --dist loadgroup) the tests that use the session's servers run on one
+# worker, which starts each server once; so do the tests that read the session's demo run
+# (tests/flow_fixtures.py). Every other test stays on one worker with the rest of its module, since they
+# may share a module's fixture (a pipeline run, a web page).
 SHARED = {"services": {"prefect_service", "prefect_api", "mlflow_service", "postgres", "s3_service"},
           "demo-run": {"demo_run", "demo_workspace_copy"}}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    module = {item: item.nodeid.split("::")[0] for item in items}
-    group = {}
     for item in items:
-        for name, fixtures in SHARED.items():
-            if fixtures.intersection(item.fixturenames):
-                group.setdefault(module[item], name)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group.get(module[item], module[item])))
+        shared = [name for name, fixtures in SHARED.items() if fixtures.intersection(item.fixturenames)]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))

@@ -39,7 +39,8 @@ def test_text_tower_tokens_end_with_the_pooling_id():
 @pytest.fixture(scope="module")
 def grounding_corpus(tmp_path_factory):
     """1,500 training images; 50 validation and 200 test images of the corpus's 500 each."""
-    corpus = write_corpus(tmp_path_factory.mktemp("corpus"), images=2500, seed=1, with_defects=False)
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus"), images=2500, seed=1, with_defects=False,
+                          datasets=["coco"])
     karpathy_json = unpack_karpathy_coco(corpus)
     return karpathy_json.parent, karpathy_json
 

@@ -13,18 +13,9 @@ from ituning.checkpoint import WEIGHTS_FILE
 from ituning.config import RunConfig, config_from_dict
 from ituning.data import IGNORE_INDEX, collate, epoch_samples
 from ituning.model import trainable_parameters
-from ituning.training import (
-    STOP,
-    NonFiniteLoss,
-    StageData,
-    StageTrainer,
-    TrainingInterrupted,
-    build_model,
-    caption_loss_sum,
-    request_stop,
-    train_run,
-)
 from ituning.schedule import warmup_cosine
+from ituning.stopping import STOP, TrainingInterrupted, request_stop
+from ituning.training import NonFiniteLoss, StageData, StageTrainer, build_model, caption_loss_sum, train_run
 from ituning.training_state import StageFolder
 from tests.training_fixtures import caption_set, cider_scorer, random_feature_set
 

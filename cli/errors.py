@@ -91,8 +91,13 @@ class _NothingFromPrefect(logging.Filter):
 def _prefect_console_quiet() -> None:
     """Prefect's console lines on what Ctrl-C cut short ("Crash detected!", a task that failed when its
     server went with the interrupt) stay off the terminal; the flow run's own log keeps what its server
-    still takes. Handlers that cannot reach the stopped server stay quiet too ("Error logging to API")."""
+    still takes. Handlers that cannot reach the stopped server stay quiet too ("Error logging to API").
+    The temporary Prefect server shares the terminal's process group, so the interrupt stops it too:
+    the run's last reports to it fail at once instead of retrying for minutes."""
     logging.raiseExceptions = False
+    prefect_settings = sys.modules.get("prefect.settings")
+    if prefect_settings is not None:
+        prefect_settings.get_current_settings().client.max_retries = 0
     for handler in logging.getLogger().handlers:
         if type(handler).__name__ == "PrefectConsoleHandler":
             handler.addFilter(_NothingFromPrefect())

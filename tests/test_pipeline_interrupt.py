@@ -60,7 +60,7 @@ def test_ctrl_c_stops_the_pipelines_training_says_where_a_rerun_resumes_and_the_
     step = checkpoint_step(stage)
     assert running.returncode == 130, stdout[-2000:] + stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == f"interrupted; rerun to resume from step {step}", stderr
-    assert step >= 4
+    assert step > 0
     for noise in NOISE:
         assert noise not in stderr, stderr
 

@@ -84,8 +84,10 @@ def _note_interrupt(signum, frame) -> None:
 
 
 class _NothingFromPrefect(logging.Filter):
+    """Drops Prefect's records, also those of its services' loggers named by class ("EventsWorker")."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith("prefect")
+        return not (record.name.startswith("prefect") or f"{os.sep}prefect{os.sep}" in record.pathname)
 
 
 def _prefect_console_quiet() -> None:
@@ -98,9 +100,8 @@ def _prefect_console_quiet() -> None:
     prefect_settings = sys.modules.get("prefect.settings")
     if prefect_settings is not None:
         prefect_settings.get_current_settings().client.max_retries = 0
-    for handler in logging.getLogger().handlers:
-        if type(handler).__name__ == "PrefectConsoleHandler":
-            handler.addFilter(_NothingFromPrefect())
+    for handler in [*logging.getLogger().handlers, *logging.getLogger("prefect._internal").handlers]:
+        handler.addFilter(_NothingFromPrefect())
 
 
 @contextmanager

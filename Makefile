@@ -35,15 +35,15 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  { echo "the tests need Chromium: install Debian's chromium package (apt-get install chromium)"; exit 1; }
 
-# Two workers (pytest-xdist): the suite waits on servers and subprocesses much of the time. The tests that
-# share the session's servers run on one of them (tests/conftest.py). The slowest 25 are listed at the end.
+# Three workers (pytest-xdist) on two cores: the suite waits on servers and subprocesses part of the time. The
+# tests that share the session's servers run on one of them (tests/conftest.py). The slowest 25 are listed at the end.
 TEST_WORKERS ?= 3
 test: $(INSTALLED) browser
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25
 
 # The inner loop: no test marked slow, so no server, browser or pipeline run.
 test-fast: $(INSTALLED)
-	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadgroup --durations=10
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=10
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/train_step.py

@@ -6,6 +6,7 @@
     duckdb -c "SELECT status, count(*) FROM 'captions/*.parquet' GROUP BY status"
 """
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -44,6 +45,7 @@ def caption_collection(
 ):
     """Caption every image of a collection into Parquet, one file per shard: a rerun skips finished
     shards; an image that cannot be captioned is a row with its status and reason."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # before MLflow is imported: no store set-up lines
     from pipeline.collection import CollectionSettings
     from pipeline.collection import caption_collection as run
 

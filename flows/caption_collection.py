@@ -1,7 +1,7 @@
 """caption-collection: every shard of a collection a Prefect task, each writing one Parquet file.
 
 Shards run on threads by default; with ITUNING_DASK_ADDRESS (a running Dask scheduler) or
-ITUNING_DASK_WORKERS (a local cluster of that many worker processes), on Dask, as the feature
+ITUNING_DASK_WORKERS (a local cluster of that many worker processes; `gpus`: one per GPU), on Dask, as the feature
 cache's shards do (flows/cache_features.py). A worker lost mid-shard leaves no file for it: Dask runs
 the shard again elsewhere, and a rerun of the flow redoes only the shards without a file.
 """

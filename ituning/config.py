@@ -19,6 +19,7 @@ import yaml
 
 from ituning.backbones import BackboneSpec
 from ituning.clip_score import PAPER_MODEL, PAPER_PRETRAINED
+from ituning.evaluation import METRICS
 from ituning.model import ITuningConfig
 from ituning.precision import FORMER_SPELLINGS
 from ituning.provenance import DEFAULT_LICENSE, is_license_id
@@ -93,6 +94,9 @@ class StageConfig:
     val_images: int | None = None  # score only the first n validation images (None: all)
     val_beams: int = 1  # greedy during training; the final test uses the paper's beam of 5
     val_max_length: int = 20
+    # scored at each validation; CIDEr picks the best checkpoint. METEOR starts a Java process that loads
+    # its paraphrase tables (seconds each time), so it is left to the final evaluation unless asked for.
+    val_metrics: list[str] = field(default_factory=lambda: ["CIDEr"])
     init_from: str | None = None  # a module checkpoint to start from (e.g. external pre-training)
     seed: int = 0  # the epochs' caption order; the first stage's also seeds the fresh modules
 
@@ -112,6 +116,8 @@ class StageConfig:
         yield "checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be 0 or more"
         yield "val_images", self.val_images is None or self.val_images > 0, "must be positive"
         yield "data_workers", self.data_workers is None or self.data_workers >= 0, "must be 0 or more"
+        yield "val_metrics", "CIDEr" in self.val_metrics and set(self.val_metrics) <= set(METRICS), \
+            f"must include CIDEr (it picks the best checkpoint) and name only {', '.join(METRICS)}"
 
 
 @dataclass(frozen=True)

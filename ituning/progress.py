@@ -19,6 +19,12 @@ LOG = logging.getLogger("ituning.progress")
 LOG_EVERY_S = 15.0
 
 
+class Bar(tqdm):
+    # No monitor thread: a second thread in the process makes data loaders start their workers through
+    # the fork server (ituning.data.worker_start_method), seconds of imports slower than a fork.
+    monitor_interval = 0
+
+
 class Progress:
     """`with Progress(total, "finetune", "steps") as progress: ... progress.update()`."""
 
@@ -28,7 +34,7 @@ class Progress:
         self.done, self.started_with = initial, initial
         self.enabled, self.log_every_s = enabled, log_every_s
         self.started = self.last_logged = time.monotonic()
-        self.bar = tqdm(total=total, initial=initial, desc=description, unit=f" {unit}", disable=None if enabled else True,
+        self.bar = Bar(total=total, initial=initial, desc=description, unit=f" {unit}", disable=None if enabled else True,
                         dynamic_ncols=True)
 
     def update(self, count: int = 1, **shown) -> None:

@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -138,7 +138,7 @@ class StageTrainer:
         self.replica, self.model = model, unwrapped(model)
         self.tokenizer, self.backbones = tokenizer, backbones
         self.stage, self.data, self.folder = stage, data, StageFolder(Path(stage_dir))
-        self.score = score or score_captions
+        self.score = score or partial(score_captions, metrics=stage.val_metrics)
         self.callbacks, self.progress = list(callbacks), progress
         self.device = next(self.model.parameters()).device
         self.optimizer = torch.optim.AdamW(

@@ -124,8 +124,19 @@ SHARED = {"services": {"prefect_service", "prefect_api", "mlflow_service", "post
           "demo-run": {"demo_run", "demo_workspace_copy"}}
 
 
+# Groups that take minutes (make test lists the slowest tests) are handed out first, so that none of them
+# starts while the other workers are finishing and the suite waits on it alone (the Makefile's
+# --no-loadscope-reorder keeps this order; pytest-xdist would otherwise hand out the largest groups first).
+LONGEST_FIRST = ("tests/test_standins_training.py", "demo-run", "services", "tests/test_services.py",
+                 "tests/test_stages.py", "tests/test_tracking_outage.py", "tests/test_collection.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    groups = {}
     for item in items:
         shared = [name for name, fixtures in SHARED.items() if fixtures.intersection(item.fixturenames)]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+        groups[item.nodeid] = shared[0] if shared else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    rank = {group: position for position, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))  # stable: the rest keep their order

@@ -209,14 +209,31 @@ def test_feature_shards_run_in_dask_worker_processes_that_report_to_the_prefect_
         assert len({array.shape for array in tokens}) == 1 and all(np.isfinite(array).all() for array in tokens)
 
 
-def test_dask_workers_setting_starts_worker_processes_and_closing_stops_them(monkeypatch):
+def test_dask_workers_setting_starts_one_worker_per_gpu_each_seeing_its_own_and_closing_stops_them(monkeypatch):
+    """The GPUs are named, not present (no GPU here): what is checked is that each worker process is
+    started seeing only its own, so that `cuda` in it is that GPU."""
     from flows.cache_features import shard_task_runner
 
-    monkeypatch.setenv("ITUNING_DASK_WORKERS", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    monkeypatch.setenv("ITUNING_DASK_WORKERS", "gpus")
     with shard_task_runner() as runner:
         worker_pids = set(runner.client.run(os.getpid).values())
+        seen = sorted(runner.client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES")).values())
     assert len(worker_pids) == 2 and os.getpid() not in worker_pids
+    assert seen == ["2", "5"]
     assert not any(psutil.pid_exists(pid) for pid in worker_pids)
+
+
+def test_dask_workers_setting_is_a_count_or_gpus_and_spreads_workers_over_the_gpus():
+    from pipeline.dask_workers import worker_count, worker_specs
+
+    assert worker_count("3", []) == 3 and worker_count("gpus", ["0", "1"]) == 2
+    for bad, message in (("0", "at least 1"), ("many", "a number of workers, or 'gpus'"), ("gpus", "no GPU")):
+        with pytest.raises(ValueError, match=message):
+            worker_count(bad, [])
+    pinned = [spec["options"].get("env", {}).get("CUDA_VISIBLE_DEVICES") for spec in worker_specs(3, ["0", "1"]).values()]
+    assert pinned == ["0", "1", "0"]
+    assert all("env" not in spec["options"] for spec in worker_specs(2, []).values())
 
 
 def recorded_task_runs(flow_run_id, timeout: float = 30.0) -> list:

@@ -28,8 +28,7 @@ from ituning.model import ImageGroups
 
 # The modules a worker needs to unpickle its dataset (image transforms, tokenizers): several seconds of
 # imports, paid once by the fork server instead of by every worker. A name that fails to import is skipped.
-FORK_SERVER_PRELOAD = ("__main__", "ituning.encoding", "ituning.data", "torchvision.transforms", "open_clip",
-                       "transformers")
+FORK_SERVER_PRELOAD = ("ituning.encoding", "ituning.data", "torchvision.transforms", "open_clip", "transformers")
 IGNORE_INDEX = -100  # label of positions that carry no loss (the prompt and the padding)
 
 

@@ -183,7 +183,7 @@ def score_by_group(candidates: Mapping[str, str], references: Mapping[str, list[
         results[OVERALL] = _run_scorers(scorers, gts, res)
     finally:
         _close(scorers)
-    return {name: {metric: results[name][metric] for metric in METRICS if metric in results[name]}
+    return {name: {metric: results[name][metric] for metric in METRICS if metric in names and metric in results[name]}
             for name in [*members, OVERALL] if name in results}
 
 

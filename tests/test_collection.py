@@ -172,29 +172,26 @@ def test_cli_captions_a_folder_and_a_url_list_into_parquet_duckdb_reads(tmp_path
     expected = photo_folder(tmp_path / "photos", 1996)
     out, workspace = tmp_path / "captions", tmp_path / "ws"
     common = ["--model", standin_checkpoint, "--workspace", workspace, *FAST_DECODING]
-    first = run_cli(tmp_path / "photos", "--out", out, "--shard-size", 500, "--clip", standin_backbones.vision_model,
-                    "--rerank", "clip", *common)
+    first = run_cli(tmp_path / "photos", "--out", out, "--shard-size", 500, *common)
     check_every_image_once(out, expected)
     assert "2000 images in 4 shards (1997 ok, 2 unreadable, 1 too-large)" in first.stdout
     assert " INFO " not in first.stderr, first.stderr[-2000:]  # no library chatter
-    [(shards, beams, reranked, digests)] = rows_of(out, """
-        SELECT count(DISTINCT shard), min(len(beams)),
-               bool_and(clip_s = list_max(list_transform(beams, b -> b.clip_s))), count(DISTINCT settings_digest)
+    [(shards, beams, digests)] = rows_of(out, """
+        SELECT count(DISTINCT shard), min(len(beams)), count(DISTINCT settings_digest)
         FROM '{out}/*.parquet' WHERE status = 'ok'""")
-    assert (shards, beams, reranked, digests) == (4, 3, True, 1)
+    assert (shards, beams, digests) == (4, 3, 1)
     reasons = dict(rows_of(out, "SELECT key, reason FROM '{out}/*.parquet' WHERE status != 'ok'"))
     assert "900000000 pixels" in reasons["bomb.png"] and reasons["noise.jpg"] == "not an image file"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["statuses"] == {"ok": 1997, "unreadable": 2, "missing": 0, "too-large": 1, "fetch-failed": 0}
-    assert summary["clip_s"]["images"] == 1997 and sum(b["images"] for b in summary["clip_s"]["histogram"]) == 1997
+    assert summary["clip_s"]["images"] == 0  # no CLIP given
     run = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(first.stdout.split("MLflow run ")[1].strip())
     assert run.data.metrics["images_ok"] == 1997 and run.data.metrics["images_too-large"] == 1
     [(digest,)] = rows_of(out, "SELECT any_value(settings_digest) FROM '{out}/*.parquet'")
     assert run.data.params["settings_digest"] == digest
     written = {path.name: path.read_bytes() for path in out.glob("*.parquet")}
 
-    again = run_cli(tmp_path / "photos", "--out", out, "--shard-size", 500, "--clip", standin_backbones.vision_model,
-                    "--rerank", "clip", *common)
+    again = run_cli(tmp_path / "photos", "--out", out, "--shard-size", 500, *common)
     assert "this run: 0 images" in again.stdout and "4 shards reused" in again.stdout
     assert {path.name: path.read_bytes() for path in out.glob("*.parquet")} == written
     other = run_cli(tmp_path / "photos", "--out", out, "--shard-size", 500, *common[:-8], "--beams", "2",
@@ -204,9 +201,15 @@ def test_cli_captions_a_folder_and_a_url_list_into_parquet_duckdb_reads(tmp_path
 
     served["server"].faults["3.jpg"] = ["503"]
     listed = run_cli(served["folder"] / "urls.parquet", "--out", tmp_path / "from-urls", "--allow-private-urls",
-                     "--max-image-mb", 0.01, *common)
+                     "--max-image-mb", 0.01, "--clip", standin_backbones.vision_model, "--rerank", "clip", *common)
     assert "--allow-private-urls" in listed.stderr
     check_every_image_once(tmp_path / "from-urls", served["url_expected"])
+    [(beams, reranked)] = rows_of(tmp_path / "from-urls", """
+        SELECT min(len(beams)), bool_and(clip_s = list_max(list_transform(beams, b -> b.clip_s)))
+        FROM '{out}/*.parquet' WHERE status = 'ok'""")
+    assert (beams, reranked) == (3, True)
+    clip_s = json.loads((tmp_path / "from-urls" / "summary.json").read_text())["clip_s"]
+    assert clip_s["images"] == 4 and sum(bucket["images"] for bucket in clip_s["histogram"]) == 4
     given = dict(rows_of(tmp_path / "from-urls", "SELECT key, given_caption FROM '{out}/*.parquet'"))
     assert given["a"] == "alt text a"
     query = "SELECT status, count(*) FROM '{out}/*.parquet' GROUP BY status ORDER BY status"

@@ -85,3 +85,14 @@ def test_a_terminal_gets_bars_with_rate_and_time_left(tmp_path):
         bars = [frame for frame in re.split(r"[\r\n]", shown) if frame.startswith(f"{stand_in}:")]
         rate = r"[\d.]+(?: steps/s|s/ steps)"  # tqdm shows seconds per step when a step takes over a second
         assert any(re.search(rf"100%\|█+\| 12/12 \[[\d:]+<[\d:]+, +{rate}", bar) for bar in bars), shown
+
+
+def test_a_progress_bar_starts_no_thread():
+    """tqdm's monitor thread would make the process count as multi-threaded, and its data loaders start
+    their workers through the fork server instead of forking (ituning/data.py:worker_start_method)."""
+    import threading
+
+    before = threading.active_count()
+    with Progress(10, "counting", "items") as progress:
+        progress.update(3)
+        assert threading.active_count() == before

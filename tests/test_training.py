@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from ituning.checkpoint import WEIGHTS_FILE
-from ituning.config import RunConfig, config_from_dict
+from ituning.config import ConfigError, RunConfig, config_from_dict
 from ituning.data import IGNORE_INDEX, collate, epoch_samples
 from ituning.model import trainable_parameters
 from ituning.schedule import warmup_cosine
@@ -161,6 +161,21 @@ def test_best_checkpoint_follows_validation_cider(standin_backbones, tmp_path):
     best = json.loads((result.best_dir / "metrics.json").read_text())
     assert best["val_CIDEr"] == max(ciders) and best["epoch"] == ciders.index(max(ciders))
     assert result.best_dir in recorder.checkpoints and tmp_path / "finetune" / "last" in recorder.checkpoints
+
+
+def test_validation_scores_cider_alone_unless_the_stage_asks_for_more(standin_backbones, tmp_path):
+    """With the real scorer (pycocoevalcap): METEOR's Java process only where val_metrics names it."""
+    recorded = {}
+    for metrics in (None, ["CIDEr", "METEOR", "BLEU-4"]):
+        stage = stage_dict(epochs=1, val_max_length=6) | ({"val_metrics": metrics} if metrics else {})
+        recorder = Recorder()
+        train_run(run_config(standin_backbones, [stage]), {"finetune": stage_data()}, tmp_path / str(metrics),
+                  callbacks=[recorder], progress=False)
+        recorded[str(metrics)] = sorted(name for name in recorder.epochs[0][1] if name.startswith("val_"))
+    assert recorded == {"None": ["val_CIDEr"], str(["CIDEr", "METEOR", "BLEU-4"]): ["val_BLEU-4", "val_CIDEr",
+                                                                                   "val_METEOR"]}
+    with pytest.raises(ConfigError, match="must include CIDEr"):
+        run_config(standin_backbones, [stage_dict(val_metrics=["METEOR"])])
 
 
 def test_micro_batches_collated_in_worker_processes_train_exactly_the_same(standin_backbones, tmp_path):

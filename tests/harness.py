@@ -221,6 +221,13 @@ class PostgresServer:
                 return cursor.fetchall()
 
 
+# PostgreSQL logs each statement it refuses. Prefect's server now and then inserts a task run from the task's
+# event and from the task's own API call at the same moment; the loser's insert is refused and Prefect's
+# task-run recorder takes the event again (PrefectHQ/prefect#21807, #21809). Any other refusal fails the test.
+PREFECT_TASK_RUN_RACE = ((r'ERROR:  duplicate key value violates unique constraint "pk_task_run"',
+                          "Prefect's task-run recorder racing the API on one task run, and retrying"),)
+
+
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
     """One PostgreSQL 15 server for the session; each test creates databases of its own."""
@@ -243,7 +250,7 @@ def postgres(tmp_path_factory):
         if (data / "log").exists():  # kept beside the session's files: the data folder goes
             shutil.copy(data / "log", log)
         shutil.rmtree(data, ignore_errors=True)
-    assert_clean_log(log)
+    assert_clean_log(log, PREFECT_TASK_RUN_RACE)
 
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

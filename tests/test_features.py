@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import storage.feature_cache
 from ituning.backbones import BackboneSpec, load_vision_encoder
+from ituning.data import worker_start_method
 from ituning.encoding import EncodeSettings, split_preprocess
 from ituning.images import open_rgb
 from ituning.standins import save_vision_standin
@@ -362,7 +363,8 @@ def test_reading_a_truncated_shard_names_the_file_and_the_command_that_rebuilds_
     message = str(failure.value)
     assert message.startswith(f"{cache / 'shard-00001.h5'}: cannot read this feature shard (")
     assert f"ituning features --dataset coco --split train --workspace {workspace} --vision " in message
-    loader = DataLoader(TokensById(reader), batch_size=5, num_workers=1)  # the same from a worker process
+    loader = DataLoader(TokensById(reader), batch_size=5, num_workers=1,  # the same from a worker process
+                        multiprocessing_context=worker_start_method(1))
     with pytest.raises(OSError) as failure:
         list(loader)
     assert str(failure.value).startswith(f"{cache / 'shard-00001.h5'}: cannot read this feature shard (")
@@ -398,7 +400,8 @@ class TokensById(Dataset):
 def test_reader_in_dataloader_worker_processes(reference):
     reader = FeatureReader(reference / ENTRY_NAME)
     expected = np.stack([reader[image_id] for image_id in reader.image_ids])  # handles now open in this process
-    loader = DataLoader(TokensById(reader), batch_size=3, num_workers=2)
+    # started as the pipeline's loaders start theirs: forked only while this process has no other thread
+    loader = DataLoader(TokensById(reader), batch_size=3, num_workers=2, multiprocessing_context=worker_start_method(2))
     batches = list(loader)
     read = torch.cat([tokens for tokens, _ in batches]).numpy()
     assert np.array_equal(read, expected)

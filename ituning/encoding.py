@@ -176,7 +176,7 @@ def image_loader(encoder, items, settings: EncodeSettings) -> tuple[Iterable, ob
     files = ImageFiles(items, transform, blank, min(size))
     batches = group_batches([group for group, _, _ in items], settings.batch_size)
     jpegs = proven(device_jpegs(files, settings.device, settings.decode_on_device), batches[0] if batches else [])
-    workers = usable_workers(min(settings.num_workers, len(batches) - 1))  # one batch: decoded here, no process to start
+    workers = usable_workers(max(0, min(settings.num_workers, len(batches) - 1)))  # one batch: decoded here
     loader = DataLoader(files if jpegs is None else RoutedFiles(files), batch_sampler=batches, num_workers=workers,
                         collate_fn=None if jpegs is None else collate_routed,
                         pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False,

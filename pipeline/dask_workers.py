@@ -20,8 +20,7 @@ def visible_gpus() -> list[str]:
     set, else every GPU torch counts."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
-        gpus = [gpu.strip() for gpu in listed.split(",")]
-        return [] if not gpus or gpus[0] in ("", "-1") else gpus
+        return [] if listed.strip() in ("", "-1") else [gpu.strip() for gpu in listed.split(",")]
     import torch
 
     return [str(index) for index in range(torch.cuda.device_count())]

@@ -236,6 +236,19 @@ def test_dask_workers_setting_is_a_count_or_gpus_and_spreads_workers_over_the_gp
     assert all("env" not in spec["options"] for spec in worker_specs(2, []).values())
 
 
+def test_without_cuda_visible_devices_the_gpus_are_those_torch_counts(monkeypatch):
+    """Here torch counts none (no GPU), so a worker count pins nothing; "-1" or "" hides every GPU."""
+    import torch
+
+    from pipeline.dask_workers import visible_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus() == [str(index) for index in range(torch.cuda.device_count())]
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert visible_gpus() == []
+
+
 def recorded_task_runs(flow_run_id, timeout: float = 30.0) -> list:
     """The flow run's task runs as the Prefect server recorded them, once their final states arrived
     (task runs report as events, which the server records a little later)."""
